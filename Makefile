@@ -1,0 +1,67 @@
+# Early-exit serving on Triton. `make demo` and `make test` each do their own set-up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+SETUP_STAMP := $(VENV)/.setup-done
+BACKENDS := build/triton/backends
+REPO := model_repository
+DATA_DIR ?= ../shared/data/cifar10
+REDIS_PORT ?= 6379
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+# cifar10 when the CIFAR-10 tarballs exist, the bundled scikit-learn digits otherwise
+DATASET := $(shell [ -f $(DATA_DIR)/train.tar.gz ] && [ -f $(DATA_DIR)/test.tar.gz ] && echo cifar10 || echo digits)
+MODEL := $(DATASET)_resnet
+CHECKPOINT := models/$(MODEL).safetensors
+
+.PHONY: help setup model prepare serve stop demo test bench lint clean
+help:  ## list targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(SETUP_STAMP): requirements.txt pyproject.toml
+	@command -v redis-server >/dev/null || { echo "installing redis-server"; \
+	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
+	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq redis-server libpython3.11 >/dev/null; }
+	@ldconfig -p | grep -q libpython3.11 || { echo "installing libpython3.11 (embedded by Triton's Python stub)"; \
+	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq libpython3.11 >/dev/null; }
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -e .
+	@touch $@
+
+setup: $(SETUP_STAMP)  ## venv with pinned dependencies, redis-server, Triton backend directory
+	@$(PY) -m triton_backend.server assemble --out $(BACKENDS) >/dev/null
+	@echo "setup complete (data set: $(DATASET))"
+
+$(CHECKPOINT): | $(SETUP_STAMP)
+	$(PY) -m model_zoo.cifar_resnet --dataset $(DATASET) --data-dir $(DATA_DIR) --out $@
+
+model: $(CHECKPOINT)  ## train the reference ResNet (committed; retrain with `rm models/*; make model`)
+
+$(REPO)/$(MODEL)/1/manifest.json: $(CHECKPOINT) | $(SETUP_STAMP)
+	$(PY) -m controller.prepare --name $(MODEL) --checkpoint $(CHECKPOINT) --data $(DATASET) \
+	  --data-dir $(DATA_DIR) --repository $(REPO)
+
+prepare: setup $(REPO)/$(MODEL)/1/manifest.json  ## add ramps, profile, export the model-repository entries
+
+serve: prepare  ## Redis :6379, Triton :8000/:8001/:8002 and the controller in the background
+	$(PY) -m workload.stack up --redis-port $(REDIS_PORT) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
+	  --metrics-port $(METRICS_PORT) --model $(MODEL) --model $(MODEL)_vanilla
+
+stop:  ## stop what `make serve` started
+	$(PY) -m workload.stack down
+
+demo: prepare  ## the whole loop live: vanilla vs early exits steered by the controller
+	$(PY) -m workload.demo --model $(MODEL) --dataset $(DATASET) --data-dir $(DATA_DIR)
+
+test: setup  ## unit and integration tests (real tritonserver and redis-server)
+	$(PY) -m pytest -q tests
+
+bench: prepare  ## side-by-side latency benchmark (writes bench_results/)
+	$(PY) -m workload.bench --model $(MODEL) --dataset $(DATASET) --data-dir $(DATA_DIR)
+
+clean:  ## remove build outputs (keeps the venv and the committed checkpoint)
+	rm -rf build bench_results $(REPO)/*/1/*.pt2 $(REPO)/*/1/*.safetensors $(REPO)/*/1/manifest.json

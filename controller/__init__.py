@@ -1,0 +1,1 @@
+"""Apparate controller: offline model preparation (``controller.prepare``) and the online control loop."""

@@ -1,0 +1,46 @@
+"""``python -m controller``: the Apparate control loop (feedback → thresholds → Redis)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import redis
+
+from controller.service import ControllerService, ControllerSettings
+from controller.tuner import TunerSettings
+from early_exit.keys import DEFAULT_PREFIX
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m controller",
+        description="Read per-exit feedback from Redis Streams, tune exit thresholds so accuracy vs the original "
+        "model stays within the budget, and publish versioned configurations the Triton backend hot-reloads.",
+    )
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="Redis key namespace")
+    parser.add_argument("--model", action="append", default=None, help="control only these models (repeatable)")
+    parser.add_argument("--budget", type=float, default=0.01, help="maximum accuracy loss vs the original model")
+    parser.add_argument("--window", type=int, default=2000, help="feedback window in samples")
+    parser.add_argument("--min-fresh", type=int, default=256, help="new samples needed before re-tuning")
+    parser.add_argument("--z", type=float, default=0.0, help="accuracy lower-bound quantile (0 = point estimate)")
+    parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ControllerSettings(
+        tuner=TunerSettings(budget=args.budget, z=args.z), window=args.window, min_fresh=args.min_fresh
+    )
+    client = redis.Redis.from_url(args.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    service = ControllerService(client, settings, prefix=args.prefix, models=args.model)
+    try:
+        service.run(stop_after=args.duration)
+    except KeyboardInterrupt:
+        logging.getLogger("controller").info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

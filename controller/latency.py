@@ -1,0 +1,48 @@
+"""Latency model of a ramp-augmented model, from the profile in its manifest.
+
+Latency mode answers a sample when its exit is reached, so a sample that exits at active ramp ``j`` waits for every
+block up to that ramp plus every active ramp up to and including ``j``; a sample that never exits waits for all
+blocks plus all active ramps. Savings are measured against the vanilla model (all blocks, no ramps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from early_exit.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Per-block and per-ramp latency (ms) at one batch size, and where each candidate ramp sits."""
+
+    block_ms: np.ndarray
+    ramp_ms: np.ndarray
+    ramp_after_block: np.ndarray
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, batch_size: float) -> LatencyModel:
+        if manifest.profile is None:
+            raise ValueError(f"manifest of {manifest.name} has no latency profile")
+        blocks, ramps = manifest.profile.at(batch_size)
+        return cls(blocks, ramps, np.asarray([r.after_block for r in manifest.ramps], dtype=int))
+
+    @property
+    def vanilla_ms(self) -> float:
+        return float(self.block_ms.sum())
+
+    def exit_latencies(self, active: Sequence[int]) -> np.ndarray:
+        """Latency (ms) of answering at each active ramp (in the given depth order) and, last, at the final layer."""
+        active = np.asarray(active, dtype=int)
+        cumulative_blocks = np.cumsum(self.block_ms)
+        ramp_costs = np.cumsum(self.ramp_ms[active]) if len(active) else np.zeros(0)
+        at_ramps = cumulative_blocks[self.ramp_after_block[active]] + ramp_costs if len(active) else np.zeros(0)
+        final = self.vanilla_ms + (ramp_costs[-1] if len(active) else 0.0)
+        return np.append(at_ramps, final)
+
+    def overhead_fraction(self, active: Sequence[int]) -> float:
+        """Extra latency of a sample that passes every active ramp, relative to vanilla."""
+        return float(self.ramp_ms[np.asarray(active, dtype=int)].sum() / self.vanilla_ms) if len(active) else 0.0

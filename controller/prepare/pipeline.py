@@ -1,0 +1,265 @@
+"""Preparation pipeline: trace → cut points → candidate ramps → training → export → profiling → initial ramp set.
+
+Produces two model-repository entries that share one code path in the backend: ``<name>`` (blocks cut at every
+candidate and all candidate ramps) and ``<name>_vanilla`` (the whole model as one block, no ramps).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from controller.latency import LatencyModel
+from controller.prepare.blocks import BlockPlan, export_block, plan_blocks, strip_runtime_asserts
+from controller.prepare.cutpoints import CutPoint, find_cut_points, split_at
+from controller.prepare.profiling import profile_model
+from controller.prepare.ramp_training import collect_features, train_ramps
+from controller.prepare.triton_config import render_config
+from controller.tuner import ThresholdTuner, TunerSettings
+from early_exit.exit_config import NEVER_EXIT
+from early_exit.manifest import MANIFEST_FILE, BlockSpec, Manifest, RampSpec, TensorSpec, sha256_of
+from early_exit.ramps import build_ramp, ramp_arch_for
+from early_exit.runtime import EarlyExitModel, ramp_state_key
+
+LOGGER = logging.getLogger(__name__)
+
+Batches = Callable[[], Iterator[dict[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """Args:
+    max_batch_size: Triton ``max_batch_size`` and the largest profiled batch.
+    overhead_budget: initial ramps may add at most this fraction to the vanilla latency at ``reference_batch``.
+    accuracy_budget: accuracy loss allowed when tuning initial thresholds on the validation split.
+    ramp_epochs: ramp training epochs over the bootstrap training split.
+    reference_batch: batch size used to weigh latencies when choosing the initial ramps.
+    seed: seeds ramp initialisation and training order.
+    """
+
+    max_batch_size: int = 32
+    overhead_budget: float = 0.02
+    accuracy_budget: float = 0.01
+    ramp_epochs: int = 40
+    reference_batch: int = 8
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RampReport:
+    """Summary row of one candidate ramp."""
+
+    ramp_id: int
+    label: str
+    depth: float
+    cost_ms: float
+    accuracy: float
+    exit_rate: float
+    chosen: bool
+
+
+def trace(model: nn.Module, example: dict[str, torch.Tensor]) -> torch.fx.GraphModule:
+    """Export ``model`` (inputs passed positionally, in ``example``'s order) with a dynamic batch dimension on every
+    input and return its ATen graph module."""
+    batch = torch.export.Dim("batch", min=1)
+    dynamic = tuple({0: batch} for _ in example)
+    program = torch.export.export(model.eval(), tuple(example.values()), dynamic_shapes=dynamic, strict=False)
+    return strip_runtime_asserts(program.module())
+
+
+def _export_entry(
+    out_dir: Path,
+    name: str,
+    inputs: Sequence[TensorSpec],
+    classes: int,
+    plans: Sequence[BlockPlan],
+    example: dict[str, torch.Tensor],
+    ramps: Sequence[tuple[RampSpec, nn.Module]],
+    max_batch_size: int,
+) -> Manifest:
+    """Write ``config.pbtxt`` and ``1/`` (blocks, ramps, manifest without profile) for one entry."""
+    version = out_dir / "1"
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    version.mkdir(parents=True)
+    values = dict(example)
+    blocks: list[BlockSpec] = []
+    for index, plan in enumerate(plans):
+        args = [values[n] for n in plan.inputs]
+        with torch.no_grad():
+            outputs = plan.module(*args)
+        values.update(zip(plan.outputs, outputs))
+        file = f"block_{index}.pt2"
+        export_block(plan, args, version / file)
+        blocks.append(BlockSpec(file, tuple(plan.inputs), tuple(plan.outputs), sha256_of(version / file)))
+    weights = None
+    if ramps:
+        state = {
+            ramp_state_key(spec.id) + key: tensor.detach().contiguous()
+            for spec, module in ramps
+            for key, tensor in module.state_dict().items()
+        }
+        weights = "ramps.safetensors"
+        save_file(state, str(version / weights))
+    manifest = Manifest(
+        name=name,
+        classes=classes,
+        inputs=tuple(inputs),
+        blocks=tuple(blocks),
+        ramps=tuple(spec for spec, _ in ramps),
+        ramp_weights=weights,
+        ramp_weights_sha256=sha256_of(version / weights) if weights else None,
+    )
+    manifest.validate()
+    (version / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
+    (out_dir / "config.pbtxt").write_text(render_config(name, inputs, classes, max_batch_size), encoding="utf-8")
+    return manifest
+
+
+def _batch_sizes(max_batch_size: int) -> list[int]:
+    sizes = [1]
+    while sizes[-1] * 2 <= max_batch_size:
+        sizes.append(sizes[-1] * 2)
+    if sizes[-1] != max_batch_size:
+        sizes.append(max_batch_size)
+    return sizes
+
+
+def _make_inputs(example: dict[str, torch.Tensor]) -> Callable[[int], dict[str, torch.Tensor]]:
+    def make(batch_size: int) -> dict[str, torch.Tensor]:
+        repeats = -(-batch_size // next(iter(example.values())).shape[0])
+        return {k: v.repeat(repeats, *([1] * (v.dim() - 1)))[:batch_size] for k, v in example.items()}
+
+    return make
+
+
+@torch.no_grad()
+def _validate_ramps(
+    model: EarlyExitModel, batches: Batches
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Confidence and prediction of every candidate ramp ``[R, N]`` and the final prediction ``[N]``."""
+    confidence: list[np.ndarray] = []
+    prediction: list[np.ndarray] = []
+    final: list[np.ndarray] = []
+    every = list(range(len(model.manifest.ramps)))
+    for batch in batches():
+        verdicts = list(model.stages(batch, every))
+        confidence.append(np.stack([v.confidence for v in verdicts[:-1]]))
+        prediction.append(np.stack([v.prediction for v in verdicts[:-1]]))
+        final.append(verdicts[-1].prediction)
+    return np.concatenate(confidence, 1), np.concatenate(prediction, 1), np.concatenate(final)
+
+
+def choose_initial_ramps(
+    latency: LatencyModel,
+    confidence: np.ndarray,
+    prediction: np.ndarray,
+    final: np.ndarray,
+    settings: PrepareSettings,
+) -> dict[int, float]:
+    """Greedy initial ramp set under the overhead budget, then thresholds tuned jointly on the validation split.
+
+    Each candidate is scored alone by the latency it would save with its own tuned threshold, per millisecond of
+    overhead; candidates are added best first while the set's overhead stays within budget and the jointly tuned
+    saving keeps improving.
+    """
+    tuner = ThresholdTuner(TunerSettings(budget=settings.accuracy_budget))
+    scores = []
+    for ramp_id in range(confidence.shape[0]):
+        exit_ms = latency.exit_latencies([ramp_id])
+        thresholds = tuner.tune(confidence[[ramp_id]], prediction[[ramp_id]], final, exit_ms)
+        correct = prediction[[ramp_id]] == final[None, :]
+        saving = tuner.evaluate(thresholds, confidence[[ramp_id]], correct, exit_ms).saving_ms
+        scores.append(saving / max(latency.ramp_ms[ramp_id], 1e-6))
+    chosen: list[int] = []
+    best_saving = 0.0
+    best_thresholds: dict[int, float] = {}
+    for ramp_id in np.argsort(scores)[::-1]:
+        if scores[ramp_id] <= 0:
+            break
+        trial = sorted([*chosen, int(ramp_id)])
+        if latency.overhead_fraction(trial) > settings.overhead_budget:
+            continue
+        exit_ms = latency.exit_latencies(trial)
+        thresholds = tuner.tune(confidence[trial], prediction[trial], final, exit_ms)
+        saving = tuner.evaluate(thresholds, confidence[trial], prediction[trial] == final[None, :], exit_ms).saving_ms
+        if saving > best_saving:
+            chosen, best_saving = trial, saving
+            best_thresholds = {r: float(t) for r, t in zip(trial, thresholds)}
+    return best_thresholds
+
+
+def prepare(
+    model: nn.Module,
+    name: str,
+    inputs: Sequence[TensorSpec],
+    primary_input: str,
+    classes: int,
+    train_batches: Batches,
+    validation_batches: Batches,
+    repository: Path,
+    settings: PrepareSettings,
+) -> tuple[Manifest, list[RampReport]]:
+    """Build ``repository/<name>`` and ``repository/<name>_vanilla``; returns the manifest and a per-ramp report."""
+    torch.manual_seed(settings.seed)
+    example = next(train_batches())
+    example = {k: v[: min(len(v), 7)] for k, v in example.items()}  # an odd batch: no accidental size equalities
+    graph = trace(model, example)
+    cuts: list[CutPoint] = find_cut_points(graph.graph, [t.name for t in inputs].index(primary_input))
+    LOGGER.info("found %d cut points: %s", len(cuts), ", ".join(c.node for c in cuts))
+    plans = plan_blocks(split_at(graph, cuts), cuts, [t.name for t in inputs])
+
+    def features(batch: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        values = dict(batch)
+        for plan in plans:
+            values.update(zip(plan.outputs, plan.module(*(values[n] for n in plan.inputs))))
+        return [values[p.outputs[0]] for p in plans[:-1]], values[plans[-1].outputs[0]]
+
+    cut_features, targets = collect_features(features, train_batches())
+    ramp_modules = [build_ramp(ramp_arch_for(f, classes)) for f in cut_features]
+    train_ramps(ramp_modules, cut_features, targets, epochs=settings.ramp_epochs, seed=settings.seed)
+    ramp_specs = [
+        RampSpec(i, i, ramp_arch_for(f, classes), label=f"{cut.node} ({cut.depth:.0%} of FLOPs)")
+        for i, (cut, f) in enumerate(zip(cuts, cut_features))
+    ]
+    entry = repository / name
+    manifest = _export_entry(
+        entry, name, inputs, classes, plans, example, list(zip(ramp_specs, ramp_modules)), settings.max_batch_size
+    )
+    vanilla_plan = plan_blocks(split_at(graph, []), [], [t.name for t in inputs])
+    vanilla_entry = repository / f"{name}_vanilla"
+    vanilla = _export_entry(
+        vanilla_entry, f"{name}_vanilla", inputs, classes, vanilla_plan, example, [], settings.max_batch_size
+    )
+
+    sizes = _batch_sizes(settings.max_batch_size)
+    served = EarlyExitModel(entry / "1")
+    profile = profile_model(served, _make_inputs(example), sizes)
+    vanilla_profile = profile_model(EarlyExitModel(vanilla_entry / "1"), _make_inputs(example), sizes)
+    latency = LatencyModel.from_manifest(replace(manifest, profile=profile), settings.reference_batch)
+    confidence, prediction, final = _validate_ramps(served, validation_batches)
+    initial = choose_initial_ramps(latency, confidence, prediction, final, settings)
+    manifest = replace(manifest, profile=profile, initial_thresholds=initial)
+    (entry / "1" / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
+    vanilla = replace(vanilla, profile=vanilla_profile)
+    (vanilla_entry / "1" / MANIFEST_FILE).write_text(vanilla.to_json(), encoding="utf-8")
+
+    reports = []
+    for spec, cut in zip(manifest.ramps, cuts):
+        agree = float((prediction[spec.id] == final).mean())
+        tuner = ThresholdTuner(TunerSettings(budget=settings.accuracy_budget))
+        thresholds = np.array([initial.get(spec.id, NEVER_EXIT)])
+        rate = tuner.evaluate(thresholds, confidence[[spec.id]], prediction[[spec.id]] == final, np.zeros(2)).exit_rates
+        reports.append(
+            RampReport(spec.id, cut.node, cut.depth, float(latency.ramp_ms[spec.id]), agree, float(rate[0]),
+                       spec.id in initial)
+        )
+    return manifest, reports

@@ -1,0 +1,87 @@
+"""Per-batch feedback record: the one owner of its Redis Stream encoding.
+
+For every batch the backend records, for each *active* ramp, every sample's confidence and prediction, plus the
+original model's final prediction and the exit each sample took. Because the batch always runs to the end, the final
+prediction is the label-free ground truth the controller tunes against. Arrays travel as raw little-endian bytes
+(float32 confidences, int16 predictions) so a record for a batch of 64 with 16 ramps stays a few KiB.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from early_exit.errors import FeedbackError
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FeedbackRecord:
+    """Observations of one executed batch.
+
+    Args:
+        model: Triton model name.
+        config_version: exit configuration the batch ran under.
+        ramps: active ramp ids, in model order (rows of ``confidence`` and ``prediction``).
+        confidence: float32 ``[len(ramps), batch]`` max softmax probability per ramp and sample.
+        prediction: int16 ``[len(ramps), batch]`` argmax class per ramp and sample.
+        final: int16 ``[batch]`` original model's argmax.
+        exit: int16 ``[batch]`` ramp id that answered, or the model's ``final_exit`` index.
+        timestamp: UNIX time the batch finished.
+    """
+
+    model: str
+    config_version: int
+    ramps: tuple[int, ...]
+    confidence: np.ndarray
+    prediction: np.ndarray
+    final: np.ndarray
+    exit: np.ndarray
+    timestamp: float = field(default_factory=time.time)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.final.shape[0])
+
+    def encode(self) -> dict[str, bytes | str | int | float]:
+        """Fields for ``XADD``."""
+        return {
+            "schema": SCHEMA_VERSION,
+            "model": self.model,
+            "config_version": self.config_version,
+            "batch_size": self.batch_size,
+            "ramps": ",".join(str(r) for r in self.ramps),
+            "confidence": np.ascontiguousarray(self.confidence, dtype="<f4").tobytes(),
+            "prediction": np.ascontiguousarray(self.prediction, dtype="<i2").tobytes(),
+            "final": np.ascontiguousarray(self.final, dtype="<i2").tobytes(),
+            "exit": np.ascontiguousarray(self.exit, dtype="<i2").tobytes(),
+            "timestamp": self.timestamp,
+        }
+
+    @classmethod
+    def decode(cls, fields: dict[bytes, bytes]) -> FeedbackRecord:
+        """Inverse of ``encode`` for the raw (bytes) mapping ``XREADGROUP`` returns."""
+        try:
+            schema = int(fields[b"schema"])
+            if schema != SCHEMA_VERSION:
+                raise FeedbackError(f"feedback schema {schema} is not supported (expected {SCHEMA_VERSION})")
+            batch = int(fields[b"batch_size"])
+            ramps = tuple(int(r) for r in fields[b"ramps"].decode().split(",") if r)
+            shape = (len(ramps), batch)
+            return cls(
+                model=fields[b"model"].decode(),
+                config_version=int(fields[b"config_version"]),
+                ramps=ramps,
+                confidence=np.frombuffer(fields[b"confidence"], dtype="<f4").reshape(shape),
+                prediction=np.frombuffer(fields[b"prediction"], dtype="<i2").reshape(shape),
+                final=np.frombuffer(fields[b"final"], dtype="<i2").reshape(batch),
+                exit=np.frombuffer(fields[b"exit"], dtype="<i2").reshape(batch),
+                timestamp=float(fields[b"timestamp"]),
+            )
+        except FeedbackError:
+            raise
+        except (KeyError, ValueError, UnicodeDecodeError) as exc:
+            raise FeedbackError(f"malformed feedback record: {exc!r}") from exc

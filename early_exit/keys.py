@@ -1,0 +1,45 @@
+"""Redis key layout, in one place, so the backend and the controller can never disagree on names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "apparate"
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    """Keys used for one served model.
+
+    Args:
+        model: Triton model name.
+        prefix: namespace shared by every model of one deployment.
+    """
+
+    model: str
+    prefix: str = DEFAULT_PREFIX
+
+    @property
+    def feedback(self) -> str:
+        """Stream of per-batch feedback records (``XADD``, trimmed to an approximate length)."""
+        return f"{self.prefix}:{self.model}:feedback"
+
+    @property
+    def config(self) -> str:
+        """Current exit configuration (JSON string)."""
+        return f"{self.prefix}:{self.model}:config"
+
+    @property
+    def notify(self) -> str:
+        """Pub/sub channel announcing a new configuration version."""
+        return f"{self.prefix}:{self.model}:config:notify"
+
+    @property
+    def manifest(self) -> str:
+        """Manifest registered by the backend, so the controller needs nothing but Redis."""
+        return f"{self.prefix}:{self.model}:manifest"
+
+    @staticmethod
+    def models(prefix: str = DEFAULT_PREFIX) -> str:
+        """Set of model names that registered a manifest."""
+        return f"{prefix}:models"

@@ -1,0 +1,63 @@
+"""Ramp (early-exit head) architectures, built from the JSON description stored in the manifest.
+
+Ramps are deliberately tiny so their cost stays a small fraction of the backbone's (the paper's overhead budget):
+- ``pool_linear`` for feature maps ``[B, C, H, W]``: global average pooling, then one linear layer (BranchyNet-style,
+  as in the paper's CV ramps).
+- ``token_linear`` for token sequences ``[B, T, H]``: the first token's state (the position a BERT classifier
+  reads), layer-normalised, then one linear layer: lighter than DeeBERT's pooler + classifier, with the layer norm
+  standing in for the pooler's scale adaptation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from early_exit.errors import ArtifactError
+
+
+class PoolLinearRamp(nn.Module):
+    def __init__(self, channels: int, classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(channels, classes)
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        return self.linear(feature.mean(dim=(2, 3)))
+
+
+class TokenLinearRamp(nn.Module):
+    def __init__(self, hidden: int, classes: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.linear = nn.Linear(hidden, classes)
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(feature[:, 0]))
+
+
+def ramp_arch_for(feature: torch.Tensor, classes: int) -> dict[str, Any]:
+    """Pick a ramp architecture from the shape of the feature it reads (batch dimension first)."""
+    if feature.dim() == 4:
+        return {"kind": "pool_linear", "channels": int(feature.shape[1]), "classes": classes}
+    if feature.dim() == 3:
+        return {"kind": "token_linear", "hidden": int(feature.shape[2]), "classes": classes}
+    if feature.dim() == 2:
+        return {"kind": "linear", "features": int(feature.shape[1]), "classes": classes}
+    raise ArtifactError(f"no ramp architecture for a feature of shape {tuple(feature.shape)}")
+
+
+def build_ramp(arch: dict[str, Any]) -> nn.Module:
+    """Instantiate an untrained ramp; raises ``ArtifactError`` for an unknown description."""
+    kind = arch.get("kind")
+    try:
+        if kind == "pool_linear":
+            return PoolLinearRamp(int(arch["channels"]), int(arch["classes"]))
+        if kind == "token_linear":
+            return TokenLinearRamp(int(arch["hidden"]), int(arch["classes"]))
+        if kind == "linear":
+            return nn.Linear(int(arch["features"]), int(arch["classes"]))
+    except KeyError as exc:
+        raise ArtifactError(f"ramp architecture {arch} lacks field {exc}") from exc
+    raise ArtifactError(f"unknown ramp kind {kind!r}")

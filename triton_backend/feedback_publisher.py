@@ -1,0 +1,109 @@
+"""Ship feedback records to the Redis Stream from a background thread.
+
+Inference never waits on Redis: ``offer`` is a non-blocking put into a bounded queue. When the queue is full or Redis
+is unreachable, records are dropped and counted; the thread reconnects with back-off and, on every (re)connection,
+registers the model's manifest so the controller can find it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+import redis
+
+from early_exit.feedback import FeedbackRecord
+from early_exit.keys import RedisKeys
+
+LOGGER = logging.getLogger(__name__)
+
+
+class FeedbackPublisher:
+    """Args:
+    client: Redis client (its own connection pool; socket timeouts keep a dead server from stalling the thread).
+    keys: key layout of the model.
+    manifest_json: manifest to register on connection.
+    stream_maxlen: approximate cap of the stream length (``XADD MAXLEN ~``).
+    buffer: queue capacity in records.
+    on_published / on_dropped: metric hooks, called with a count.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: RedisKeys,
+        manifest_json: str,
+        stream_maxlen: int = 100_000,
+        buffer: int = 1024,
+        on_published: Callable[[int], None] = lambda n: None,
+        on_dropped: Callable[[int], None] = lambda n: None,
+    ) -> None:
+        self._client = client
+        self._keys = keys
+        self._manifest_json = manifest_json
+        self._maxlen = stream_maxlen
+        self._queue: queue.Queue[FeedbackRecord | None] = queue.Queue(maxsize=buffer)
+        self._on_published = on_published
+        self._on_dropped = on_dropped
+        self._registered = False
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"feedback-{keys.model}", daemon=True)
+        self._thread.start()
+
+    def offer(self, record: FeedbackRecord) -> None:
+        """Enqueue without blocking; a full buffer drops the record."""
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self._on_dropped(1)
+
+    def close(self, timeout: float = 2.0) -> None:
+        self._stopping.set()
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+        self._thread.join(timeout)
+
+    def _register(self) -> None:
+        pipe = self._client.pipeline()
+        pipe.set(self._keys.manifest, self._manifest_json)
+        pipe.sadd(RedisKeys.models(self._keys.prefix), self._keys.model)
+        pipe.execute()
+        self._registered = True
+        LOGGER.info("registered manifest of %s in Redis", self._keys.model)
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stopping.is_set():
+            record = self._queue.get()
+            if record is None:
+                return
+            batch = [record]
+            while len(batch) < 64:  # drain what is already queued into one round trip
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._stopping.set()
+                    break
+                batch.append(item)
+            try:
+                if not self._registered:
+                    self._register()
+                pipe = self._client.pipeline(transaction=False)
+                for item in batch:
+                    pipe.xadd(self._keys.feedback, item.encode(), maxlen=self._maxlen, approximate=True)
+                pipe.execute()
+                self._on_published(len(batch))
+                backoff = 0.1
+            except redis.RedisError as exc:
+                self._registered = False
+                self._on_dropped(len(batch))
+                LOGGER.warning("feedback to Redis failed (%s); dropped %d records, retrying in %.1fs",
+                               exc, len(batch), backoff)
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, 5.0)

@@ -1,0 +1,194 @@
+"""Request path of the ``apparate`` backend: batch in → blocks and ramps → early sends → final sends → feedback.
+
+The model is non-decoupled with dynamic batching: every request gets exactly one response, sent through its response
+sender with ``TRITONSERVER_RESPONSE_COMPLETE_FINAL`` the moment all of its samples are decided, and ``execute``
+returns ``None``. The batch always runs to the end, so the original model's prediction for every sample is known and
+becomes label-free accuracy feedback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+import torch
+import triton_python_backend_utils as pb_utils
+
+from early_exit.errors import EarlyExitError
+from early_exit.exit_config import NEVER_EXIT, ExitConfig
+from early_exit.feedback import FeedbackRecord
+from early_exit.keys import DEFAULT_PREFIX, RedisKeys
+from early_exit.runtime import EarlyExitModel
+from triton_backend.config_watcher import ConfigWatcher
+from triton_backend.feedback_publisher import FeedbackPublisher
+from triton_backend.metrics import BackendMetrics
+
+LOGGER = logging.getLogger("triton_backend")
+
+REDIS_URL_ENV = "APPARATE_REDIS_URL"
+REDIS_PREFIX_ENV = "APPARATE_REDIS_PREFIX"
+
+
+def _parameters(model_config: dict[str, Any]) -> dict[str, str]:
+    return {key: value.get("string_value", "") for key, value in model_config.get("parameters", {}).items()}
+
+
+class _Batch:
+    """Bookkeeping of one executed batch: which request owns which samples, and what each sample was answered."""
+
+    def __init__(self, requests: list[Any], sizes: list[int], classes: int, final_exit: int) -> None:
+        self.requests = requests
+        self.senders = [request.get_response_sender() for request in requests]
+        self.bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        self.owner = np.repeat(np.arange(len(requests)), sizes)
+        self.pending = np.asarray(sizes, dtype=int)
+        self.sent = np.zeros(len(requests), dtype=bool)
+        n = int(self.bounds[-1])
+        self.undecided = np.ones(n, dtype=bool)
+        self.probs = np.zeros((n, classes), dtype=np.float32)
+        self.label = np.zeros(n, dtype=np.int64)
+        self.confidence = np.zeros(n, dtype=np.float32)
+        self.exit = np.full(n, final_exit, dtype=np.int32)
+
+    def answer(self, samples: np.ndarray, exit_index: int, verdict_probs: torch.Tensor, prediction: np.ndarray,
+               confidence: np.ndarray) -> None:
+        """Record answers for ``samples`` and send every request whose samples are now all decided."""
+        self.probs[samples] = verdict_probs[torch.from_numpy(samples).to(verdict_probs.device)].cpu().numpy()
+        self.label[samples] = prediction[samples]
+        self.confidence[samples] = confidence[samples]
+        self.exit[samples] = exit_index
+        self.undecided[samples] = False
+        self.pending -= np.bincount(self.owner[samples], minlength=len(self.requests))
+        for index in np.flatnonzero((self.pending == 0) & ~self.sent):
+            self._send(int(index))
+
+    def _send(self, index: int) -> None:
+        lo, hi = self.bounds[index], self.bounds[index + 1]
+        response = pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor("PROBS", self.probs[lo:hi]),
+                pb_utils.Tensor("LABEL", self.label[lo:hi, None]),
+                pb_utils.Tensor("EXIT", self.exit[lo:hi, None]),
+                pb_utils.Tensor("CONFIDENCE", self.confidence[lo:hi, None]),
+            ]
+        )
+        self.sent[index] = True
+        self.senders[index].send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def fail_unsent(self, message: str) -> None:
+        for index in np.flatnonzero(~self.sent):
+            self.sent[index] = True
+            self.senders[index].send(
+                pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+            )
+
+
+class TritonPythonModel:
+    """Triton entry points for one model instance."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        if not LOGGER.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            LOGGER.addHandler(handler)
+            LOGGER.setLevel(logging.INFO)
+        model_config = json.loads(args["model_config"])
+        parameters = _parameters(model_config)
+        self.name = args["model_name"]
+        use_gpu = args["model_instance_kind"] == "GPU" and torch.cuda.is_available()
+        device = torch.device(f"cuda:{args['model_instance_device_id']}" if use_gpu else "cpu")
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        try:
+            self.model = EarlyExitModel(version_dir, device)
+        except EarlyExitError as exc:
+            raise pb_utils.TritonModelException(f"{self.name}: cannot load {version_dir}: {exc}") from exc
+        manifest = self.model.manifest
+        self.input_names = [spec.name for spec in manifest.inputs]
+        self.metrics = BackendMetrics(pb_utils, self.name, manifest.final_exit + 1)
+
+        url = os.environ.get(REDIS_URL_ENV) or parameters.get("redis_url") or "redis://127.0.0.1:6379/0"
+        prefix = os.environ.get(REDIS_PREFIX_ENV) or parameters.get("redis_prefix") or DEFAULT_PREFIX
+        keys = RedisKeys(self.name, prefix)
+        client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=5)
+        initial = ExitConfig(self.name, 0, dict(manifest.initial_thresholds), writer="manifest", written_at=0.0)
+        self.metrics.config_version.set(0)
+        self.watcher = ConfigWatcher(
+            client,
+            keys,
+            len(manifest.ramps),
+            initial,
+            poll_interval=float(parameters.get("config_poll_seconds", "1.0")),
+            on_applied=lambda config: self.metrics.config_version.set(config.version),
+            on_rejected=lambda: self.metrics.config_rejections.increment(1),
+        )
+        self.publisher: FeedbackPublisher | None = None
+        if manifest.ramps:  # a vanilla model has nothing to learn from
+            self.publisher = FeedbackPublisher(
+                client,
+                keys,
+                manifest.to_json(),
+                on_published=self.metrics.feedback_published.increment,
+                on_dropped=self.metrics.feedback_dropped.increment,
+            )
+        LOGGER.info("%s: loaded %d blocks, %d candidate ramps on %s; Redis %s", self.name, len(manifest.blocks),
+                    len(manifest.ramps), device, url)
+
+    def execute(self, requests: list[Any]) -> None:
+        config = self.watcher.current  # one snapshot per batch: a swap never splits a batch
+        inputs = {
+            name: [pb_utils.get_input_tensor_by_name(request, name).as_numpy() for request in requests]
+            for name in self.input_names
+        }
+        sizes = [array.shape[0] for array in inputs[self.input_names[0]]]
+        batch = _Batch(requests, sizes, self.model.manifest.classes, self.model.manifest.final_exit)
+        tensors = {name: torch.from_numpy(np.concatenate(arrays)) for name, arrays in inputs.items()}
+        confidence_rows: list[np.ndarray] = []
+        prediction_rows: list[np.ndarray] = []
+        final_prediction = None
+        try:
+            with torch.inference_mode():
+                for verdict in self.model.stages(tensors, config.active_ramps):
+                    if verdict.exit == self.model.manifest.final_exit:
+                        final_prediction = verdict.prediction
+                        exiting = batch.undecided
+                    else:
+                        confidence_rows.append(verdict.confidence)
+                        prediction_rows.append(verdict.prediction)
+                        threshold = config.thresholds[verdict.exit]
+                        if threshold >= NEVER_EXIT:
+                            continue
+                        exiting = batch.undecided & (verdict.confidence >= threshold)
+                    samples = np.flatnonzero(exiting)
+                    if samples.size:
+                        batch.answer(samples, verdict.exit, verdict.probs, verdict.prediction, verdict.confidence)
+        except Exception as exc:  # answer every request, whatever broke; Triton keeps serving
+            LOGGER.exception("%s: batch of %d failed", self.name, len(requests))
+            batch.fail_unsent(f"{self.name}: inference failed: {exc}")
+            return None
+        self.metrics.count_exits(np.bincount(batch.exit, minlength=self.model.manifest.final_exit + 1).tolist())
+        if self.publisher is not None and final_prediction is not None:
+            n = len(final_prediction)
+            self.publisher.offer(
+                FeedbackRecord(
+                    model=self.name,
+                    config_version=config.version,
+                    ramps=config.active_ramps,
+                    confidence=np.stack(confidence_rows) if confidence_rows else np.zeros((0, n), np.float32),
+                    prediction=np.stack(prediction_rows) if prediction_rows else np.zeros((0, n), np.int16),
+                    final=final_prediction,
+                    exit=batch.exit,
+                )
+            )
+        return None
+
+    def finalize(self) -> None:
+        self.watcher.close()
+        if self.publisher is not None:
+            self.publisher.close()

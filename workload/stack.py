@@ -1,0 +1,219 @@
+"""Start and stop the local serving stack: ``redis-server``, ``tritonserver`` and the controller.
+
+Used by ``make serve``/``make stop``, the demo, the benchmark and the integration-test fixtures, so every one of them
+runs the same real processes the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from triton_backend.server import ServerPorts, assemble_backends, server_command, server_environment
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_DIR = ROOT / "build" / "run"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait(predicate, timeout: float, what: str, process: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what} exited with code {process.returncode}:\n{tail}")
+        with contextlib.suppress(Exception):
+            if predicate():
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} not ready after {timeout:.0f}s (log: {log})")
+
+
+@dataclass
+class Process:
+    """A started child process with its log file."""
+
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.popen.poll() is not None:
+            return
+        self.popen.send_signal(signal.SIGINT if self.name == "controller" else signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
+
+
+def _spawn(name: str, command: list[str], log_dir: Path, env: dict[str, str] | None = None,
+           detach: bool = False) -> Process:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{name}.log"
+    handle = log.open("ab")
+    popen = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                             start_new_session=detach)
+    handle.close()
+    return Process(name, popen, log)
+
+
+def redis_server_binary() -> str:
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(binary).exists():
+        raise FileNotFoundError("redis-server not found; run `make setup` (installs the Debian package redis-server)")
+    return binary
+
+
+def start_redis(port: int, log_dir: Path, detach: bool = False) -> Process:
+    command = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    process = _spawn("redis", command, log_dir, detach=detach)
+
+    def ping() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+
+    _wait(ping, 15, "redis-server", process, process.log)
+    return process
+
+
+def start_triton(repository: Path, ports: ServerPorts, redis_url: str, log_dir: Path, models: list[str] | None = None,
+                 detach: bool = False, timeout: float = 120) -> Process:
+    backends = assemble_backends(ROOT / "build" / "triton" / "backends")
+    command = server_command(repository.resolve(), backends.resolve(), ports, models)
+    process = _spawn("triton", command, log_dir, env=server_environment(redis_url), detach=detach)
+
+    def ready() -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v2/health/ready", timeout=1) as response:
+            return response.status == 200
+
+    _wait(ready, timeout, "tritonserver", process, process.log)
+    return process
+
+
+def start_controller(redis_url: str, log_dir: Path, extra: list[str] | None = None, detach: bool = False) -> Process:
+    command = [sys.executable, "-m", "controller", "--redis-url", redis_url, *(extra or [])]
+    return _spawn("controller", command, log_dir, detach=detach)
+
+
+@dataclass
+class Stack:
+    """A running Redis + Triton (+ optional controller)."""
+
+    redis_port: int
+    ports: ServerPorts
+    processes: list[Process] = field(default_factory=list)
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.ports.grpc}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.ports.http}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.metrics}/metrics"
+
+    def process(self, name: str) -> Process:
+        return next(p for p in self.processes if p.name == name)
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+
+
+@contextlib.contextmanager
+def running_stack(
+    repository: Path,
+    models: list[str] | None = None,
+    controller_args: list[str] | None = None,
+    with_controller: bool = True,
+    log_dir: Path | None = None,
+    redis_port: int | None = None,
+    ports: ServerPorts | None = None,
+) -> Iterator[Stack]:
+    """Start Redis, Triton and (optionally) the controller on free ports; stop them all on exit, Ctrl-C included."""
+    stack = Stack(redis_port or free_port(), ports or ServerPorts(free_port(), free_port(), free_port()))
+    log_dir = log_dir or RUN_DIR
+    try:
+        stack.processes.append(start_redis(stack.redis_port, log_dir))
+        stack.processes.append(start_triton(repository, stack.ports, stack.redis_url, log_dir, models))
+        if with_controller:
+            stack.processes.append(start_controller(stack.redis_url, log_dir, controller_args))
+        yield stack
+    finally:
+        stack.stop()
+
+
+def _up(args: argparse.Namespace) -> int:
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    redis_url = f"redis://127.0.0.1:{args.redis_port}/0"
+    ports = ServerPorts(args.http_port, args.grpc_port, args.metrics_port)
+    started = [start_redis(args.redis_port, RUN_DIR, detach=True)]
+    started.append(start_triton(args.repository, ports, redis_url, RUN_DIR, args.model, detach=True))
+    started.append(start_controller(redis_url, RUN_DIR, detach=True))
+    for process in started:
+        (RUN_DIR / f"{process.name}.pid").write_text(str(process.popen.pid))
+    print(f"serving: Triton HTTP :{ports.http} gRPC :{ports.grpc} metrics :{ports.metrics}, Redis :{args.redis_port};"
+          f" logs in {RUN_DIR}")
+    return 0
+
+
+def _down() -> int:
+    for name in ("controller", "triton", "redis"):
+        pid_file = RUN_DIR / f"{name}.pid"
+        if not pid_file.exists():
+            continue
+        pid = int(pid_file.read_text())
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(100):
+                os.kill(pid, 0)
+                time.sleep(0.1)
+            os.kill(pid, signal.SIGKILL)
+        pid_file.unlink()
+        print(f"stopped {name}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workload.stack", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start Redis, Triton and the controller in the background")
+    up.add_argument("--repository", type=Path, default=ROOT / "model_repository")
+    up.add_argument("--redis-port", type=int, default=6379)
+    up.add_argument("--http-port", type=int, default=8000)
+    up.add_argument("--grpc-port", type=int, default=8001)
+    up.add_argument("--metrics-port", type=int, default=8002)
+    up.add_argument("--model", action="append", default=None)
+    sub.add_parser("down", help="stop what `up` started")
+    args = parser.parse_args(argv)
+    return _up(args) if args.command == "up" else _down()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
