@@ -1,6 +1,8 @@
 # Early-exit serving on Triton. `make demo` and `make test` each do their own set-up.
 SHELL := /bin/bash
-PYTHON ?= python3
+# The venv must use Debian's Python 3.11: Triton's Python stub embeds Debian's libpython3.11 and loads the venv's
+# standard library, so an interpreter built elsewhere (pyenv, conda) gives extension modules it cannot load.
+PYTHON ?= /usr/bin/python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
@@ -21,12 +23,13 @@ CHECKPOINT := models/$(MODEL).safetensors
 help:  ## list targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PACKAGES := redis-server python3.11 python3.11-venv libpython3.11
+
 $(SETUP_STAMP): requirements.txt pyproject.toml
-	@command -v redis-server >/dev/null || { echo "installing redis-server"; \
-	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
-	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq redis-server libpython3.11 >/dev/null; }
-	@ldconfig -p | grep -q libpython3.11 || { echo "installing libpython3.11 (embedded by Triton's Python stub)"; \
-	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq libpython3.11 >/dev/null; }
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then echo "installing Debian packages: $$missing"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing >/dev/null; fi
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q --no-deps -e .

@@ -2,7 +2,7 @@
 
 Thresholds are confidence thresholds: a sample exits at the first active ramp whose confidence is at least the
 ramp's threshold; 1.0 means "never". Tuning starts from no exits and hill-climbs: each round tries lowering every
-ramp's threshold by that ramp's step, evaluates all those moves at once on the window, keeps the moves that satisfy
+ramp's threshold by that ramp's step (or down to the next confidence value seen, so plateaus are crossed), evaluates all those moves at once on the window, keeps the moves that satisfy
 the accuracy constraint and improve the estimated latency saving, and applies the one that costs the least accuracy
 per unit of saving. A ramp whose move is taken doubles its step; when no move is acceptable every step halves; tuning
 ends when all steps fall below ``min_step``. Several initial step sizes are tried and the best result is kept.
@@ -144,6 +144,7 @@ class ThresholdTuner:
         samples = np.arange(n)
         thresholds = np.full(num_ramps, NEVER_EXIT)
         steps = np.full(num_ramps, initial_step)
+        ordered = np.sort(confidence, axis=1)  # per ramp, ascending: finds the next threshold that changes exits
         first = _first_exit(confidence, thresholds)
         hits = agree_table[first, samples].sum()
         saving = exit_ms[-1] - exit_ms[first].mean()
@@ -153,7 +154,10 @@ class ThresholdTuner:
                 break
             candidates = np.repeat(thresholds[None, :], num_ramps, axis=0)
             moves = np.arange(num_ramps)
-            candidates[moves, moves] = np.clip(thresholds - steps, 0.0, NEVER_EXIT)
+            # Move by the step, or further when the step would not let a single new sample exit (a plateau).
+            below = np.array([np.searchsorted(ordered[r], thresholds[r], side="left") for r in moves])
+            next_exit = np.where(below > 0, ordered[moves, np.maximum(below - 1, 0)], 0.0)
+            candidates[moves, moves] = np.clip(np.minimum(thresholds - steps, next_exit), 0.0, NEVER_EXIT)
             cand_first = _first_exit(confidence, candidates)  # [R, N]
             cand_hits = agree_table[cand_first, samples[None, :]].sum(axis=1)
             cand_saving = exit_ms[-1] - exit_ms[cand_first].mean(axis=1)

@@ -85,7 +85,9 @@ def replay(
             request_inputs.append(tensor)
         answer = Answer(i, time.perf_counter())
         answers.append(answer)
-        client.async_infer(model, request_inputs, lambda r, e, a=answer: callback(a, r, e), outputs=requested)
+        client.async_infer(
+            model, request_inputs, lambda result, error, a=answer: callback(a, result, error), outputs=requested
+        )
     deadline = time.perf_counter() + timeout
     for _ in range(count):
         if not remaining.acquire(timeout=max(0.0, deadline - time.perf_counter())):

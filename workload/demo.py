@@ -9,10 +9,8 @@ Everything is stopped on exit, Ctrl-C included.
 from __future__ import annotations
 
 import argparse
-import re
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +22,8 @@ from early_exit.keys import RedisKeys
 from early_exit.manifest import load_manifest
 from model_zoo.datasets import load_image_set
 from workload.client import Answer, poisson_arrivals, replay
+from workload.metrics import exits_per_ramp
 from workload.stack import ROOT, running_stack
-
-
-def exits_from_metrics(metrics_url: str, model: str) -> dict[int, int]:
-    text = urllib.request.urlopen(metrics_url, timeout=2).read().decode()
-    pattern = re.compile(r'apparate_exits_total\{(?=[^}]*model="' + re.escape(model) + r'")[^}]*exit="(\d+)"[^}]*\} (\S+)')
-    return {int(m.group(1)): int(float(m.group(2))) for m in pattern.finditer(text)}
 
 
 def summarize(answers: list[Answer]) -> tuple[float, float]:
@@ -87,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             agree = np.mean([a.label == original[a.index] for a in recent])
             config = read_config(client, RedisKeys(args.model))
             thresholds = {r: round(t, 3) for r, t in config.thresholds.items()} if config else {}
-            exits = exits_from_metrics(stack.metrics_url, args.model)
+            exits = exits_per_ramp(stack.metrics_url, args.model)
             median = np.median([a.latency_ms for a in recent])
             print(f"  {len(done):>5} answered | config v{config.version if config else 0} thresholds {thresholds}"
                   f" | exits {exits} | last 500: acc vs original {agree:.2%}, median {median:.1f} ms")
@@ -106,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| vanilla, second half | {count - half} | {v_tail_med:.2f} | {v_tail_p95:.2f} | 100.00% |")
         print(f"| early exit, second half (tuned) | {count - half} | {s_med:.2f} | {s_p95:.2f} | {agree_tail:.2%} |")
         print(f"\nmedian latency saving (second half): {1 - s_med / v_tail_med:.1%}; failed requests: {errors}")
-        exits = exits_from_metrics(stack.metrics_url, args.model)
+        exits = exits_per_ramp(stack.metrics_url, args.model)
         print(f"exits per ramp (Triton metrics; {manifest.final_exit} = final layer): {exits}")
     return 0
 

@@ -91,7 +91,7 @@ def start_redis(port: int, log_dir: Path, detach: bool = False) -> Process:
             sock.sendall(b"PING\r\n")
             return sock.recv(16).startswith(b"+PONG")
 
-    _wait(ping, 15, "redis-server", process, process.log)
+    _wait(ping, 15, "redis-server", process.popen, process.log)
     return process
 
 
@@ -105,7 +105,7 @@ def start_triton(repository: Path, ports: ServerPorts, redis_url: str, log_dir: 
         with urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v2/health/ready", timeout=1) as response:
             return response.status == 200
 
-    _wait(ready, timeout, "tritonserver", process, process.log)
+    _wait(ready, timeout, "tritonserver", process.popen, process.log)
     return process
 
 

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--overhead-budget", type=float, default=0.02)
     parser.add_argument("--accuracy-budget", type=float, default=0.01)
-    parser.add_argument("--ramp-epochs", type=int, default=40)
+    parser.add_argument("--ramp-epochs", type=int, default=100)
     parser.add_argument("--limit", type=int, default=None, help="use at most this many bootstrap samples (tests)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

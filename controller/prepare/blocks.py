@@ -10,19 +10,7 @@ import torch
 from torch import fx, nn
 
 from controller.prepare.cutpoints import CutPoint
-
-
-def strip_runtime_asserts(module: fx.GraphModule) -> fx.GraphModule:
-    """Remove tensor-metadata asserts and guard calls that pin the traced device; they have no users."""
-    for node in list(module.graph.nodes):
-        name = str(getattr(node.target, "__name__", node.target))
-        if (node.op == "call_function" and "_assert_tensor_metadata" in name) or (
-            node.op == "call_module" and node.target == "_guards_fn"
-        ):
-            module.graph.erase_node(node)
-    module.graph.eliminate_dead_code()
-    module.recompile()
-    return module
+from early_exit.runtime import strip_runtime_asserts
 
 
 class Block(nn.Module):

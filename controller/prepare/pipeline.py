@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from controller.latency import LatencyModel
-from controller.prepare.blocks import BlockPlan, export_block, plan_blocks, strip_runtime_asserts
+from controller.prepare.blocks import BlockPlan, export_block, plan_blocks
 from controller.prepare.cutpoints import CutPoint, find_cut_points, split_at
 from controller.prepare.profiling import profile_model
 from controller.prepare.ramp_training import collect_features, train_ramps
@@ -27,7 +27,7 @@ from controller.tuner import ThresholdTuner, TunerSettings
 from early_exit.exit_config import NEVER_EXIT
 from early_exit.manifest import MANIFEST_FILE, BlockSpec, Manifest, RampSpec, TensorSpec, sha256_of
 from early_exit.ramps import build_ramp, ramp_arch_for
-from early_exit.runtime import EarlyExitModel, ramp_state_key
+from early_exit.runtime import EarlyExitModel, ramp_state_key, strip_runtime_asserts
 
 LOGGER = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class PrepareSettings:
     max_batch_size: int = 32
     overhead_budget: float = 0.02
     accuracy_budget: float = 0.01
-    ramp_epochs: int = 40
+    ramp_epochs: int = 100
     reference_batch: int = 8
     seed: int = 0
 

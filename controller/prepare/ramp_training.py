@@ -38,9 +38,9 @@ def train_ramps(
     ramps: Sequence[nn.Module],
     features: Sequence[torch.Tensor],
     targets: torch.Tensor,
-    epochs: int = 40,
+    epochs: int = 100,
     batch_size: int = 64,
-    lr: float = 3e-3,
+    lr: float = 1e-2,
     seed: int = 0,
 ) -> None:
     """Fit ``ramps[i]`` on ``features[i]`` to ``targets`` (in place), with a progress bar."""

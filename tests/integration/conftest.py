@@ -1,0 +1,44 @@
+"""A real ``redis-server`` and ``tritonserver`` on free loopback ports, shared by the serving tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from controller.config_store import read_config, write_config
+from early_exit.exit_config import ExitConfig
+from early_exit.keys import RedisKeys
+from model_zoo.datasets import load_image_set
+from tests.conftest import DATASET, MODEL
+from workload.stack import Stack, running_stack
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def test_images() -> np.ndarray:
+    data = load_image_set(DATASET, "test")
+    return data.images[np.random.default_rng(0).permutation(len(data))]
+
+
+@pytest.fixture(scope="module")
+def stack(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Redis + Triton serving both entries, no controller (tests write configurations themselves)."""
+    logs = tmp_path_factory.mktemp("logs")
+    with running_stack(repository, models=[MODEL, f"{MODEL}_vanilla"], with_controller=False, log_dir=logs) as s:
+        yield s
+
+
+def publish(stack: Stack, thresholds: dict[int, float], version: int | None = None) -> ExitConfig:
+    """Write a configuration one version above the stored one (or at ``version``)."""
+    client = redis.Redis.from_url(stack.redis_url)
+    keys = RedisKeys(MODEL)
+    current = read_config(client, keys)
+    config = ExitConfig(MODEL, version if version is not None else (current.version if current else 0) + 1,
+                        thresholds, writer="test")
+    write_config(client, keys, config)
+    return config

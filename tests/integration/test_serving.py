@@ -1,0 +1,163 @@
+"""Serving path on a real Triton + Redis: early answers, exactly-once responses, hot reload, fail-static."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import torch
+import tritonclient.grpc as grpcclient
+
+from early_exit.exit_config import NEVER_EXIT, ExitConfig
+from early_exit.keys import RedisKeys
+from early_exit.runtime import EarlyExitModel
+from tests.conftest import MODEL
+from tests.integration.conftest import publish
+from workload.client import poisson_arrivals, replay
+from workload.metrics import metric
+from workload.stack import Stack, start_redis
+
+pytestmark = pytest.mark.integration
+EARLY_RAMP = 2
+
+
+def _wait_for(predicate, timeout: float, interval: float = 0.002) -> float:
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        if predicate():
+            return time.perf_counter() - started
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def _apply(stack: Stack, thresholds: dict[int, float]) -> int:
+    config = publish(stack, thresholds)
+    _wait_for(lambda: metric(stack.metrics_url, "apparate_config_version", model=MODEL) == config.version, 5)
+    return config.version
+
+
+def test_easy_requests_are_answered_first_and_every_request_exactly_once(
+    stack: Stack, repository: Path, test_images: np.ndarray
+) -> None:
+    burst = test_images[:16]
+    model = EarlyExitModel(repository / MODEL / "1")
+    with torch.inference_mode():
+        ramp_confidence = next(model.stages({"IMAGE": torch.from_numpy(burst)}, [EARLY_RAMP])).confidence
+    threshold = float(np.median(ramp_confidence))  # half of the burst is "easy" for the early ramp
+    _apply(stack, {EARLY_RAMP: threshold})
+    ordered_pairs = total_pairs = 0
+    timelines = []
+    client = grpcclient.InferenceServerClient(stack.grpc_url)
+    blocker = grpcclient.InferInput("IMAGE", [32, *burst.shape[1:]], "UINT8")
+    blocker.set_data_from_numpy(test_images[-32:])
+    replay(stack.grpc_url, MODEL, {"IMAGE": burst}, np.zeros(len(burst)))  # warm-up: first batches run slower
+    for _ in range(5):
+        # Full batches keep the instance busy while the burst queues up, so the burst runs as one batch.
+        for _ in range(3):
+            client.async_infer(MODEL, [blocker], lambda result, error: None)
+        time.sleep(0.005)
+        answers = replay(stack.grpc_url, MODEL, {"IMAGE": burst}, np.zeros(len(burst)))
+        assert all(a.error is None for a in answers)
+        assert len({a.index for a in answers}) == len(burst)
+        early = [a.done for a in answers if a.exit == EARLY_RAMP]
+        late = [a.done for a in answers if a.exit == len(model.manifest.ramps)]
+        assert early and late, "the burst should mix easy and hard inputs"
+        start = min(a.sent for a in answers)
+        timelines.append(sorted((round(1000 * (a.done - start), 1), a.exit) for a in answers))
+        ordered_pairs += sum(e < l for e in early for l in late)
+        total_pairs += len(early) * len(late)
+        exited = np.array([a.exit == EARLY_RAMP for a in answers])
+        np.testing.assert_array_equal(exited, ramp_confidence >= np.float32(threshold))
+    assert ordered_pairs / total_pairs >= 0.9, f"(ms after the burst, exit) per burst: {timelines}"
+
+
+def test_no_exit_answers_equal_the_vanilla_model(stack: Stack, test_images: np.ndarray) -> None:
+    _apply(stack, {EARLY_RAMP: NEVER_EXIT})
+    images = test_images[:64]
+    arrivals = poisson_arrivals(len(images), 400)
+    early_exit = replay(stack.grpc_url, MODEL, {"IMAGE": images}, arrivals)
+    vanilla = replay(stack.grpc_url, f"{MODEL}_vanilla", {"IMAGE": images}, arrivals)
+    assert [a.label for a in early_exit] == [a.label for a in vanilla]
+    assert {a.exit for a in early_exit} == {a.exit for a in early_exit if a.exit == max(a.exit for a in early_exit)}
+
+
+def test_malformed_configs_are_rejected_and_counted_while_serving_continues(
+    stack: Stack, test_images: np.ndarray
+) -> None:
+    version = _apply(stack, {EARLY_RAMP: 0.9})
+    before = metric(stack.metrics_url, "apparate_config_rejections_total", model=MODEL)
+    client = redis.Redis.from_url(stack.redis_url)
+    keys = RedisKeys(MODEL)
+    bad_documents = [
+        ExitConfig(MODEL, version + 1, {EARLY_RAMP: float("nan")}).to_json(),
+        ExitConfig(MODEL, version + 2, {999: 0.5}).to_json(),
+        ExitConfig(MODEL, version - 1, {EARLY_RAMP: 0.5}).to_json(),
+    ]
+    for document in bad_documents:
+        client.set(keys.config, document)
+        client.publish(keys.notify, "x")
+        time.sleep(0.3)
+    _wait_for(lambda: metric(stack.metrics_url, "apparate_config_rejections_total", model=MODEL) >= before + 3, 5)
+    assert metric(stack.metrics_url, "apparate_config_version", model=MODEL) == version
+    answers = replay(stack.grpc_url, MODEL, {"IMAGE": test_images[:32]}, poisson_arrivals(32, 200))
+    assert all(a.error is None for a in answers)
+
+
+def test_configs_apply_within_100ms_and_20_changes_under_load_fail_no_request(
+    stack: Stack, test_images: np.ndarray
+) -> None:
+    delays = []
+    for threshold in (0.95, 0.85, 0.75):
+        config = publish(stack, {EARLY_RAMP: threshold})
+        delays.append(
+            _wait_for(lambda v=config.version: metric(stack.metrics_url, "apparate_config_version", model=MODEL) == v,
+                      1.0)
+        )
+    assert max(delays) < 0.1, f"configuration applied after {max(delays) * 1000:.0f} ms"
+
+    images = test_images[:800]
+    result: dict[str, list] = {}
+    traffic = threading.Thread(
+        target=lambda: result.setdefault("answers", replay(stack.grpc_url, MODEL, {"IMAGE": images},
+                                                            poisson_arrivals(len(images), 250)))
+    )
+    traffic.start()
+    rng = np.random.default_rng(0)
+    last = None
+    for _ in range(20):
+        ramps = sorted(rng.choice(8, size=rng.integers(1, 4), replace=False).tolist())
+        last = publish(stack, {int(r): float(rng.uniform(0.5, 1.0)) for r in ramps})
+        time.sleep(0.1)
+    traffic.join()
+    answers = result["answers"]
+    assert len(answers) == len(images) and all(a.error is None for a in answers)
+    _wait_for(lambda: metric(stack.metrics_url, "apparate_config_version", model=MODEL) == last.version, 1.0)
+
+
+def test_redis_outage_loses_no_request_and_feedback_resumes(stack: Stack, test_images: np.ndarray) -> None:
+    _apply(stack, {EARLY_RAMP: 0.9})
+    dropped_before = metric(stack.metrics_url, "apparate_feedback_dropped_total", model=MODEL)
+    images = test_images[:900]
+    result: dict[str, list] = {}
+    traffic = threading.Thread(
+        target=lambda: result.setdefault("answers", replay(stack.grpc_url, MODEL, {"IMAGE": images},
+                                                            poisson_arrivals(len(images), 300)))
+    )
+    traffic.start()
+    time.sleep(0.5)
+    old = stack.process("redis")
+    old.stop()
+    time.sleep(1.0)
+    stack.processes[stack.processes.index(old)] = start_redis(stack.redis_port, old.log.parent)
+    traffic.join()
+    answers = result["answers"]
+    assert len(answers) == len(images) and all(a.error is None for a in answers)
+    assert metric(stack.metrics_url, "apparate_feedback_dropped_total", model=MODEL) > dropped_before
+    client = redis.Redis.from_url(stack.redis_url)
+    replay(stack.grpc_url, MODEL, {"IMAGE": images[:64]}, poisson_arrivals(64, 200))
+    _wait_for(lambda: client.xlen(RedisKeys(MODEL).feedback) > 0, 10, interval=0.1)
+    assert client.get(RedisKeys(MODEL).manifest) is not None  # re-registered after the restart
