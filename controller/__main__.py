@@ -25,7 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=0.01, help="maximum accuracy loss vs the original model")
     parser.add_argument("--window", type=int, default=2000, help="feedback window in samples")
     parser.add_argument("--min-fresh", type=int, default=256, help="new samples needed before re-tuning")
-    parser.add_argument("--z", type=float, default=0.0, help="accuracy lower-bound quantile (0 = point estimate)")
+    parser.add_argument(
+        "--z", type=float, default=1.645,
+        help="normal quantile of the lower confidence bound on window accuracy that must stay >= 1 - budget "
+        "(1.645: one-sided 95%%; 0: point estimate, as in the paper)",
+    )
     parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)

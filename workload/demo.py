@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     with running_stack(args.repository, models=[args.model, f"{args.model}_vanilla"]) as stack:
         client = redis.Redis.from_url(stack.redis_url)
         print(f"Triton gRPC {stack.grpc_url}, metrics {stack.metrics_url}, Redis {stack.redis_url}")
+        warm = poisson_arrivals(200, args.rate)
+        for name in (f"{args.model}_vanilla", args.model):  # first batches of each size run slower: not measured
+            replay(stack.grpc_url, name, {"IMAGE": images[:200]}, warm)
         print("\n[1/2] vanilla (no exits) ...")
         vanilla = replay(stack.grpc_url, f"{args.model}_vanilla", {"IMAGE": images}, arrivals, outputs=("LABEL",))
         original = np.array([a.label for a in vanilla])
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             agree = np.mean([a.label == original[a.index] for a in recent])
             config = read_config(client, RedisKeys(args.model))
             thresholds = {r: round(t, 3) for r, t in config.thresholds.items()} if config else {}
-            exits = exits_per_ramp(stack.metrics_url, args.model)
+            exits = dict(sorted(exits_per_ramp(stack.metrics_url, args.model).items()))
             median = np.median([a.latency_ms for a in recent])
             print(f"  {len(done):>5} answered | config v{config.version if config else 0} thresholds {thresholds}"
                   f" | exits {exits} | last 500: acc vs original {agree:.2%}, median {median:.1f} ms")
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| vanilla, second half | {count - half} | {v_tail_med:.2f} | {v_tail_p95:.2f} | 100.00% |")
         print(f"| early exit, second half (tuned) | {count - half} | {s_med:.2f} | {s_p95:.2f} | {agree_tail:.2%} |")
         print(f"\nmedian latency saving (second half): {1 - s_med / v_tail_med:.1%}; failed requests: {errors}")
-        exits = exits_per_ramp(stack.metrics_url, args.model)
+        exits = dict(sorted(exits_per_ramp(stack.metrics_url, args.model).items()))
         print(f"exits per ramp (Triton metrics; {manifest.final_exit} = final layer): {exits}")
     return 0
 
