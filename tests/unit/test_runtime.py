@@ -1,0 +1,63 @@
+"""Loading prepared artifacts: exact outputs, and clear failures for corrupt or mismatched files."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from early_exit.errors import ArtifactError
+from early_exit.runtime import EarlyExitModel
+from model_zoo.cifar_resnet import CifarResNet
+from tests.conftest import MODEL
+
+
+@pytest.fixture()
+def entry(repository: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / MODEL
+    shutil.copytree(repository / MODEL, copy)
+    return copy / "1"
+
+
+def test_final_output_equals_the_original_model(repository: Path, checkpoint: Path) -> None:
+    original = CifarResNet().eval()
+    original.load_state_dict(load_file(str(checkpoint)))
+    images = torch.randint(0, 256, (9, 32, 32, 3), dtype=torch.uint8)
+    served = EarlyExitModel(repository / MODEL / "1")
+    with torch.inference_mode():
+        verdicts = list(served.stages({"IMAGE": images}, list(range(len(served.manifest.ramps)))))
+        expected = torch.softmax(original(images), dim=1)
+    assert len(verdicts) == len(served.manifest.ramps) + 1
+    torch.testing.assert_close(verdicts[-1].probs, expected, rtol=0, atol=1e-6)
+
+
+def test_corrupt_block_fails_the_load_naming_the_file(entry: Path) -> None:
+    block = entry / "block_3.pt2"
+    block.write_bytes(block.read_bytes()[:-100] + b"x" * 100)
+    with pytest.raises(ArtifactError, match="block_3.pt2.*corrupt or mismatched"):
+        EarlyExitModel(entry)
+
+
+def test_missing_artifact_and_bad_manifest_fail_clearly(entry: Path) -> None:
+    (entry / "ramps.safetensors").unlink()
+    with pytest.raises(ArtifactError, match="ramps.safetensors.*missing"):
+        EarlyExitModel(entry)
+    manifest = json.loads((entry / "manifest.json").read_text())
+    manifest["schema_version"] = 99
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="schema_version"):
+        EarlyExitModel(entry)
+
+
+def test_a_block_that_is_not_an_exported_program_is_refused(entry: Path) -> None:
+    from early_exit.manifest import sha256_of
+
+    block = entry / "block_0.pt2"
+    block.write_bytes(b"PK\x03\x04 definitely not a torch.export archive")
+    manifest = json.loads((entry / "manifest.json").read_text())
+    manifest["blocks"][0]["sha256"] = sha256_of(block)  # a consistent but bogus artifact
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="cannot load exported block"):
+        EarlyExitModel(entry)
