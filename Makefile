@@ -52,7 +52,8 @@ prepare: setup $(REPO)/$(MODEL)/1/manifest.json  ## add ramps, profile, export t
 
 serve: prepare  ## Redis :6379, Triton :8000/:8001/:8002 and the controller in the background
 	$(PY) -m workload.stack up --redis-port $(REDIS_PORT) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
-	  --metrics-port $(METRICS_PORT) --model $(MODEL) --model $(MODEL)_vanilla
+	  --metrics-port $(METRICS_PORT) --model $(MODEL) --model $(MODEL)_vanilla --model image_preprocess \
+	  --model $(MODEL)_pipeline
 
 stop:  ## stop what `make serve` started
 	$(PY) -m workload.stack down

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,4 +36,6 @@ def repository(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Pa
     code = prepare(["--name", MODEL, "--checkpoint", str(checkpoint), "--data", DATASET, "--repository", str(repo),
                     "--limit", "2000", "--max-batch-size", "32"])
     assert code == 0
+    for entry in ("image_preprocess", f"{MODEL}_pipeline"):  # committed entries completing the ensemble
+        shutil.copytree(ROOT / "model_repository" / entry, repo / entry)
     return repo

@@ -27,9 +27,10 @@ def test_images() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def stack(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """Redis + Triton serving both entries, no controller (tests write configurations themselves)."""
+    """Redis + Triton serving both entries and the ensemble, no controller (tests write configurations themselves)."""
     logs = tmp_path_factory.mktemp("logs")
-    with running_stack(repository, models=[MODEL, f"{MODEL}_vanilla"], with_controller=False, log_dir=logs) as s:
+    models = [MODEL, f"{MODEL}_vanilla", "image_preprocess", f"{MODEL}_pipeline"]
+    with running_stack(repository, models=models, with_controller=False, log_dir=logs) as s:
         yield s
 
 

@@ -1,0 +1,38 @@
+# Triton 2.51 with the `apparate` Python-based backend and the prepared model repository.
+# Build from the repository root after `make prepare`:
+#   docker build -f deploy/triton.Dockerfile -t apparate-triton:0.1.0 .
+FROM nvcr.io/nvidia/tritonserver:24.10-py3
+
+# The .pt2 blocks are torch.export artifacts: serve them with the torch release that exported them (requirements.txt).
+# The default PyPI wheel for Linux x86_64 is the CUDA build.
+ARG TORCH_VERSION=2.13.0
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    APPARATE_REDIS_URL=redis://redis:6379/0 \
+    APPARATE_REDIS_PREFIX=apparate
+
+# The Python backend stub embeds the image's Python 3.10; install into its site-packages.
+# async-timeout: redis-py needs it on Python < 3.11.3.
+RUN python3 -m pip install "torch==${TORCH_VERSION}" "numpy==1.26.4" "redis==8.1.0" "async-timeout==5.0.1" "safetensors==0.8.0"
+
+WORKDIR /opt/apparate
+COPY pyproject.toml README.md ./
+COPY early_exit/ early_exit/
+COPY triton_backend/ triton_backend/
+COPY controller/ controller/
+COPY model_zoo/ model_zoo/
+COPY workload/ workload/
+RUN python3 -m pip install --no-deps . && rm -rf build *.egg-info
+
+# Backend shim: Triton loads <backends>/apparate/model.py (same import as triton_backend.server._SHIM).
+RUN mkdir -p /opt/tritonserver/backends/apparate \
+ && printf '%s\n' 'from triton_backend.model import TritonPythonModel  # noqa: F401' \
+      > /opt/tritonserver/backends/apparate/model.py
+
+COPY model_repository/ /models/
+
+EXPOSE 8000 8001 8002
+CMD ["tritonserver", "--model-repository=/models", "--http-port=8000", "--grpc-port=8001", \
+     "--allow-metrics=true", "--metrics-port=8002"]
