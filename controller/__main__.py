@@ -8,6 +8,7 @@ import sys
 
 import redis
 
+from controller.adjuster import AdjusterSettings
 from controller.service import ControllerService, ControllerSettings
 from controller.tuner import TunerSettings
 from early_exit.keys import DEFAULT_PREFIX
@@ -30,12 +31,19 @@ def main(argv: list[str] | None = None) -> int:
         help="normal quantile of the lower confidence bound on window accuracy that must stay >= 1 - budget "
         "(1.645: one-sided 95%%; 0: point estimate, as in the paper)",
     )
+    parser.add_argument("--adjust-every", type=int, default=4, help="ramp adjustment every N tuning rounds (0: off)")
+    parser.add_argument("--overhead-budget", type=float, default=0.02, help="max ramp overhead vs vanilla latency")
+    parser.add_argument("--max-ramps", type=int, default=4, help="max active ramps")
     parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ControllerSettings(
-        tuner=TunerSettings(budget=args.budget, z=args.z), window=args.window, min_fresh=args.min_fresh
+        tuner=TunerSettings(budget=args.budget, z=args.z),
+        window=args.window,
+        min_fresh=args.min_fresh,
+        adjust_every=args.adjust_every,
+        adjuster=AdjusterSettings(overhead_budget=args.overhead_budget, max_ramps=args.max_ramps),
     )
     client = redis.Redis.from_url(args.redis_url, socket_timeout=5, socket_connect_timeout=2)
     service = ControllerService(client, settings, prefix=args.prefix, models=args.model)

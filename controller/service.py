@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import redis
 
+from controller.adjuster import AdjusterSettings, RampAdjuster
 from controller.config_store import read_config, write_config
 from controller.latency import LatencyModel
 from controller.tuner import ThresholdTuner, TunerSettings
 from controller.window import FeedbackWindow
 from early_exit.errors import EarlyExitError
-from early_exit.exit_config import ExitConfig
+from early_exit.exit_config import NEVER_EXIT, ExitConfig
 from early_exit.feedback import FeedbackRecord
 from early_exit.keys import DEFAULT_PREFIX, RedisKeys
 from early_exit.manifest import Manifest
@@ -38,12 +39,16 @@ class ControllerSettings:
     window: samples kept per model.
     min_fresh: new samples required before thresholds may change again (never loosen on stale evidence).
     min_change: smallest threshold change worth publishing.
+    adjust_every: re-examine the active ramp set every this many tuning rounds (0: never).
+    adjuster: overhead budget and ramp count bound for ramp adjustment.
     """
 
     tuner: TunerSettings = TunerSettings()
     window: int = 2000
     min_fresh: int = 256
     min_change: float = 0.002
+    adjust_every: int = 4
+    adjuster: AdjusterSettings = AdjusterSettings()
 
     def __post_init__(self) -> None:
         if self.min_fresh <= 0 or self.min_fresh > self.window:
@@ -59,6 +64,8 @@ class ModelController:
         self.settings = settings
         self.window = FeedbackWindow(settings.window)
         self.tuner = ThresholdTuner(settings.tuner)
+        self.adjuster = RampAdjuster(len(manifest.ramps), settings.adjuster)
+        self.rounds = 0
 
     def observe(self, record: FeedbackRecord) -> None:
         if record.config_version < self.current.version and record.ramps != self.current.active_ramps:
@@ -74,21 +81,23 @@ class ModelController:
         latency = LatencyModel.from_manifest(self.manifest, view.mean_batch_size)
         exit_ms = latency.exit_latencies(view.ramps)
         thresholds = self.tuner.tune(view.confidence, view.prediction, view.final, exit_ms)
-        old = np.asarray([self.current.thresholds[r] for r in view.ramps])
-        realised = view.realised_accuracy()
-        if np.abs(thresholds - old).max(initial=0.0) < self.settings.min_change:
-            return None
+        new = {r: round(float(t), 6) for r, t in zip(view.ramps, thresholds)}
+        self.rounds += 1
+        adjust = self.settings.adjust_every and self.rounds % self.settings.adjust_every == 0
+        proposal = self.adjuster.propose(view.ramps, thresholds, view.confidence, latency) if adjust else None
+        if proposal is not None:
+            new = {r: new.get(r, NEVER_EXIT) for r in proposal}  # new ramps observe first, the tuner opens them
+            LOGGER.info("%s: active ramps %s -> %s", self.manifest.name, view.ramps, proposal)
+        else:
+            old = np.asarray([self.current.thresholds[r] for r in view.ramps])
+            if np.abs(thresholds - old).max(initial=0.0) < self.settings.min_change:
+                return None
         evaluation = self.tuner.evaluate(thresholds, view.confidence, view.prediction == view.final, exit_ms)
-        config = ExitConfig(
-            self.manifest.name,
-            self.current.version + 1,
-            {r: round(float(t), 6) for r, t in zip(view.ramps, thresholds)},
-            writer=f"controller@{socket.gethostname()}",
-        )
+        config = ExitConfig(self.manifest.name, self.current.version + 1, new, writer=f"controller@{socket.gethostname()}")
         LOGGER.info(
             "%s v%d: window %d samples, realised accuracy %.4f -> expected %.4f, saving %.2f ms; thresholds %s",
-            self.manifest.name, config.version, view.size, realised, evaluation.accuracy, evaluation.saving_ms,
-            config.thresholds,
+            self.manifest.name, config.version, view.size, view.realised_accuracy(), evaluation.accuracy,
+            evaluation.saving_ms, config.thresholds,
         )
         self.current = config
         return config
