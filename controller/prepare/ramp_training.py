@@ -63,6 +63,6 @@ def train_ramps(
                 optimizer.step()
                 schedule.step()
                 progress.update(1)
-                progress.set_postfix(loss=f"{float(loss) / len(ramps):.3f}")
+                progress.set_postfix(loss=f"{loss.item() / len(ramps):.3f}")  # type: ignore[union-attr]
     for ramp in ramps:
         ramp.eval()
