@@ -1,48 +1,24 @@
-"""``python -m controller.prepare``: add early-exit ramps to a trained image classifier and export Triton entries."""
+"""``python -m controller.prepare``: add early-exit ramps to a trained classifier and export Triton entries."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-from safetensors.torch import load_file
-
 from controller.prepare.pipeline import PrepareSettings, RampReport, prepare
-from early_exit.manifest import TensorSpec
-from model_zoo.datasets import DEFAULT_CIFAR_DIR, cifar10_available, load_image_set
+from controller.prepare.sources import load_bootstrap, load_model
+from model_zoo.datasets import DEFAULT_CIFAR_DIR, cifar10_available
 
 LOGGER = logging.getLogger("controller.prepare")
 
 
-def load_model(spec: str, checkpoint: Path | None) -> torch.nn.Module:
-    """``package.module:factory`` → the factory's module, with ``checkpoint`` (safetensors) loaded when given."""
-    module_name, _, attribute = spec.partition(":")
-    if not attribute:
-        raise SystemExit(f"--model must look like package.module:factory, got {spec!r}")
-    model = getattr(importlib.import_module(module_name), attribute)()
-    if checkpoint is not None:
-        model.load_state_dict(load_file(str(checkpoint)))
-    return model.eval()
-
-
-def _batches(images: np.ndarray, batch_size: int = 250):
-    def iterate():
-        for start in range(0, len(images), batch_size):
-            yield {"IMAGE": torch.from_numpy(images[start : start + batch_size])}
-
-    return iterate
-
-
 def _print_summary(reports: list[RampReport]) -> None:
-    print(f"\n{'ramp':>4}  {'cut point':<24} {'depth':>6} {'cost ms':>8} {'acc vs orig':>11} {'exit rate':>9}  chosen")
+    print(f"\n{'ramp':>4}  {'cut point':<26} {'depth':>6} {'cost ms':>8} {'acc vs orig':>11} {'exit rate':>9}  chosen")
     for r in reports:
         print(
-            f"{r.ramp_id:>4}  {r.label:<24} {r.depth:>6.1%} {r.cost_ms:>8.3f} {r.accuracy:>11.2%} "
+            f"{r.ramp_id:>4}  {r.label:<26} {r.depth:>6.1%} {r.cost_ms:>8.3f} {r.accuracy:>11.2%} "
             f"{r.exit_rate:>9.1%}  {'yes' if r.chosen else ''}"
         )
 
@@ -50,19 +26,21 @@ def _print_summary(reports: list[RampReport]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m controller.prepare",
-        description="Find cut points, train candidate ramps on the model's own predictions, profile them and "
-        "write <repository>/<name> (early-exit) and <repository>/<name>_vanilla (baseline) Triton entries.",
+        description="Find cut points, train candidate ramps on the model's own predictions (no labels), profile "
+        "them and write <repository>/<name> (early-exit) and <repository>/<name>_vanilla (baseline) Triton entries.",
     )
-    parser.add_argument("--model", default="model_zoo.cifar_resnet:CifarResNet", help="package.module:factory")
+    parser.add_argument("--model", default="model_zoo.cifar_resnet:CifarResNet",
+                        help="package.module:factory | torchvision:<name> | Hugging Face folder | file.onnx")
     parser.add_argument("--checkpoint", type=Path, default=None, help="safetensors state dict for the model")
     parser.add_argument("--name", required=True, help="Triton model name, e.g. cifar10_resnet")
-    parser.add_argument("--data", choices=("cifar10", "digits", "auto"), default="auto")
-    parser.add_argument("--data-dir", type=Path, default=None, help="CIFAR-10 folder (train.tar.gz, test.tar.gz)")
+    parser.add_argument("--data", choices=("cifar10", "digits", "sst2", "auto"), default="auto",
+                        help="bootstrap data (auto: cifar10 when present, else digits)")
+    parser.add_argument("--data-dir", type=Path, default=None, help="folder of the data set's files")
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--bootstrap-fraction", type=float, default=0.1, help="leading share of the data used")
     parser.add_argument("--train-share", type=float, default=0.1, help="share of the bootstrap that trains ramps")
     parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--overhead-budget", type=float, default=0.02)
+    parser.add_argument("--overhead-budget", type=float, default=0.02, help="initial ramps' max added latency")
     parser.add_argument("--accuracy-budget", type=float, default=0.01)
     parser.add_argument("--ramp-epochs", type=int, default=100)
     parser.add_argument("--limit", type=int, default=None, help="use at most this many bootstrap samples (tests)")
@@ -72,12 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     if dataset == "auto":
         dataset = "cifar10" if cifar10_available(args.data_dir or DEFAULT_CIFAR_DIR) else "digits"
         LOGGER.info("using data set %s", dataset)
-    data = load_image_set(dataset, "train", args.data_dir)
-    bootstrap = data.images[: max(10, int(len(data) * args.bootstrap_fraction))][: args.limit]
+    bootstrap = load_bootstrap(dataset, args.data_dir, args.bootstrap_fraction, args.limit)
     split = max(1, int(len(bootstrap) * args.train_share))
     LOGGER.info("bootstrap: %d samples (%d train ramps, %d validate)", len(bootstrap), split, len(bootstrap) - split)
     model = load_model(args.model, args.checkpoint)
-    inputs = (TensorSpec("IMAGE", "uint8", tuple(int(d) for d in bootstrap.shape[1:])),)
     settings = PrepareSettings(
         max_batch_size=args.max_batch_size,
         overhead_budget=args.overhead_budget,
@@ -85,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         ramp_epochs=args.ramp_epochs,
     )
     manifest, reports = prepare(
-        model, args.name, inputs, "IMAGE", len(data.classes), _batches(bootstrap[:split]), _batches(bootstrap[split:]),
-        args.repository, settings,
+        model, args.name, bootstrap.inputs, bootstrap.primary, bootstrap.classes,
+        bootstrap.batches(slice(0, split)), bootstrap.batches(slice(split, None)), args.repository, settings,
     )
     _print_summary(reports)
     print(f"\nwrote {args.repository / args.name} and {args.repository / (args.name + '_vanilla')}; "
