@@ -33,7 +33,7 @@ from early_exit.exit_config import ExitConfig
 from early_exit.keys import RedisKeys
 from early_exit.runtime import EarlyExitModel
 from model_zoo.datasets import load_image_set
-from workload.client import Answer, bursty_arrivals, poisson_arrivals, replay
+from workload.client import Answer, bursty_arrivals, measure_capacity, poisson_arrivals, replay
 from workload.stack import ROOT, Stack, running_stack, start_controller
 
 CONTROLLER_ARGS = ["--min-fresh", "256", "--window", "2000"]
@@ -58,12 +58,6 @@ class Run:
         start = min(a.sent for a in self.answers)
         end = max(a.done for a in self.answers)
         return len(self.answers) / (end - start)
-
-
-def measure_capacity(stack: Stack, model: str, images: np.ndarray) -> float:
-    """Completed requests per second when the client sends as fast as it can (saturation)."""
-    answers = replay(stack.grpc_url, model, {"IMAGE": images}, np.zeros(len(images)), outputs=("LABEL",))
-    return len(answers) / (max(a.done for a in answers) - min(a.sent for a in answers))
 
 
 def _set_config(client: redis.Redis, model: str, thresholds: dict[int, float]) -> ExitConfig:
@@ -230,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         warm = images[:300]
         for name in (f"{args.model}_vanilla", args.model):
             replay(stack.grpc_url, name, {"IMAGE": warm}, poisson_arrivals(len(warm), 200))
-        capacity = {name: measure_capacity(stack, name, images[:1500]) for name in (f"{args.model}_vanilla", args.model)}
+        capacity = {name: measure_capacity(stack.grpc_url, name, {"IMAGE": images[:1500]}) for name in (f"{args.model}_vanilla", args.model)}
         rate = args.load * capacity[f"{args.model}_vanilla"]
         print(f"capacity: vanilla {capacity[f'{args.model}_vanilla']:.0f} req/s, static EE "
               f"{capacity[args.model]:.0f} req/s; replaying at {rate:.0f} req/s")

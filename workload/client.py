@@ -96,5 +96,11 @@ def replay(
     return answers
 
 
+def measure_capacity(url: str, model: str, inputs: dict[str, np.ndarray]) -> float:
+    """Completed requests per second when the client sends as fast as it can (saturation)."""
+    answers = replay(url, model, inputs, np.zeros(len(next(iter(inputs.values())))), outputs=("LABEL",))
+    return len(answers) / (max(a.done for a in answers) - min(a.sent for a in answers))
+
+
 def _triton_dtype(dtype: np.dtype) -> str:
     return {"uint8": "UINT8", "int64": "INT64", "int32": "INT32", "float32": "FP32", "object": "BYTES"}[str(dtype)]

@@ -21,7 +21,7 @@ from early_exit.exit_config import NEVER_EXIT, ExitConfig
 from early_exit.keys import RedisKeys
 from early_exit.manifest import load_manifest
 from model_zoo.datasets import load_image_set
-from workload.client import Answer, poisson_arrivals, replay
+from workload.client import Answer, measure_capacity, poisson_arrivals, replay
 from workload.metrics import exits_per_ramp
 from workload.stack import ROOT, running_stack
 
@@ -46,24 +46,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
     parser.add_argument("--requests", type=int, default=4000)
-    parser.add_argument("--rate", type=float, default=150.0, help="requests per second (Poisson)")
+    parser.add_argument("--load", type=float, default=0.4,
+                        help="Poisson arrival rate as a fraction of the vanilla model's measured capacity")
     args = parser.parse_args(argv)
 
     test = load_image_set(args.dataset, "test", args.data_dir)
     order = np.random.default_rng(0).permutation(len(test))
     count = min(args.requests, len(test))
     images = test.images[order[:count]]
-    arrivals = poisson_arrivals(count, args.rate)
     manifest = load_manifest(args.repository / args.model / "1")
     ramps = sorted(manifest.initial_thresholds) or list(range(len(manifest.ramps)))
-    print(f"model {args.model}: {len(manifest.ramps)} candidate ramps, initial set {ramps}; "
-          f"{count} requests at {args.rate:.0f}/s")
+    print(f"model {args.model}: {len(manifest.ramps)} candidate ramps, initial set {ramps}; {count} requests")
     with running_stack(args.repository, models=[args.model, f"{args.model}_vanilla"]) as stack:
         client = redis.Redis.from_url(stack.redis_url)
         print(f"Triton gRPC {stack.grpc_url}, metrics {stack.metrics_url}, Redis {stack.redis_url}")
-        warm = poisson_arrivals(200, args.rate)
         for name in (f"{args.model}_vanilla", args.model):  # first batches of each size run slower: not measured
-            replay(stack.grpc_url, name, {"IMAGE": images[:200]}, warm)
+            replay(stack.grpc_url, name, {"IMAGE": images[:200]}, poisson_arrivals(200, 100))
+        capacity = measure_capacity(stack.grpc_url, f"{args.model}_vanilla", {"IMAGE": images[:1000]})
+        rate = args.load * capacity
+        arrivals = poisson_arrivals(count, rate)
+        print(f"vanilla capacity {capacity:.0f} req/s; replaying at {rate:.0f} req/s ({args.load:.0%})")
         print("\n[1/2] vanilla (no exits) ...")
         vanilla = replay(stack.grpc_url, f"{args.model}_vanilla", {"IMAGE": images}, arrivals, outputs=("LABEL",))
         original = np.array([a.label for a in vanilla])
