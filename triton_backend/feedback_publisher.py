@@ -41,7 +41,7 @@ class FeedbackPublisher:
         buffer: int = 1024,
         on_published: Callable[[int], None] = lambda n: None,
         on_dropped: Callable[[int], None] = lambda n: None,
-        flush_interval: float = 0.05,
+        flush_interval: float = 0.25,
     ) -> None:
         self._flush_interval = flush_interval
         self._client = client

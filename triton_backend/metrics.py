@@ -1,12 +1,17 @@
 """Custom metrics on Triton's Prometheus endpoint (``/metrics`` on the metrics port).
 
 ``triton_python_backend_utils`` only exists inside the Triton stub, so it is passed in rather than imported here.
-A ``MetricFamily`` must outlive its metrics, so this object keeps both.
+A ``MetricFamily`` must outlive its metrics, so this object keeps both. Every metric update is a round trip from the
+stub to the server process, so per-batch counts (exits, feedback) are accumulated in memory and flushed by a
+background thread twice a second; rare events (configuration applied or rejected) are reported at once.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
+
+import numpy as np
 
 
 class BackendMetrics:
@@ -16,9 +21,10 @@ class BackendMetrics:
         pb_utils: the ``triton_python_backend_utils`` module.
         model: Triton model name (label ``model``).
         num_exits: number of candidate ramps + 1 (the final layer), one ``exit`` label each.
+        flush_interval: seconds between flushes of the accumulated counts.
     """
 
-    def __init__(self, pb_utils: Any, model: str, num_exits: int) -> None:
+    def __init__(self, pb_utils: Any, model: str, num_exits: int, flush_interval: float = 0.5) -> None:
         family = pb_utils.MetricFamily
         counter, gauge = family.COUNTER, family.GAUGE
         labels = {"model": model}
@@ -33,13 +39,54 @@ class BackendMetrics:
                 "apparate_config_rejections_total", "Exit configurations rejected as invalid or stale", counter
             ),
         }
-        self._exits = [self._families["exits"].Metric(labels={**labels, "exit": str(i)}) for i in range(num_exits)]
-        self.feedback_published = self._families["published"].Metric(labels=labels)
-        self.feedback_dropped = self._families["dropped"].Metric(labels=labels)
-        self.config_version = self._families["version"].Metric(labels=labels)
-        self.config_rejections = self._families["rejections"].Metric(labels=labels)
+        self._exit_metrics = [self._families["exits"].Metric(labels={**labels, "exit": str(i)}) for i in range(num_exits)]
+        self._published_metric = self._families["published"].Metric(labels=labels)
+        self._dropped_metric = self._families["dropped"].Metric(labels=labels)
+        self._version_metric = self._families["version"].Metric(labels=labels)
+        self._rejections_metric = self._families["rejections"].Metric(labels=labels)
+        self._lock = threading.Lock()
+        self._exits = np.zeros(num_exits, dtype=np.int64)
+        self._published = 0
+        self._dropped = 0
+        self._stopping = threading.Event()
+        self._flusher = threading.Thread(target=self._run, args=(flush_interval,), name="metrics-flush", daemon=True)
+        self._flusher.start()
 
-    def count_exits(self, counts: list[int]) -> None:
-        for metric, count in zip(self._exits, counts):
+    def count_exits(self, counts: np.ndarray) -> None:
+        with self._lock:
+            self._exits += counts
+
+    def feedback_published(self, count: int) -> None:
+        with self._lock:
+            self._published += count
+
+    def feedback_dropped(self, count: int) -> None:
+        with self._lock:
+            self._dropped += count
+
+    def config_applied(self, version: int) -> None:
+        self._version_metric.set(version)
+
+    def config_rejected(self) -> None:
+        self._rejections_metric.increment(1)
+
+    def flush(self) -> None:
+        with self._lock:
+            exits, self._exits = self._exits, np.zeros_like(self._exits)
+            published, dropped, self._published, self._dropped = self._published, self._dropped, 0, 0
+        for metric, count in zip(self._exit_metrics, exits.tolist()):
             if count:
                 metric.increment(count)
+        if published:
+            self._published_metric.increment(published)
+        if dropped:
+            self._dropped_metric.increment(dropped)
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._flusher.join(2.0)
+        self.flush()
+
+    def _run(self, interval: float) -> None:
+        while not self._stopping.wait(interval):
+            self.flush()

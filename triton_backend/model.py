@@ -118,15 +118,15 @@ class TritonPythonModel:
         keys = RedisKeys(self.name, prefix)
         client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=5)
         initial = ExitConfig(self.name, 0, dict(manifest.initial_thresholds), writer="manifest", written_at=0.0)
-        self.metrics.config_version.set(0)
+        self.metrics.config_applied(0)
         self.watcher = ConfigWatcher(
             client,
             keys,
             len(manifest.ramps),
             initial,
             poll_interval=float(parameters.get("config_poll_seconds", "1.0")),
-            on_applied=lambda config: self.metrics.config_version.set(config.version),
-            on_rejected=lambda: self.metrics.config_rejections.increment(1),
+            on_applied=lambda config: self.metrics.config_applied(config.version),
+            on_rejected=self.metrics.config_rejected,
         )
         self.publisher: FeedbackPublisher | None = None
         if manifest.ramps:  # a vanilla model has nothing to learn from
@@ -134,8 +134,8 @@ class TritonPythonModel:
                 client,
                 keys,
                 manifest.to_json(),
-                on_published=self.metrics.feedback_published.increment,
-                on_dropped=self.metrics.feedback_dropped.increment,
+                on_published=self.metrics.feedback_published,
+                on_dropped=self.metrics.feedback_dropped,
             )
         LOGGER.info("%s: loaded %d blocks, %d candidate ramps on %s; Redis %s", self.name, len(manifest.blocks),
                     len(manifest.ramps), device, url)
@@ -172,7 +172,7 @@ class TritonPythonModel:
             LOGGER.exception("%s: batch of %d failed", self.name, len(requests))
             batch.fail_unsent(f"{self.name}: inference failed: {exc}")
             return None
-        self.metrics.count_exits(np.bincount(batch.exit, minlength=self.model.manifest.final_exit + 1).tolist())
+        self.metrics.count_exits(np.bincount(batch.exit, minlength=self.model.manifest.final_exit + 1))
         if self.publisher is not None and final_prediction is not None:
             n = len(final_prediction)
             self.publisher.offer(
@@ -192,3 +192,4 @@ class TritonPythonModel:
         self.watcher.close()
         if self.publisher is not None:
             self.publisher.close()
+        self.metrics.close()
