@@ -19,9 +19,13 @@ DATASET := $(shell [ -f $(DATA_DIR)/train.tar.gz ] && [ -f $(DATA_DIR)/test.tar.
 MODEL := $(DATASET)_resnet
 CHECKPOINT := models/$(MODEL).safetensors
 
-.PHONY: help setup model prepare serve stop demo test bench lint clean
+SST2_DIR ?= ../shared/data/sst2
+NLP_MODEL := sst2_minilm
+NLP_CHECKPOINT := models/$(NLP_MODEL).safetensors
+
+.PHONY: help setup model prepare reference-models serve stop demo test bench clean
 help:  ## list targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := redis-server python3.11 python3.11-venv libpython3.11
@@ -49,6 +53,15 @@ $(REPO)/$(MODEL)/1/manifest.json: $(CHECKPOINT) | $(SETUP_STAMP)
 	  --data-dir $(DATA_DIR) --repository $(REPO)
 
 prepare: setup $(REPO)/$(MODEL)/1/manifest.json  ## add ramps, profile, export the model-repository entries
+
+$(NLP_CHECKPOINT): | $(SETUP_STAMP)
+	$(PY) -m model_zoo.minilm_sst2 --data-dir $(SST2_DIR) --out $@
+
+$(REPO)/$(NLP_MODEL)/1/manifest.json: $(NLP_CHECKPOINT) | $(SETUP_STAMP)
+	$(PY) -m controller.prepare --model model_zoo.minilm_sst2:factory --checkpoint $(NLP_CHECKPOINT) \
+	  --name $(NLP_MODEL) --data sst2 --data-dir $(SST2_DIR) --repository $(REPO)
+
+reference-models: prepare $(REPO)/$(NLP_MODEL)/1/manifest.json  ## both reference entries: CIFAR ResNet and MiniLM SST-2 (~10 min on CPU)
 
 serve: prepare  ## Redis :6379, Triton :8000/:8001/:8002 and the controller in the background
 	$(PY) -m workload.stack up --redis-port $(REDIS_PORT) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \

@@ -110,6 +110,34 @@ def node_flops(node: fx.Node) -> float:
     return float(out_numel)
 
 
+def _is_symbolic_scalar(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.SymInt)
+
+
+def localize_symbolic_scalars(module: fx.GraphModule) -> fx.GraphModule:
+    """Recompute every symbolic scalar (``sym_size`` of the batch and arithmetic on it) right before each use.
+
+    Exported graphs compute the batch size once and reuse it everywhere; left alone, that integer would have to be
+    handed from block to block, and an exported block cannot take a dynamic integer input. Tensors feeding the
+    recomputation are untouched, so a scalar derived from a value that is not live at a cut still prevents the cut.
+    """
+    graph = module.graph
+
+    def clone(node: fx.Node, before: fx.Node) -> fx.Node:
+        with graph.inserting_before(before):
+            return graph.node_copy(
+                node, lambda arg: clone(arg, before) if isinstance(arg, fx.Node) and _is_symbolic_scalar(arg) else arg
+            )
+
+    for node in list(graph.nodes):
+        for arg in list(node.all_input_nodes):
+            if _is_symbolic_scalar(arg) and not _is_symbolic_scalar(node):
+                node.replace_input_with(arg, clone(arg, node))
+    graph.eliminate_dead_code()
+    module.recompile()
+    return module
+
+
 def _is_state(node: fx.Node) -> bool:
     """Values that count towards the live state: tensors computed at run time (not weights, not shape ints)."""
     return node.op in ("placeholder", "call_function", "call_method", "call_module") and isinstance(

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from tqdm import tqdm
 
 from controller.latency import LatencyModel
 from controller.prepare.blocks import BlockPlan, export_block, plan_blocks
-from controller.prepare.cutpoints import CutPoint, find_cut_points, split_at
+from controller.prepare.cutpoints import CutPoint, find_cut_points, localize_symbolic_scalars, split_at
 from controller.prepare.profiling import profile_model
 from controller.prepare.ramp_training import collect_features, train_ramps
 from controller.prepare.triton_config import render_config
@@ -72,7 +73,7 @@ def trace(model: nn.Module, example: dict[str, torch.Tensor]) -> torch.fx.GraphM
     batch = torch.export.Dim("batch", min=1)
     dynamic = tuple({0: batch} for _ in example)
     program = torch.export.export(model.eval(), tuple(example.values()), dynamic_shapes=dynamic, strict=False)
-    return strip_runtime_asserts(program.module())
+    return localize_symbolic_scalars(strip_runtime_asserts(program.module()))
 
 
 def _export_entry(
@@ -150,7 +151,7 @@ def _validate_ramps(
     prediction: list[np.ndarray] = []
     final: list[np.ndarray] = []
     every = list(range(len(model.manifest.ramps)))
-    for batch in batches():
+    for batch in tqdm(batches(), desc="validate ramps", unit="batch"):
         verdicts = list(model.stages(batch, every))
         confidence.append(np.stack([v.confidence for v in verdicts[:-1]]))
         prediction.append(np.stack([v.prediction for v in verdicts[:-1]]))

