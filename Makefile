@@ -77,8 +77,9 @@ demo: prepare  ## the whole loop live: vanilla vs early exits steered by the con
 test: setup  ## unit and integration tests (real tritonserver and redis-server)
 	$(PY) -m pytest -q tests
 
-bench: prepare  ## side-by-side latency benchmark (writes bench_results/)
+bench: reference-models  ## side-by-side benchmark, CV and NLP (writes bench_results/<model>/report.md and plots)
 	$(PY) -m workload.bench --model $(MODEL) --dataset $(DATASET) --data-dir $(DATA_DIR)
+	$(PY) -m workload.bench --model $(NLP_MODEL) --dataset sst2 --data-dir $(SST2_DIR) --requests 800
 
 clean:  ## remove build outputs (keeps the venv and the committed checkpoint)
 	rm -rf build bench_results $(REPO)/*/1/*.pt2 $(REPO)/*/1/*.safetensors $(REPO)/*/1/manifest.json

@@ -69,7 +69,37 @@ def _set_config(client: redis.Redis, model: str, thresholds: dict[int, float]) -
     return config
 
 
-def run_system(stack: Stack, system: str, trace: str, model: str, images: np.ndarray, arrivals: np.ndarray,
+Inputs = dict[str, np.ndarray]
+
+
+def _take(inputs: Inputs, index: slice | np.ndarray) -> Inputs:
+    return {name: array[index] for name, array in inputs.items()}
+
+
+def workload_inputs(dataset: str, data_dir: Path | None, count: int) -> tuple[Inputs, Inputs, str]:
+    """Steady-state inputs, drifting inputs and a description of the drift, as served tensors."""
+    if dataset == "sst2":
+        from model_zoo.datasets import load_sst2
+        from model_zoo.minilm_sst2 import tokenize
+
+        dev = load_sst2("dev", data_dir) if data_dir else load_sst2("dev")
+        train = load_sst2("train", data_dir) if data_dir else load_sst2("train")
+        sentences = dev.sentences + train.sentences[-max(0, count - len(dev.sentences)) :]
+        sentences = [sentences[i] for i in np.random.default_rng(0).permutation(len(sentences))][:count]
+        drifting = sorted(sentences, key=len)  # short, easy sentences first; long ones later
+        rename = {"input_ids": "INPUT_IDS", "attention_mask": "ATTENTION_MASK"}
+        steady = {rename[k]: v for k, v in tokenize(sentences).items()}
+        return steady, {rename[k]: v for k, v in tokenize(drifting).items()}, "sentences ordered short to long"
+    test = load_image_set(dataset, "test", data_dir)
+    order = np.random.default_rng(0).permutation(len(test))
+    count = min(count, len(test))
+    images = test.images[order[:count]]
+    later = test.images[order[-count:]] if len(test) >= 2 * count else images
+    return {"IMAGE": images}, {"IMAGE": add_noise(later, 0.5, 60.0)}, \
+        "Gaussian pixel noise growing from 0 to sigma 60 over the second half"
+
+
+def run_system(stack: Stack, system: str, trace: str, model: str, inputs: Inputs, arrivals: np.ndarray,
                log_dir: Path) -> Run:
     client = redis.Redis.from_url(stack.redis_url)
     configs: list[tuple[float, int, dict[int, float]]] = []
@@ -77,7 +107,7 @@ def run_system(stack: Stack, system: str, trace: str, model: str, images: np.nda
     controller = start_controller(stack.redis_url, log_dir, CONTROLLER_ARGS) if system == "adaptive" else None
     name = f"{model}_vanilla" if system == "vanilla" else model
     outputs = ("LABEL",) if system == "vanilla" else ("LABEL", "EXIT", "CONFIDENCE")
-    worker = threading.Thread(target=replay, args=(stack.grpc_url, name, {"IMAGE": images}, arrivals),
+    worker = threading.Thread(target=replay, args=(stack.grpc_url, name, inputs, arrivals),
                               kwargs={"outputs": outputs, "answers": answers})
     worker.start()
     while worker.is_alive():
@@ -91,14 +121,16 @@ def run_system(stack: Stack, system: str, trace: str, model: str, images: np.nda
 
 
 @torch.inference_mode()
-def oracle_saving(repository: Path, model: str, images: np.ndarray, batch_size: float) -> tuple[float, np.ndarray]:
+def oracle_saving(repository: Path, model: str, inputs: Inputs, batch_size: float) -> tuple[float, np.ndarray]:
     """Estimated saving (fraction of vanilla latency) of the oracle, and each sample's earliest agreeing ramp."""
     served = EarlyExitModel(repository / model / "1")
     latency = LatencyModel.from_manifest(served.manifest, batch_size)
     every = list(range(len(served.manifest.ramps)))
     earliest = []
-    for start in range(0, len(images), 500):
-        verdicts = list(served.stages({"IMAGE": torch.from_numpy(images[start : start + 500])}, every))
+    total = len(next(iter(inputs.values())))
+    for start in range(0, total, 500):
+        batch = {k: torch.from_numpy(v) for k, v in _take(inputs, slice(start, start + 500)).items()}
+        verdicts = list(served.stages(batch, every))
         agree = np.stack([v.prediction == verdicts[-1].prediction for v in verdicts[:-1]] + [np.ones_like(
             verdicts[-1].prediction, dtype=bool)])
         earliest.append(agree.argmax(axis=0))
@@ -185,7 +217,7 @@ def plot(runs: dict[tuple[str, str], Run], drift: dict[str, Run], original_drift
     axes[0].axhline(0.01, color="grey", linestyle="--", label="budget")
     axes[0].set(ylabel="windowed accuracy loss")
     axes[1].set(ylabel="windowed exit rate")
-    axes[2].set(ylabel="adaptive thresholds", xlabel="time (s); noise grows in the second half")
+    axes[2].set(ylabel="adaptive thresholds", xlabel="time (s); inputs drift in the second half")
     for axis in axes:
         axis.legend(fontsize=8)
     fig.tight_layout()
@@ -206,12 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load", type=float, default=0.5, help="arrival rate as a fraction of vanilla capacity")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results")
     args = parser.parse_args(argv)
+    args.out = args.out / args.model
     args.out.mkdir(parents=True, exist_ok=True)
-    test = load_image_set(args.dataset, "test", args.data_dir)
-    order = np.random.default_rng(0).permutation(len(test))
-    count = min(args.requests, len(test))
-    images = test.images[order[:count]]
-    drift_images = add_noise(test.images[order[-count:]] if len(test) >= 2 * count else images, 0.5, 60.0)
+    inputs, drift_inputs, drift_description = workload_inputs(args.dataset, args.data_dir, args.requests)
+    count = len(next(iter(inputs.values())))
     log_dir = args.out / "logs"
     runs: dict[tuple[str, str], Run] = {}
     drift: dict[str, Run] = {}
@@ -221,10 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         manifest = EarlyExitModel(args.repository / args.model / "1").manifest
         static = dict(manifest.initial_thresholds)
         _set_config(client, args.model, static)
-        warm = images[:300]
+        warm = _take(inputs, slice(0, 300))
         for name in (f"{args.model}_vanilla", args.model):
-            replay(stack.grpc_url, name, {"IMAGE": warm}, poisson_arrivals(len(warm), 200))
-        capacity = {name: measure_capacity(stack.grpc_url, name, {"IMAGE": images[:1500]}) for name in (f"{args.model}_vanilla", args.model)}
+            replay(stack.grpc_url, name, warm, poisson_arrivals(300, 50))
+        capacity = {name: measure_capacity(stack.grpc_url, name, _take(inputs, slice(0, 1000)))
+                    for name in (f"{args.model}_vanilla", args.model)}
         rate = args.load * capacity[f"{args.model}_vanilla"]
         print(f"capacity: vanilla {capacity[f'{args.model}_vanilla']:.0f} req/s, static EE "
               f"{capacity[args.model]:.0f} req/s; replaying at {rate:.0f} req/s")
@@ -232,17 +263,17 @@ def main(argv: list[str] | None = None) -> int:
         for trace, arrivals in traces.items():
             for system in ("vanilla", "static", "adaptive"):
                 _set_config(client, args.model, static)
-                runs[trace, system] = run_system(stack, system, trace, args.model, images, arrivals, log_dir)
+                runs[trace, system] = run_system(stack, system, trace, args.model, inputs, arrivals, log_dir)
                 print(f"  {trace:8s} {system:9s} median {np.median(runs[trace, system].latencies()):.2f} ms")
         for system in ("vanilla", "static", "adaptive"):
             _set_config(client, args.model, static)
-            drift[system] = run_system(stack, system, "drift", args.model, drift_images, traces["poisson"], log_dir)
+            drift[system] = run_system(stack, system, "drift", args.model, drift_inputs, traces["poisson"], log_dir)
             print(f"  drift    {system:9s} median {np.median(drift[system].latencies()):.2f} ms")
 
     original = np.array([a.label for a in runs["poisson", "vanilla"].answers])
     original_drift = np.array([a.label for a in drift["vanilla"].answers])
     batch = 8.0
-    oracle, _ = oracle_saving(args.repository, args.model, images, batch)
+    oracle, _ = oracle_saving(args.repository, args.model, inputs, batch)
     lines = [
         f"# Benchmark: {args.model} ({count} requests per run, rate {rate:.0f} req/s = {args.load:.0%} of vanilla "
         f"capacity)\n",
@@ -262,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         est = estimated_saving(args.repository, args.model, runs["poisson", system], batch)
         lines.append(f"| {system} | {est:.1%} | {est / oracle:.0%} |" if oracle > 0 else f"| {system} | {est:.1%} | - |")
     lines.append(f"| oracle | {oracle:.1%} | 100% |")
-    lines += ["", "## Drift (Gaussian pixel noise growing from 0 to sigma 60 over the second half)", "",
+    lines += ["", f"## Drift ({drift_description})", "",
               "| system | loss before | loss after (whole second half) | loss in last quarter | exit rate before | "
               "exit rate after | median ms before | median ms after |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     half, quarter = count // 2, 3 * count // 4

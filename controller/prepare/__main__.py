@@ -15,11 +15,13 @@ LOGGER = logging.getLogger("controller.prepare")
 
 
 def _print_summary(reports: list[RampReport]) -> None:
-    print(f"\n{'ramp':>4}  {'cut point':<26} {'depth':>6} {'cost ms':>8} {'acc vs orig':>11} {'exit rate':>9}  chosen")
+    """Per candidate: position, cost at the reference batch, agreement with the original model on the validation
+    split (all samples), and the share of validation samples answered there by the initial configuration."""
+    print(f"\n{'ramp':>4}  {'cut point':<26} {'depth':>6} {'cost ms':>8} {'acc vs orig':>11} {'exits':>6}  chosen")
     for r in reports:
         print(
             f"{r.ramp_id:>4}  {r.label:<26} {r.depth:>6.1%} {r.cost_ms:>8.3f} {r.accuracy:>11.2%} "
-            f"{r.exit_rate:>9.1%}  {'yes' if r.chosen else ''}"
+            f"{r.exit_rate:>6.1%}  {'yes' if r.chosen else ''}"
         )
 
 

@@ -195,7 +195,8 @@ def choose_initial_ramps(
         if saving > best_saving:
             chosen, best_saving = trial, saving
             best_thresholds = {r: float(t) for r, t in zip(trial, thresholds)}
-    return best_thresholds
+    # A ramp the joint tuning keeps closed only costs latency; the controller can still add it back later.
+    return {r: t for r, t in best_thresholds.items() if t < NEVER_EXIT}
 
 
 def prepare(
@@ -253,14 +254,15 @@ def prepare(
     vanilla = replace(vanilla, profile=vanilla_profile)
     (vanilla_entry / "1" / MANIFEST_FILE).write_text(vanilla.to_json(), encoding="utf-8")
 
-    reports = []
-    for spec, cut in zip(manifest.ramps, cuts):
-        agree = float((prediction[spec.id] == final).mean())
-        tuner = ThresholdTuner(TunerSettings(budget=settings.accuracy_budget))
-        thresholds = np.array([initial.get(spec.id, NEVER_EXIT)])
-        rate = tuner.evaluate(thresholds, confidence[[spec.id]], prediction[[spec.id]] == final, np.zeros(2)).exit_rates
-        reports.append(
-            RampReport(spec.id, cut.node, cut.depth, float(latency.ramp_ms[spec.id]), agree, float(rate[0]),
-                       spec.id in initial)
-        )
+    active = sorted(initial)
+    rates = ThresholdTuner().evaluate(
+        np.array([initial[r] for r in active]), confidence[active], prediction[active] == final[None, :],
+        latency.exit_latencies(active),
+    ).exit_rates
+    reports = [
+        RampReport(spec.id, cut.node, cut.depth, float(latency.ramp_ms[spec.id]),
+                   float((prediction[spec.id] == final).mean()),
+                   float(rates[active.index(spec.id)]) if spec.id in initial else 0.0, spec.id in initial)
+        for spec, cut in zip(manifest.ramps, cuts)
+    ]
     return manifest, reports
