@@ -32,7 +32,7 @@ def text_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
     repo = tmp_path_factory.mktemp("text_repository")
     assert prepare(["--model", "model_zoo.minilm_sst2:factory", "--name", NAME, "--data", "sst2", "--repository",
-                    str(repo), "--limit", "300", "--max-batch-size", "8", "--ramp-epochs", "20"]) == 0
+                    str(repo), "--limit", "300", "--ramp-epochs", "20"]) == 0  # max batch 32, as the pipeline
     for entry in ("text_preprocess", f"{NAME}_pipeline"):
         shutil.copytree(ROOT / "model_repository" / entry, repo / entry)
     models = [NAME, "text_preprocess", f"{NAME}_pipeline"]
