@@ -23,7 +23,7 @@ SST2_DIR ?= ../shared/data/sst2
 NLP_MODEL := sst2_minilm
 NLP_CHECKPOINT := models/$(NLP_MODEL).safetensors
 
-.PHONY: help setup model prepare reference-models serve stop demo test bench clean
+.PHONY: help setup model prepare reference-models serve stop demo test bench lint clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
@@ -80,6 +80,9 @@ test: setup  ## unit and integration tests (real tritonserver and redis-server)
 bench: reference-models  ## side-by-side benchmark, CV and NLP (writes bench_results/<model>/report.md and plots)
 	$(PY) -m workload.bench --model $(MODEL) --dataset $(DATASET) --data-dir $(DATA_DIR)
 	$(PY) -m workload.bench --model $(NLP_MODEL) --dataset sst2 --data-dir $(SST2_DIR) --requests 800
+
+lint: setup  ## ruff (style and bug checks configured in pyproject.toml)
+	$(PY) -m ruff check early_exit triton_backend controller workload model_zoo tests
 
 clean:  ## remove build outputs (keeps the venv and the committed checkpoint)
 	rm -rf build bench_results $(REPO)/*/1/*.pt2 $(REPO)/*/1/*.safetensors $(REPO)/*/1/manifest.json

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from controller.latency import LatencyModel
-from controller.tuner import _first_exit
+from controller.tuner import first_exit
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def ramp_utilities(
     """Utility (ms per sample) of each active ramp under ``thresholds`` on the window's ``confidence`` ``[R, N]``."""
     n = confidence.shape[1]
     exit_ms = latency.exit_latencies(active)
-    first = _first_exit(confidence, np.asarray(thresholds, dtype=float))
+    first = first_exit(confidence, np.asarray(thresholds, dtype=float))
     utilities = np.zeros(len(active))
     for j, ramp in enumerate(active):
         exiting = first == j

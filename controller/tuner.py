@@ -13,7 +13,6 @@ Wilson lower confidence bound of that agreement instead of the point estimate, w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,7 +65,7 @@ def wilson_lower(successes: np.ndarray, n: int, z: float) -> np.ndarray:
     return (centre - margin) / denominator
 
 
-def _first_exit(confidence: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+def first_exit(confidence: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """Index of the first exiting ramp per sample for a stack of threshold vectors.
 
     ``confidence`` is ``[R, N]``; ``thresholds`` is ``[..., R]``; returns ``[..., N]`` with ``R`` for "no exit".
@@ -98,7 +97,7 @@ class ThresholdTuner:
             correct: ``[R, N]`` whether the ramp's prediction equals the original model's.
             exit_ms: ``[R + 1]`` latency of answering at each ramp and at the final layer.
         """
-        first = _first_exit(confidence, np.asarray(thresholds, dtype=float))
+        first = first_exit(confidence, np.asarray(thresholds, dtype=float))
         n = confidence.shape[1]
         agree = np.append(correct, np.ones((1, n), dtype=bool), axis=0)[first, np.arange(n)]
         saving = exit_ms[-1] - exit_ms[first].mean() if n else 0.0
@@ -145,7 +144,7 @@ class ThresholdTuner:
         thresholds = np.full(num_ramps, NEVER_EXIT)
         steps = np.full(num_ramps, initial_step)
         ordered = np.sort(confidence, axis=1)  # per ramp, ascending: finds the next threshold that changes exits
-        first = _first_exit(confidence, thresholds)
+        first = first_exit(confidence, thresholds)
         hits = agree_table[first, samples].sum()
         saving = exit_ms[-1] - exit_ms[first].mean()
         floor = 1.0 - s.budget
@@ -158,7 +157,7 @@ class ThresholdTuner:
             below = np.array([np.searchsorted(ordered[r], thresholds[r], side="left") for r in moves])
             next_exit = np.where(below > 0, ordered[moves, np.maximum(below - 1, 0)], 0.0)
             candidates[moves, moves] = np.clip(np.minimum(thresholds - steps, next_exit), 0.0, NEVER_EXIT)
-            cand_first = _first_exit(confidence, candidates)  # [R, N]
+            cand_first = first_exit(confidence, candidates)  # [R, N]
             cand_hits = agree_table[cand_first, samples[None, :]].sum(axis=1)
             cand_saving = exit_ms[-1] - exit_ms[cand_first].mean(axis=1)
             valid = (wilson_lower(cand_hits.astype(float), n, s.z) >= floor) & (cand_saving > saving + 1e-12)

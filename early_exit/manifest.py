@@ -154,6 +154,10 @@ class Manifest:
 
     def validate(self) -> None:
         """Cross-field checks: block chaining, ramp ids and positions, profile shape."""
+        self._validate_blocks()
+        self._validate_ramps()
+
+    def _validate_blocks(self) -> None:
         if not self.blocks:
             raise ArtifactError("manifest.blocks is empty")
         known = {spec.name for spec in self.inputs}
@@ -162,6 +166,8 @@ class Manifest:
             if missing:
                 raise ArtifactError(f"manifest.blocks[{index}] consumes unknown values {missing}")
             known.update(block.outputs)
+
+    def _validate_ramps(self) -> None:
         for index, ramp in enumerate(self.ramps):
             if ramp.id != index:
                 raise ArtifactError(f"manifest.ramps[{index}].id is {ramp.id}; ramp ids must equal their position")

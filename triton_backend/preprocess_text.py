@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from model_zoo.minilm_sst2 import tokenize

@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         "throughput req/s | errors |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for (trace, system), run in runs.items():
+    for (trace, _), run in runs.items():
         reference = original if trace == "poisson" else np.array([a.label for a in runs[trace, "vanilla"].answers])
         lines.append(_row(run, reference, runs[trace, "vanilla"]))
     lines += ["", "Estimated saving from profiled latencies (mean over requests, batch size 8):", "",
