@@ -6,6 +6,7 @@ candidate and all candidate ramps) and ``<name>_vanilla`` (the whole model as on
 
 from __future__ import annotations
 
+import inspect
 import logging
 import shutil
 from collections.abc import Callable, Iterator, Sequence
@@ -71,7 +72,10 @@ def trace(model: nn.Module, example: dict[str, torch.Tensor]) -> torch.fx.GraphM
     """Export ``model`` (inputs passed positionally, in ``example``'s order) with a dynamic batch dimension on every
     input and return its ATen graph module."""
     batch = torch.export.Dim("batch", min=1)
-    dynamic = tuple({0: batch} for _ in example)
+    dynamic: tuple = tuple({0: batch} for _ in example)
+    parameters = inspect.signature(model.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        dynamic = (dynamic,)  # one entry for the *inputs varargs
     program = torch.export.export(model.eval(), tuple(example.values()), dynamic_shapes=dynamic, strict=False)
     return localize_symbolic_scalars(strip_runtime_asserts(program.module()))
 

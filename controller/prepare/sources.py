@@ -38,11 +38,9 @@ def load_model(source: str, checkpoint: Path | None = None) -> nn.Module:
     """
     path = Path(source)
     if source.endswith(".onnx"):
-        try:
-            from onnx2torch import convert  # imports torchvision, which must match the installed torch build
-        except Exception as exc:  # noqa: BLE001 - report any import failure the same way
-            raise SystemExit(f"ONNX ingestion needs onnx2torch (and a torchvision matching torch): {exc}") from exc
-        model = convert(str(path))
+        from controller.prepare.onnx_import import load_onnx
+
+        model = load_onnx(path)
     elif path.is_dir() and (path / "config.json").is_file():
         from transformers import AutoModelForSequenceClassification
 
