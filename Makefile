@@ -78,8 +78,8 @@ test: setup  ## unit and integration tests (real tritonserver and redis-server)
 	$(PY) -m pytest -q tests
 
 bench: reference-models  ## side-by-side benchmark, CV and NLP (writes bench_results/<model>/report.md and plots)
-	$(PY) -m workload.bench --model $(MODEL) --dataset $(DATASET) --data-dir $(DATA_DIR)
-	$(PY) -m workload.bench --model $(NLP_MODEL) --dataset sst2 --data-dir $(SST2_DIR) --requests 800
+	$(PY) -m workload.bench --model $(MODEL) --dataset $(DATASET) --data-dir $(DATA_DIR) --load 0.25
+	$(PY) -m workload.bench --model $(NLP_MODEL) --dataset sst2 --data-dir $(SST2_DIR) --requests 800 --load 0.25
 
 lint: setup  ## ruff (style and bug checks configured in pyproject.toml)
 	$(PY) -m ruff check early_exit triton_backend controller workload model_zoo tests
