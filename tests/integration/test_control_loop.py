@@ -55,4 +55,7 @@ def test_controller_lowers_thresholds_from_no_exits_within_the_accuracy_budget(
     exited = [a for a in served if a.exit < manifest.final_exit]
     assert exited, "no request exited early after tuning"
     accuracy = np.mean([a.label == original[a.index] for a in served])
-    assert accuracy >= 0.99, f"accuracy vs the original model after tuning: {accuracy:.4f}"
+    # Out-of-sample check on requests served after tuning. The estimate itself is noisy (about 0.2 points of standard
+    # error here), so the test fails when accuracy is clearly below the 99 % budget: by more than two standard errors.
+    standard_error = np.sqrt(0.99 * 0.01 / len(served))
+    assert accuracy >= 0.99 - 2 * standard_error, f"accuracy vs the original model after tuning: {accuracy:.4f}"
