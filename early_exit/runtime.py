@@ -148,12 +148,3 @@ class EarlyExitModel:
             if ramp_id is not None:
                 yield self.verdict(ramp_id, self.ramps[ramp_id](outputs[0]))
         yield self.verdict(self.manifest.final_exit, values[self.manifest.blocks[-1].outputs[0]])
-
-    def features(self, inputs: Mapping[str, torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Primary output of every block except the last (each candidate ramp's input) and the final logits."""
-        values: dict[str, torch.Tensor] = {name: t.to(self.device) for name, t in inputs.items()}
-        for spec, block in zip(self.manifest.blocks, self.blocks):
-            outputs = block(*(values[name] for name in spec.inputs))
-            values.update(zip(spec.outputs, (outputs,) if isinstance(outputs, torch.Tensor) else outputs))
-        cut_values = [values[spec.outputs[0]] for spec in self.manifest.blocks[:-1]]
-        return cut_values, values[self.manifest.blocks[-1].outputs[0]]

@@ -35,9 +35,6 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, index: slice | np.ndarray) -> ImageSet:
-        return ImageSet(self.name, self.images[index], self.labels[index], self.classes)
-
 
 @dataclass(frozen=True)
 class TextSet:
@@ -50,9 +47,6 @@ class TextSet:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-    def subset(self, index: slice) -> TextSet:
-        return TextSet(self.name, self.sentences[index], self.labels[index], self.classes)
 
 
 def _decode_cifar_tarball(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -131,10 +131,6 @@ class Stack:
         return f"127.0.0.1:{self.ports.grpc}"
 
     @property
-    def http_url(self) -> str:
-        return f"127.0.0.1:{self.ports.http}"
-
-    @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.ports.metrics}/metrics"
 

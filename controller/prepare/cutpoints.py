@@ -69,12 +69,6 @@ def _op_name(node: fx.Node) -> str:
     return name.split(".")[0]
 
 
-def _shape(value: object) -> tuple[int, ...] | None:
-    if isinstance(value, torch.Tensor):
-        return tuple(int(d) if isinstance(d, int) else int(d.node.hint or 1) for d in value.shape)
-    return None
-
-
 def _hint(value: object) -> int:
     if isinstance(value, int):
         return value
