@@ -58,3 +58,20 @@ def test_accuracy_breach_closes_the_ramp_at_once() -> None:
         controller.observe(record)
     closed = controller.step()
     assert closed is not None and closed.thresholds[0] == NEVER_EXIT
+
+
+def test_a_breach_on_served_answers_is_acted_on_before_a_full_round() -> None:
+    controller = _controller()
+    for record in _records(1, 400, ramp_right=True):
+        controller.observe(record)
+    opened = controller.step()
+    assert opened is not None
+    breaching = [
+        FeedbackRecord("m", opened.version, (0,), r.confidence, r.prediction, r.final, np.zeros(8, dtype=int))
+        for r in _records(opened.version, 64, ramp_right=False, seed=2)  # served at ramp 0, and wrong
+    ]
+    for record in breaching:
+        controller.observe(record)
+    assert controller.window.fresh < controller.settings.min_fresh
+    tightened = controller.step()
+    assert tightened is not None and tightened.thresholds[0] > opened.thresholds[0]
