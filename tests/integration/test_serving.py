@@ -17,7 +17,7 @@ from early_exit.keys import RedisKeys
 from early_exit.runtime import EarlyExitModel
 from tests.conftest import MODEL
 from tests.integration.conftest import publish
-from workload.client import poisson_arrivals, replay
+from workload.client import Answer, poisson_arrivals, replay
 from workload.metrics import metric
 from workload.stack import Stack, start_redis
 
@@ -32,6 +32,14 @@ def _wait_for(predicate, timeout: float, interval: float = 0.002) -> float:
             return time.perf_counter() - started
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+def _background_traffic(stack: Stack, images: np.ndarray, rate: float, answers: list[Answer]) -> threading.Thread:
+    """Replay ``images`` at ``rate`` (Poisson) from a thread, appending to ``answers``; the thread is started."""
+    thread = threading.Thread(target=replay, args=(stack.grpc_url, MODEL, {"IMAGE": images},
+                                                   poisson_arrivals(len(images), rate)), kwargs={"answers": answers})
+    thread.start()
+    return thread
 
 
 def _apply(stack: Stack, thresholds: dict[int, float]) -> int:
@@ -120,12 +128,8 @@ def test_configs_apply_within_100ms_and_20_changes_under_load_fail_no_request(
     assert max(delays) < 0.1, f"configuration applied after {max(delays) * 1000:.0f} ms"
 
     images = test_images[:800]
-    result: dict[str, list] = {}
-    traffic = threading.Thread(
-        target=lambda: result.setdefault("answers", replay(stack.grpc_url, MODEL, {"IMAGE": images},
-                                                            poisson_arrivals(len(images), 250)))
-    )
-    traffic.start()
+    answers: list[Answer] = []
+    traffic = _background_traffic(stack, images, 250, answers)
     rng = np.random.default_rng(0)
     last = None
     for _ in range(20):
@@ -133,7 +137,6 @@ def test_configs_apply_within_100ms_and_20_changes_under_load_fail_no_request(
         last = publish(stack, {int(r): float(rng.uniform(0.5, 1.0)) for r in ramps})
         time.sleep(0.1)
     traffic.join()
-    answers = result["answers"]
     assert len(answers) == len(images) and all(a.error is None for a in answers)
     _wait_for(lambda: metric(stack.metrics_url, "apparate_config_version", model=MODEL) == last.version, 1.0)
 
@@ -142,19 +145,14 @@ def test_redis_outage_loses_no_request_and_feedback_resumes(stack: Stack, test_i
     _apply(stack, {EARLY_RAMP: 0.9})
     dropped_before = metric(stack.metrics_url, "apparate_feedback_dropped_total", model=MODEL)
     images = test_images[:900]
-    result: dict[str, list] = {}
-    traffic = threading.Thread(
-        target=lambda: result.setdefault("answers", replay(stack.grpc_url, MODEL, {"IMAGE": images},
-                                                            poisson_arrivals(len(images), 300)))
-    )
-    traffic.start()
+    answers: list[Answer] = []
+    traffic = _background_traffic(stack, images, 300, answers)
     time.sleep(0.5)
     old = stack.process("redis")
     old.stop()
     time.sleep(1.0)
     stack.processes[stack.processes.index(old)] = start_redis(stack.redis_port, old.log.parent)
     traffic.join()
-    answers = result["answers"]
     assert len(answers) == len(images) and all(a.error is None for a in answers)
     assert metric(stack.metrics_url, "apparate_feedback_dropped_total", model=MODEL) > dropped_before
     client = redis.Redis.from_url(stack.redis_url)
