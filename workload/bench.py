@@ -35,6 +35,7 @@ from early_exit.runtime import EarlyExitModel
 from model_zoo.datasets import load_image_set
 from workload.client import Answer, bursty_arrivals, measure_capacity, poisson_arrivals, replay
 from workload.stack import ROOT, Stack, running_stack, start_controller
+from workload.timeline import ConfigTimeline, record_configs
 
 CONTROLLER_ARGS = ["--min-fresh", "256", "--window", "2000"]
 
@@ -46,7 +47,7 @@ class Run:
     system: str
     trace: str
     answers: list[Answer]
-    configs: list[tuple[float, int, dict[int, float]]] = field(default_factory=list)
+    configs: ConfigTimeline = field(default_factory=list)
 
     def latencies(self) -> np.ndarray:
         return np.array([a.latency_ms for a in self.answers if a.error is None])
@@ -102,7 +103,6 @@ def workload_inputs(dataset: str, data_dir: Path | None, count: int) -> tuple[In
 def run_system(stack: Stack, system: str, trace: str, model: str, inputs: Inputs, arrivals: np.ndarray,
                log_dir: Path) -> Run:
     client = redis.Redis.from_url(stack.redis_url)
-    configs: list[tuple[float, int, dict[int, float]]] = []
     answers: list[Answer] = []
     controller = start_controller(stack.redis_url, log_dir, CONTROLLER_ARGS) if system == "adaptive" else None
     name = f"{model}_vanilla" if system == "vanilla" else model
@@ -110,11 +110,7 @@ def run_system(stack: Stack, system: str, trace: str, model: str, inputs: Inputs
     worker = threading.Thread(target=replay, args=(stack.grpc_url, name, inputs, arrivals),
                               kwargs={"outputs": outputs, "answers": answers})
     worker.start()
-    while worker.is_alive():
-        config = read_config(client, RedisKeys(model))
-        if config is not None and (not configs or configs[-1][1] != config.version):
-            configs.append((time.perf_counter(), config.version, config.thresholds))
-        worker.join(0.1)
+    configs = record_configs(client, model, worker, interval=0.1)
     if controller is not None:
         controller.stop()
     return Run(system, trace, answers, configs)

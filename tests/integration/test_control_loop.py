@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
 
-from controller.config_store import read_config
 from early_exit.exit_config import NEVER_EXIT
-from early_exit.keys import RedisKeys
 from early_exit.manifest import load_manifest
 from tests.conftest import MODEL
 from tests.integration.conftest import publish
 from workload.client import Answer, poisson_arrivals, replay
 from workload.stack import running_stack
+from workload.timeline import record_configs
 
 pytestmark = pytest.mark.integration
 
@@ -35,16 +33,11 @@ def test_controller_lowers_thresholds_from_no_exits_within_the_accuracy_budget(
                                             poisson_arrivals(len(images), 600))]
         start = publish(stack, {r: NEVER_EXIT for r in ramps})
         client = redis.Redis.from_url(stack.redis_url)
-        versions: list[tuple[float, int, dict[int, float]]] = []
         answers: list[Answer] = []
         traffic = threading.Thread(target=replay, args=(stack.grpc_url, MODEL, {"IMAGE": images},
                                                        poisson_arrivals(len(images), 250)), kwargs={"answers": answers})
         traffic.start()
-        while traffic.is_alive():
-            config = read_config(client, RedisKeys(MODEL))
-            if config is not None and (not versions or versions[-1][1] != config.version):
-                versions.append((time.perf_counter(), config.version, config.thresholds))
-            traffic.join(0.05)
+        versions = record_configs(client, MODEL, traffic)
         controller_log = stack.process("controller").log.read_text()
     assert all(a.error is None for a in answers) and len(answers) == len(images)
     tuned = [(t, v, th) for t, v, th in versions if v > start.version]
