@@ -18,12 +18,15 @@ METRICS_PORT ?= 8002
 DATASET := $(shell [ -f $(DATA_DIR)/train.tar.gz ] && [ -f $(DATA_DIR)/test.tar.gz ] && echo cifar10 || echo digits)
 MODEL := $(DATASET)_resnet
 CHECKPOINT := models/$(MODEL).safetensors
+# The deeper CIFAR reference (ResNet-56): enough compute per request for early exits to pay on a CPU.
+DEEP_MODEL := $(DATASET)_resnet56
+DEEP_CHECKPOINT := models/$(DEEP_MODEL).safetensors
 
 SST2_DIR ?= ../shared/data/sst2
 NLP_MODEL := sst2_minilm
 NLP_CHECKPOINT := models/$(NLP_MODEL).safetensors
 
-.PHONY: help setup model prepare reference-models serve stop demo test bench lint clean
+.PHONY: help setup model model-deep prepare reference-models serve stop demo test bench lint clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
@@ -43,14 +46,24 @@ setup: $(SETUP_STAMP)  ## venv with pinned dependencies, redis-server, Triton ba
 	@$(PY) -m triton_backend.server assemble --out $(BACKENDS) >/dev/null
 	@echo "setup complete (data set: $(DATASET))"
 
+# Training resumes from build/train/<name>.state.pt after an interruption (rerun the same target).
 $(CHECKPOINT): | $(SETUP_STAMP)
-	$(PY) -m model_zoo.cifar_resnet --dataset $(DATASET) --data-dir $(DATA_DIR) --out $@
+	$(PY) -m model_zoo.cifar_resnet --dataset $(DATASET) --data-dir $(DATA_DIR) --depth 20 --epochs 50 --out $@
 
-model: $(CHECKPOINT)  ## train the reference ResNet (committed; retrain with `rm models/*; make model`)
+$(DEEP_CHECKPOINT): | $(SETUP_STAMP)
+	$(PY) -m model_zoo.cifar_resnet --dataset $(DATASET) --data-dir $(DATA_DIR) --depth 56 --epochs 40 --out $@
+
+model: $(CHECKPOINT)  ## train the reference ResNet-20 (committed; retrain with `rm $(CHECKPOINT); make model`)
+
+model-deep: $(DEEP_CHECKPOINT)  ## train the deeper reference ResNet-56 (resumable; hours on 2 CPU cores)
 
 $(REPO)/$(MODEL)/1/manifest.json: $(CHECKPOINT) | $(SETUP_STAMP)
 	$(PY) -m controller.prepare --name $(MODEL) --checkpoint $(CHECKPOINT) --data $(DATASET) \
 	  --data-dir $(DATA_DIR) --repository $(REPO)
+
+$(REPO)/$(DEEP_MODEL)/1/manifest.json: $(DEEP_CHECKPOINT) | $(SETUP_STAMP)
+	$(PY) -m controller.prepare --model model_zoo.cifar_resnet:resnet56 --name $(DEEP_MODEL) \
+	  --checkpoint $(DEEP_CHECKPOINT) --data $(DATASET) --data-dir $(DATA_DIR) --repository $(REPO)
 
 prepare: setup $(REPO)/$(MODEL)/1/manifest.json  ## add ramps, profile, export the model-repository entries
 
@@ -61,25 +74,30 @@ $(REPO)/$(NLP_MODEL)/1/manifest.json: $(NLP_CHECKPOINT) | $(SETUP_STAMP)
 	$(PY) -m controller.prepare --model model_zoo.minilm_sst2:factory --checkpoint $(NLP_CHECKPOINT) \
 	  --name $(NLP_MODEL) --data sst2 --data-dir $(SST2_DIR) --repository $(REPO)
 
-reference-models: prepare $(REPO)/$(NLP_MODEL)/1/manifest.json  ## both reference entries: CIFAR ResNet and MiniLM SST-2 (~10 min on CPU)
+# The deep CIFAR entry joins when its (committed) checkpoint exists.
+REFERENCE_ENTRIES := $(REPO)/$(MODEL)/1/manifest.json $(REPO)/$(NLP_MODEL)/1/manifest.json \
+  $(if $(wildcard $(DEEP_CHECKPOINT)),$(REPO)/$(DEEP_MODEL)/1/manifest.json)
 
-serve: prepare  ## Redis :6379, Triton :8000/:8001/:8002 and the controller in the background
+reference-models: setup $(REFERENCE_ENTRIES)  ## every reference entry: CIFAR ResNets and MiniLM SST-2 (~15 min on CPU)
+
+serve: prepare  ## every built entry of model_repository/ (or MODELS="a b"), Redis and the controller, in the background
 	$(PY) -m workload.stack up --redis-port $(REDIS_PORT) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
-	  --metrics-port $(METRICS_PORT) --model $(MODEL) --model $(MODEL)_vanilla --model image_preprocess \
-	  --model $(MODEL)_pipeline
+	  --metrics-port $(METRICS_PORT) $(foreach m,$(MODELS),--model $(m))
 
 stop:  ## stop what `make serve` started
 	$(PY) -m workload.stack down
 
-demo: prepare  ## the whole loop live: vanilla vs early exits steered by the controller
-	$(PY) -m workload.demo --model $(MODEL) --dataset $(DATASET) --data-dir $(DATA_DIR)
+demo: setup $(REPO)/$(NLP_MODEL)/1/manifest.json  ## the whole loop live on MiniLM SST-2: vanilla vs early exits
+	$(PY) -m workload.demo --model $(NLP_MODEL) --dataset sst2 --data-dir $(SST2_DIR)
 
 test: setup  ## unit and integration tests (real tritonserver and redis-server)
 	$(PY) -m pytest -q tests
 
-bench: reference-models  ## side-by-side benchmark, CV and NLP (writes bench_results/<model>/report.md and plots)
-	$(PY) -m workload.bench --model $(MODEL) --dataset $(DATASET) --data-dir $(DATA_DIR) --load 0.25
-	$(PY) -m workload.bench --model $(NLP_MODEL) --dataset sst2 --data-dir $(SST2_DIR) --requests 800 --load 0.25
+bench: reference-models  ## side-by-side benchmark of every reference model (bench_results/<model>/report.md, plots)
+	$(PY) -m workload.bench --model $(NLP_MODEL) --dataset sst2 --data-dir $(SST2_DIR) --requests 2000 --warmup 1000
+	$(PY) -m workload.bench --model $(MODEL) --dataset $(DATASET) --data-dir $(DATA_DIR) --requests 4000
+	$(if $(wildcard $(DEEP_CHECKPOINT)),$(PY) -m workload.bench --model $(DEEP_MODEL) --dataset $(DATASET) \
+	  --data-dir $(DATA_DIR) --requests 4000)
 
 lint: setup  ## ruff (style and bug checks configured in pyproject.toml)
 	$(PY) -m ruff check early_exit triton_backend controller workload model_zoo tests

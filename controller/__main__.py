@@ -9,6 +9,7 @@ import sys
 import redis
 
 from controller.adjuster import AdjusterSettings
+from controller.guard import AccuracyGuard
 from controller.service import ControllerService, ControllerSettings
 from controller.tuner import TunerSettings
 from early_exit.keys import DEFAULT_PREFIX
@@ -23,15 +24,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="Redis key namespace")
     parser.add_argument("--model", action="append", default=None, help="control only these models (repeatable)")
-    parser.add_argument("--budget", type=float, default=0.01, help="maximum accuracy loss vs the original model")
+    parser.add_argument("--budget", type=float, default=AccuracyGuard.budget,
+                        help="maximum accuracy loss vs the original model")
     parser.add_argument("--window", type=int, default=2000, help="feedback window in samples")
     parser.add_argument("--min-fresh", type=int, default=256, help="new samples needed before re-tuning")
     parser.add_argument(
-        "--z", type=float, default=1.645,
+        "--z", type=float, default=AccuracyGuard.z,
         help="normal quantile of the lower confidence bound on window accuracy that must stay >= 1 - budget "
-        "(1.645: one-sided 95%%; 0: point estimate, as in the paper)",
+        "(1.0: one-sided 84%%; 1.645: 95%%; 0: point estimate, as in the paper); the thresholds must also hold on "
+        "the half of the window they were not chosen on",
     )
-    parser.add_argument("--adjust-every", type=int, default=4, help="ramp adjustment every N tuning rounds (0: off)")
+    parser.add_argument("--adjust-every", type=int, default=ControllerSettings.adjust_every,
+                        help="judge the ramp set on measured latency every N tuning rounds (0: never)")
+    parser.add_argument("--probe-after", type=float, default=ControllerSettings.probe_after,
+                        help="seconds exits stay off after they stopped paying before they are tried again")
     parser.add_argument("--overhead-budget", type=float, default=0.02, help="max ramp overhead vs vanilla latency")
     parser.add_argument("--max-ramps", type=int, default=4, help="max active ramps")
     parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
@@ -39,10 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ControllerSettings(
-        tuner=TunerSettings(budget=args.budget, z=args.z),
+        tuner=TunerSettings(guard=AccuracyGuard(args.budget, args.z)),
         window=args.window,
         min_fresh=args.min_fresh,
         adjust_every=args.adjust_every,
+        probe_after=args.probe_after,
+        max_probe_after=max(args.probe_after, ControllerSettings.max_probe_after),
         adjuster=AdjusterSettings(overhead_budget=args.overhead_budget, max_ramps=args.max_ramps),
     )
     client = redis.Redis.from_url(args.redis_url, socket_timeout=5, socket_connect_timeout=2)

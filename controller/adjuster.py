@@ -5,6 +5,8 @@ A ramp's utility over the window, in milliseconds per sample, is the latency it 
 exiting (its own cost). Ramps with non-positive utility are dropped. One candidate next to the most useful ramp
 (halfway towards the deepest ramp, or the neighbour) is tried, as long as the active set stays within the overhead
 budget; it enters with threshold 1.0 (observe only) and the tuner opens it once its feedback fills the window.
+Utilities here come from the profile; whether a new set really pays is judged on measured latency by the
+controller, which rolls a losing set back (``controller.service``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from controller.latency import LatencyModel
-from controller.tuner import first_exit
+from early_exit.exit_rule import first_exit
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class RampAdjuster:
             options = [(best + deepest) // 2, best // 2, best - 1, best + 1, (best + self.num_candidates) // 2]
         fresh = [o for o in options if 0 <= o < self.num_candidates and o not in keep and o not in self._tried]
         if not fresh:
+            self._tried.clear()  # every neighbour had its trial; loads and inputs change, so start exploring again
             return None
         self._tried.add(fresh[0])
         return fresh[0]

@@ -3,6 +3,9 @@
 Latency mode answers a sample when its exit is reached, so a sample that exits at active ramp ``j`` waits for every
 block up to that ramp plus every active ramp up to and including ``j``; a sample that never exits waits for all
 blocks plus all active ramps. Savings are measured against the vanilla model (all blocks, no ramps).
+
+The profile describes a quiet machine; ``realised_saving_ms`` measures what exits actually save on the serving
+machine at its current load, from the timings every feedback record carries.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from controller.window import WindowView
 from early_exit.manifest import Manifest
 
 
@@ -46,3 +50,23 @@ class LatencyModel:
     def overhead_fraction(self, active: Sequence[int]) -> float:
         """Extra latency of a sample that passes every active ramp, relative to vanilla."""
         return float(self.ramp_ms[np.asarray(active, dtype=int)].sum() / self.vanilla_ms) if len(active) else 0.0
+
+
+def realised_saving_ms(view: WindowView, since_version: int = 0) -> tuple[float, int]:
+    """Measured latency saving per sample against running the same batches without any early-exit work, and how
+    many samples (served under configurations ``>= since_version``) it is measured on.
+
+    A sample answered ``answer_ms`` after its batch started would, on the vanilla model, have waited for the whole
+    batch minus the early-exit work (``batch_ms - overhead_ms``). Early-exit work also lengthens the time the
+    instance is busy, which delays requests queued behind the batch; at utilisation ``rho`` that costs, to first
+    order (M/G/1), ``overhead_ms * rho / (1 - rho)`` per sample. The result is negative when exits do not pay for
+    their ramps, e.g. on a model whose compute is small against the serving overhead.
+    """
+    chosen = view.version >= since_version
+    count = int(chosen.sum())
+    if not count:
+        return 0.0, 0
+    rho = min(view.busy, 0.95)
+    in_batch = view.batch_ms - view.overhead_ms - view.answer_ms
+    queueing = view.overhead_ms * rho / (1.0 - rho)
+    return float((in_batch - queueing)[chosen].mean()), count

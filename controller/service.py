@@ -4,6 +4,13 @@ One ``ModelController`` per served model holds its window and its current config
 discovers models from Redis, reads every feedback stream through one consumer group (so a restarted or replicated
 controller resumes instead of re-reading) and steps each model controller. Redis outages are waited out: the backends
 keep serving on their last configuration meanwhile.
+
+Each round (``min_fresh`` new samples) re-tunes thresholds from the ones in use: they are chosen on one half of the
+window (interleaved, so both halves cover the same period) and published only if the other half confirms the
+budget. Every ``adjust_every`` rounds the *measured* saving of the active ramp set is checked: a set that does not
+save latency at the current load is switched off (the model then runs its fused vanilla graph) and probed again
+later with exponential back-off; a ramp-set change proposed by the adjuster is an experiment, kept only if its
+measured saving beats the set it replaced, else rolled back.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,11 +26,13 @@ import redis
 
 from controller.adjuster import AdjusterSettings, RampAdjuster
 from controller.config_store import read_config, write_config
-from controller.latency import LatencyModel
-from controller.tuner import ThresholdTuner, TunerSettings
-from controller.window import FeedbackWindow
+from controller.guard import AccuracyGuard
+from controller.latency import LatencyModel, realised_saving_ms
+from controller.tuner import ThresholdTuner, TunerSettings, evaluate
+from controller.window import FeedbackWindow, WindowView
 from early_exit.errors import EarlyExitError
-from early_exit.exit_config import NEVER_EXIT, ExitConfig
+from early_exit.exit_config import ExitConfig
+from early_exit.exit_rule import NEVER_EXIT
 from early_exit.feedback import FeedbackRecord
 from early_exit.keys import DEFAULT_PREFIX, RedisKeys
 from early_exit.manifest import Manifest
@@ -35,37 +45,77 @@ GROUP = "controller"
 @dataclass(frozen=True)
 class ControllerSettings:
     """Args:
-    tuner: accuracy budget and search parameters.
+    tuner: accuracy guard and search parameters.
     window: samples kept per model.
     min_fresh: new samples required before thresholds may change again (never loosen on stale evidence).
     min_change: smallest threshold change worth publishing.
-    adjust_every: re-examine the active ramp set every this many tuning rounds (0: never).
+    adjust_every: judge the active ramp set on measured latency every this many tuning rounds (0: never).
     adjuster: overhead budget and ramp count bound for ramp adjustment.
+    probe_after: seconds exits stay off after they stopped paying before the last set is tried again (doubles
+        after every failed probe, up to ``max_probe_after``).
+    max_probe_after: upper bound of the probe back-off.
     """
 
     tuner: TunerSettings = TunerSettings()
     window: int = 2000
     min_fresh: int = 256
     min_change: float = 0.002
-    adjust_every: int = 4
+    adjust_every: int = 3
     adjuster: AdjusterSettings = AdjusterSettings()
+    probe_after: float = 30.0
+    max_probe_after: float = 600.0
 
     def __post_init__(self) -> None:
         if self.min_fresh <= 0 or self.min_fresh > self.window:
             raise ValueError(f"min_fresh must be in [1, window={self.window}], got {self.min_fresh}")
+        if self.adjust_every < 0:
+            raise ValueError(f"adjust_every must be >= 0, got {self.adjust_every}")
+        if not 0 < self.probe_after <= self.max_probe_after:
+            raise ValueError(f"probe_after must be in (0, max_probe_after={self.max_probe_after}]")
+
+
+@dataclass(frozen=True)
+class Trial:
+    """A ramp-set change under evaluation: what it replaced and the measured saving it has to beat."""
+
+    previous: dict[int, float]
+    baseline_ms: float
 
 
 class ModelController:
-    """Tunes one model's thresholds from its feedback window."""
+    """Tunes one model's thresholds and judges its ramp set from its feedback window.
 
-    def __init__(self, manifest: Manifest, current: ExitConfig, settings: ControllerSettings) -> None:
+    Args:
+        manifest: the model's manifest (profile, candidate ramps).
+        current: the configuration in use.
+        settings: control settings.
+        clock: monotonic time source (tests drive it).
+    """
+
+    def __init__(self, manifest: Manifest, current: ExitConfig, settings: ControllerSettings,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.manifest = manifest
-        self.current = current
         self.settings = settings
         self.window = FeedbackWindow(settings.window)
         self.tuner = ThresholdTuner(settings.tuner)
         self.adjuster = RampAdjuster(len(manifest.ramps), settings.adjuster)
+        self.clock = clock
         self.rounds = 0
+        self.current = current
+        self.adopt(current)
+
+    @property
+    def guard(self) -> AccuracyGuard:
+        return self.settings.tuner.guard
+
+    def adopt(self, config: ExitConfig) -> None:
+        """Take ``config`` as the one in use (ours, or written by someone else) and restart the experiment state."""
+        self.current = config
+        self.judge_from = config.version  # measured savings count samples served from this version on
+        self.trial: Trial | None = None
+        self.parked: dict[int, float] = {}  # the set switched off for not paying, probed again later
+        self.off_until = 0.0
+        self.probe_after = self.settings.probe_after
 
     def observe(self, record: FeedbackRecord) -> None:
         if record.config_version < self.current.version and record.ramps != self.current.active_ramps:
@@ -73,41 +123,127 @@ class ModelController:
         self.window.add(record)
 
     def step(self) -> ExitConfig | None:
-        """A new configuration when fresh feedback justifies one, else ``None``.
-
-        Normally ``min_fresh`` new samples are needed; when the answers actually served on the window already break
-        the budget, a quarter of that is enough, so the guard tightens without waiting for a full round.
-        """
+        """A new configuration when fresh feedback justifies one, else ``None``."""
+        if not self.current.active_ramps:
+            return self._probe() if self.parked and self.clock() >= self.off_until else None
         if self.window.ramps != self.current.active_ramps or not self.window.fresh:
             return None
         view = self.window.view()
-        breached = view.realised_accuracy() < 1.0 - self.settings.tuner.budget
+        served, count = view.realised_accuracy(since_version=self.current.version)
+        breached = count >= 32 and served < self.guard.floor
         if self.window.fresh < (self.settings.min_fresh // 4 if breached else self.settings.min_fresh):
             return None
         self.window.fresh = 0
+        self.rounds += 1
         latency = LatencyModel.from_manifest(self.manifest, view.mean_batch_size)
         exit_ms = latency.exit_latencies(view.ramps)
-        thresholds = self.tuner.tune(view.confidence, view.prediction, view.final, exit_ms)
-        new = {r: round(float(t), 6) for r, t in zip(view.ramps, thresholds)}
-        self.rounds += 1
-        adjust = self.settings.adjust_every and self.rounds % self.settings.adjust_every == 0
-        proposal = self.adjuster.propose(view.ramps, thresholds, view.confidence, latency) if adjust else None
-        if proposal is not None:
-            new = {r: new.get(r, NEVER_EXIT) for r in proposal}  # new ramps observe first, the tuner opens them
-            LOGGER.info("%s: active ramps %s -> %s", self.manifest.name, view.ramps, proposal)
-        else:
+        thresholds = self._tune(view, exit_ms)
+        proposal = None
+        if self.settings.adjust_every and self.rounds % self.settings.adjust_every == 0:
+            proposal = self._judge_ramp_set(view, thresholds, latency)
+        if proposal is None:
             old = np.asarray([self.current.thresholds[r] for r in view.ramps])
-            if np.abs(thresholds - old).max(initial=0.0) < self.settings.min_change:
+            if thresholds is None or np.abs(thresholds - old).max(initial=0.0) < self.settings.min_change:
+                # The first tuning on a new set kept its thresholds: from now on, judge the set as it is.
+                self.judge_from = min(self.judge_from, self.current.version)
                 return None
-        evaluation = self.tuner.evaluate(thresholds, view.confidence, view.prediction == view.final, exit_ms)
-        config = ExitConfig(self.manifest.name, self.current.version + 1, new, writer=f"controller@{socket.gethostname()}")
+            proposal = {r: float(t) for r, t in zip(view.ramps, thresholds)}
+        evaluation = evaluate(np.asarray([proposal.get(r, NEVER_EXIT) for r in view.ramps]), view.confidence,
+                              view.prediction == view.final, exit_ms)
+        saving, measured = realised_saving_ms(view, self.judge_from)
+        config = self._publishable(proposal)
         LOGGER.info(
-            "%s v%d: window %d samples, realised accuracy %.4f -> expected %.4f, saving %.2f ms; thresholds %s",
-            self.manifest.name, config.version, view.size, view.realised_accuracy(), evaluation.accuracy,
-            evaluation.saving_ms, config.thresholds,
+            "%s v%d: window %d, served agreement %.4f (%d answers under v%d), expected %.4f; modelled saving "
+            "%.2f ms, measured %.2f ms (%d samples, busy %.0f%%); thresholds %s",
+            self.manifest.name, config.version, view.size, served, count, self.current.version, evaluation.accuracy,
+            evaluation.saving_ms, saving, measured, 100 * view.busy, config.thresholds,
         )
-        self.current = config
         return config
+
+    def committed(self, config: ExitConfig) -> None:
+        """``config`` was written to Redis: it is now the one in use, and the measured saving of its ramp set is
+        judged on the answers it serves (for a set with ramps that only observe so far, on those served after their
+        first tuning)."""
+        untuned = False
+        if config.active_ramps != self.current.active_ramps:
+            self.window.clear()
+            untuned = any(t >= NEVER_EXIT for t in config.thresholds.values())
+        self.judge_from = config.version + untuned
+        self.current = config
+
+    def _publishable(self, thresholds: dict[int, float]) -> ExitConfig:
+        return ExitConfig(self.manifest.name, self.current.version + 1, thresholds,
+                          writer=f"controller@{socket.gethostname()}")
+
+    def _tune(self, view: WindowView, exit_ms: np.ndarray) -> np.ndarray | None:
+        """Thresholds chosen on half the window and confirmed on the other half; ``None`` keeps the current ones
+        (the window is too small to decide, or nothing better is confirmed)."""
+        choose = np.arange(view.size) % 2 == 0
+        picked, held_out = view.subset(np.flatnonzero(choose)), view.subset(np.flatnonzero(~choose))
+        if not self.guard.decidable(picked.size):
+            return None
+        current = np.asarray([self.current.thresholds[r] for r in view.ramps])
+        correct = held_out.prediction == held_out.final
+        guard = self.guard
+        for _ in range(3):
+            tuner = self.tuner if guard is self.guard else ThresholdTuner(
+                TunerSettings(guard, self.tuner.settings.initial_steps, self.tuner.settings.min_step))
+            thresholds = tuner.tune(picked.confidence, picked.prediction, picked.final, exit_ms, current)
+            confirmed = evaluate(thresholds, held_out.confidence, correct, exit_ms).accuracy
+            if confirmed >= self.guard.floor:
+                return thresholds
+            chosen = evaluate(thresholds, picked.confidence, picked.prediction == picked.final, exit_ms).accuracy
+            guard = AccuracyGuard(max(0.0, guard.budget - max(chosen - confirmed, 0.001)), guard.z)
+        everything = evaluate(current, view.confidence, view.prediction == view.final, exit_ms)
+        return None if self.guard.admits(round(everything.accuracy * view.size), view.size) else \
+            np.full(len(view.ramps), NEVER_EXIT)
+
+    def _judge_ramp_set(self, view: WindowView, thresholds: np.ndarray | None,
+                        latency: LatencyModel) -> dict[int, float] | None:
+        """A new ramp set (as thresholds) when the measured saving says so, else ``None``."""
+        saving, count = realised_saving_ms(view, self.judge_from)
+        if count < self.settings.min_fresh:
+            return None
+        tuned = dict(self.current.thresholds) if thresholds is None else \
+            {r: float(t) for r, t in zip(view.ramps, thresholds)}
+        if self.trial is not None:
+            trial, self.trial = self.trial, None
+            if saving > trial.baseline_ms:
+                LOGGER.info("%s: ramps %s kept: measured saving %.2f ms beats %.2f ms", self.manifest.name,
+                            view.ramps, saving, trial.baseline_ms)
+                self.probe_after = self.settings.probe_after
+                return None
+            LOGGER.info("%s: ramps %s rolled back to %s: measured saving %.2f ms, not above %.2f ms",
+                        self.manifest.name, view.ramps, sorted(trial.previous), saving, trial.baseline_ms)
+            if not trial.previous:
+                return self._switch_off(tuned)
+            return dict(trial.previous)
+        if saving <= 0:
+            return self._switch_off(tuned)
+        active = self.adjuster.propose(view.ramps, np.asarray([tuned[r] for r in view.ramps]), view.confidence,
+                                       latency)
+        if active is None:
+            return None
+        LOGGER.info("%s: trying ramps %s instead of %s (measured saving %.2f ms to beat)", self.manifest.name,
+                    active, view.ramps, saving)
+        self.trial = Trial(dict(tuned), saving)
+        return {r: tuned.get(r, NEVER_EXIT) for r in active}
+
+    def _switch_off(self, tuned: dict[int, float]) -> dict[int, float]:
+        """Exits do not pay at this load: serve the fused vanilla graph, and probe ``tuned`` again later."""
+        self.parked = tuned
+        self.off_until = self.clock() + self.probe_after
+        LOGGER.info("%s: early exits do not pay at the current load; off for %.0f s", self.manifest.name,
+                    self.probe_after)
+        self.probe_after = min(2 * self.probe_after, self.settings.max_probe_after)
+        return {}
+
+    def _probe(self) -> ExitConfig:
+        """Try the parked set again; it has to beat no exits at all (a measured saving above 0)."""
+        thresholds, self.parked = self.parked, {}
+        self.trial = Trial({}, 0.0)
+        LOGGER.info("%s: probing ramps %s again", self.manifest.name, sorted(thresholds))
+        return self._publishable(thresholds)
 
 
 class ControllerService:
@@ -133,6 +269,7 @@ class ControllerService:
         self.only = set(models) if models else None
         self.consumer = consumer or f"{socket.gethostname()}-{id(self):x}"
         self.controllers: dict[str, ModelController] = {}
+        self._streams: dict[str, str] = {}  # feedback stream key -> model name
 
     def discover(self) -> None:
         """Attach to models that registered a manifest since the last call."""
@@ -158,6 +295,7 @@ class ControllerService:
                 if "BUSYGROUP" not in str(exc):
                     raise
             self.controllers[name] = ModelController(manifest, current, self.settings)
+            self._streams[keys.feedback] = name
             LOGGER.info("controlling %s (%d candidate ramps, config v%d)", name, len(manifest.ramps), current.version)
 
     def poll(self, block_ms: int = 200) -> int:
@@ -168,7 +306,7 @@ class ControllerService:
         replies = self.client.xreadgroup(GROUP, self.consumer, streams, count=500, block=block_ms) or []
         read = 0
         for stream, entries in replies:
-            name = stream.decode().split(":")[-2]
+            name = self._streams[stream.decode()]
             controller = self.controllers[name]
             ids = []
             for entry_id, fields in entries:
@@ -181,12 +319,14 @@ class ControllerService:
                 self.client.xack(stream, GROUP, *ids)
             read += len(ids)
         for name, controller in self.controllers.items():
-            stored = read_config(self.client, RedisKeys(name, self.prefix))
+            keys = RedisKeys(name, self.prefix)
+            stored = read_config(self.client, keys)
             if stored is not None and stored.version > controller.current.version:
-                controller.current = stored  # someone else (an operator) wrote a newer one: build on it
+                controller.adopt(stored)  # someone else (an operator) wrote a newer one: build on it
             config = controller.step()
             if config is not None:
-                write_config(self.client, RedisKeys(name, self.prefix), config)
+                write_config(self.client, keys, config)
+                controller.committed(config)
         return read
 
     def run(self, stop_after: float | None = None) -> None:

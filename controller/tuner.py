@@ -1,14 +1,16 @@
-"""Accuracy-constrained threshold tuning (paper §3.2), vectorised over candidate moves.
+"""Accuracy-constrained threshold tuning (paper §3.2) with incremental evaluation of moves.
 
-Thresholds are confidence thresholds: a sample exits at the first active ramp whose confidence is at least the
-ramp's threshold; 1.0 means "never". Tuning starts from no exits and hill-climbs: each round tries lowering every
-ramp's threshold by that ramp's step (or down to the next confidence value seen, so plateaus are crossed), evaluates all those moves at once on the window, keeps the moves that satisfy
-the accuracy constraint and improve the estimated latency saving, and applies the one that costs the least accuracy
-per unit of saving. A ramp whose move is taken doubles its step; when no move is acceptable every step halves; tuning
-ends when all steps fall below ``min_step``. Several initial step sizes are tried and the best result is kept.
+The paper's greedy hill-climbing: every round tries lowering each ramp's threshold by that ramp's step (or down to
+the next confidence value seen, so plateaus are crossed), keeps the moves the accuracy guard admits and that improve
+the estimated latency saving, and applies the one that costs the least accuracy per unit of saving (ties: the larger
+saving). A ramp whose move is taken doubles its step; when no move is acceptable every step halves; tuning ends when
+every step is below ``min_step``. Several initial step sizes are tried, plus a climb from the thresholds in use
+(so configurations do not churn when nothing changed), and the best result is kept.
 
-Accuracy is agreement with the original model's prediction on the window. With ``z > 0`` the constraint uses the
-Wilson lower confidence bound of that agreement instead of the point estimate, which protects small windows.
+Why it is fast: a move on ramp ``r`` only changes the samples whose confidence at ``r`` lies between the old and the
+new threshold and that did not already exit earlier. With each ramp's samples pre-sorted by confidence, that band is
+a contiguous slice, so one round evaluates every candidate move by touching only the samples each would shift
+(a few dozen), not the whole ``[R, N]`` window.
 """
 
 from __future__ import annotations
@@ -17,92 +19,141 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from early_exit.exit_config import NEVER_EXIT
+from controller.guard import AccuracyGuard
+from early_exit.exit_rule import NEVER_EXIT, first_exit
 
 
 @dataclass(frozen=True)
 class TunerSettings:
     """Args:
-    budget: maximum accuracy loss vs the original model (0.01 = 1 %).
-    initial_steps: initial step sizes tried (each run independently).
+    guard: accuracy budget and confidence level.
+    initial_steps: initial step sizes of the climbs from "no exits".
     min_step: stop when every step is below this.
-    z: normal quantile of the accuracy lower bound (0 = point estimate; 1.645 = one-sided 95 %).
-    max_rounds: safety bound on hill-climbing rounds per initial step.
+    max_rounds: safety bound on hill-climbing rounds per climb.
+    churn_ms: a climb from scratch replaces the climb from the current thresholds only when it saves this much more
+        (milliseconds per sample), so equivalent configurations are not republished.
     """
 
-    budget: float = 0.01
-    initial_steps: tuple[float, ...] = (0.1, 0.05, 0.01)
+    guard: AccuracyGuard = AccuracyGuard()
+    initial_steps: tuple[float, ...] = (0.1, 0.01)
     min_step: float = 0.001
-    z: float = 0.0
     max_rounds: int = 400
+    churn_ms: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.budget < 1.0:
-            raise ValueError(f"budget must be in [0, 1), got {self.budget}")
         if not self.initial_steps or min(self.initial_steps) <= 0:
             raise ValueError(f"initial_steps must be positive, got {self.initial_steps}")
         if self.min_step <= 0:
             raise ValueError(f"min_step must be positive, got {self.min_step}")
+        if self.max_rounds < 1:
+            raise ValueError(f"max_rounds must be >= 1, got {self.max_rounds}")
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Outcome of a threshold vector on a window."""
+    """Outcome of a threshold vector on a window: agreement (point estimate), mean saving and exit shares."""
 
     accuracy: float
     saving_ms: float
     exit_rates: np.ndarray  # per active ramp, then final
 
 
-def wilson_lower(successes: np.ndarray, n: int, z: float) -> np.ndarray:
-    """Wilson score lower bound of a binomial proportion (elementwise)."""
-    p = successes / n
-    if z <= 0:
-        return p
-    denominator = 1 + z * z / n
-    centre = p + z * z / (2 * n)
-    margin = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (centre - margin) / denominator
+def evaluate(thresholds: np.ndarray, confidence: np.ndarray, correct: np.ndarray, exit_ms: np.ndarray) -> Evaluation:
+    """Agreement and mean saving of ``thresholds`` ``[R]`` on ``confidence`` / ``correct`` ``[R, N]``, with
+    ``exit_ms`` ``[R + 1]`` the latency of answering at each ramp and at the final layer."""
+    n = confidence.shape[1]
+    if n == 0:
+        return Evaluation(1.0, 0.0, np.zeros(len(exit_ms)))
+    first = first_exit(confidence, thresholds)
+    agree = np.append(correct, np.ones((1, n), dtype=bool), axis=0)[first, np.arange(n)]
+    rates = np.bincount(first, minlength=len(exit_ms)) / n
+    return Evaluation(float(agree.mean()), float(exit_ms[-1] - exit_ms[first].mean()), rates)
 
 
-def first_exit(confidence: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Index of the first exiting ramp per sample for a stack of threshold vectors.
+class _Climb:
+    """Hill-climbing state on one window, with each ramp's samples sorted by descending confidence.
 
-    ``confidence`` is ``[R, N]``; ``thresholds`` is ``[..., R]``; returns ``[..., N]`` with ``R`` for "no exit".
+    A threshold is tracked together with ``count[r]``, the number of samples whose confidence at ``r`` clears it, so
+    the band a move shifts is ``order[r, count[r]:new_count]``.
     """
-    t = thresholds[..., :, None]
-    exits = (confidence >= t) & (t < NEVER_EXIT)
-    any_exit = exits.any(axis=-2)
-    return np.where(any_exit, exits.argmax(axis=-2), confidence.shape[0])
+
+    def __init__(self, confidence: np.ndarray, correct: np.ndarray, exit_ms: np.ndarray, guard: AccuracyGuard):
+        self.ramps, self.n = confidence.shape
+        self.confidence = confidence
+        self.correct = correct
+        self.exit_ms = exit_ms
+        self.guard = guard
+        self.order = np.argsort(-confidence, axis=1, kind="stable")
+        self.descending = np.take_along_axis(confidence, self.order, axis=1).astype(float)
+        # One sorted key for all ramps (confidence in [0, 1] shifted by 2r) so one searchsorted serves every ramp.
+        self._offset = 2.0 * np.arange(self.ramps)
+        self._keys = (self.descending[:, ::-1] + self._offset[:, None]).ravel()
+        self._ramp_ids = np.arange(self.ramps)
+        self._base = self._ramp_ids * self.n
+
+    def counts(self, thresholds: np.ndarray) -> np.ndarray:
+        """Samples clearing each ramp's threshold (0 for ``NEVER_EXIT``)."""
+        below = np.searchsorted(self._keys, thresholds + self._offset, side="left") - self._base
+        return np.where(thresholds < NEVER_EXIT, self.n - below, 0)
+
+    def run(self, thresholds: np.ndarray, step: float, min_step: float, max_rounds: int) -> tuple[np.ndarray, float]:
+        """Climb from ``thresholds``; returns the final thresholds and their mean saving (ms per sample)."""
+        n, ramp_ids = self.n, self._ramp_ids
+        thresholds = np.array(thresholds, dtype=float)
+        counts = self.counts(thresholds)
+        first = first_exit(self.confidence, thresholds)
+        agree = np.append(self.correct, np.ones((1, n), dtype=bool), axis=0)[first, np.arange(n)].astype(np.int64)
+        correct = self.correct.astype(np.int64)
+        hits = int(agree.sum())
+        latency = float(self.exit_ms[first].sum())
+        min_hits = self.guard.min_agreeing(n)
+        steps = np.full(self.ramps, step)
+        for _ in range(max_rounds):
+            if steps.max() < min_step:
+                break
+            next_value = self.descending[ramp_ids, np.minimum(counts, n - 1)]
+            target = np.maximum(np.minimum(thresholds - steps, next_value), 0.0)
+            new_counts = self.counts(target)
+            widths = np.maximum(new_counts - counts, 0)
+            total = int(widths.sum())
+            if total == 0:
+                steps *= 0.5
+                continue
+            ramp_of = np.repeat(ramp_ids, widths)
+            position = np.arange(total) + np.repeat(counts - (np.cumsum(widths) - widths), widths)
+            sample = self.order[ramp_of, position]
+            was = first[sample]
+            live = was > ramp_of  # not already answered at or before this ramp
+            delta_hits = np.bincount(ramp_of, live * (correct[ramp_of, sample] - agree[sample]), self.ramps)
+            delta_latency = np.bincount(ramp_of, live * (self.exit_ms[ramp_of] - self.exit_ms[was]), self.ramps)
+            valid = (delta_latency < -1e-12) & (hits + delta_hits >= min_hits)
+            if not valid.any():
+                steps *= 0.5
+                continue
+            # Least accuracy lost per millisecond saved; among equals (e.g. free moves) the largest saving.
+            cost = np.where(valid, np.maximum(-delta_hits, 0) / np.minimum(delta_latency, -1e-12), -np.inf)
+            best = cost.max()
+            chosen = int(np.argmin(np.where(cost == best, delta_latency, np.inf)))
+            moved = sample[(ramp_of == chosen) & live]
+            first[moved] = chosen
+            agree[moved] = correct[chosen, moved]
+            hits += int(delta_hits[chosen])
+            latency += float(delta_latency[chosen])
+            thresholds[chosen] = target[chosen]
+            counts[chosen] = new_counts[chosen]
+            steps[chosen] *= 2.0
+        return thresholds, float(self.exit_ms[-1] - latency / max(n, 1))
 
 
 class ThresholdTuner:
     """Tunes the thresholds of a fixed active ramp set on a window of feedback.
 
     Args:
-        settings: constraint and search parameters.
+        settings: guard and search parameters.
     """
 
     def __init__(self, settings: TunerSettings | None = None) -> None:
         self.settings = settings or TunerSettings()
-
-    def evaluate(
-        self, thresholds: np.ndarray, confidence: np.ndarray, correct: np.ndarray, exit_ms: np.ndarray
-    ) -> Evaluation:
-        """Accuracy (point estimate) and mean saving of ``thresholds``.
-
-        Args:
-            thresholds: ``[R]``.
-            confidence: ``[R, N]`` per active ramp (depth order) and sample.
-            correct: ``[R, N]`` whether the ramp's prediction equals the original model's.
-            exit_ms: ``[R + 1]`` latency of answering at each ramp and at the final layer.
-        """
-        first = first_exit(confidence, np.asarray(thresholds, dtype=float))
-        n = confidence.shape[1]
-        agree = np.append(correct, np.ones((1, n), dtype=bool), axis=0)[first, np.arange(n)]
-        saving = exit_ms[-1] - exit_ms[first].mean() if n else 0.0
-        rates = np.bincount(first, minlength=len(exit_ms)) / max(n, 1)
-        return Evaluation(float(agree.mean()) if n else 1.0, float(saving), rates)
 
     def tune(
         self,
@@ -110,6 +161,7 @@ class ThresholdTuner:
         prediction: np.ndarray,
         final: np.ndarray,
         exit_ms: np.ndarray,
+        current: np.ndarray | None = None,
     ) -> np.ndarray:
         """Best thresholds ``[R]`` for the window; all ``NEVER_EXIT`` when no exit is affordable.
 
@@ -119,56 +171,27 @@ class ThresholdTuner:
             final: ``[N]`` the original model's predictions.
             exit_ms: ``[R + 1]`` latency of answering at each active ramp and at the final layer
                 (``LatencyModel.exit_latencies``).
+            current: thresholds in use; when the guard admits them on this window, a climb also starts from them.
         """
+        s = self.settings
         confidence = np.asarray(confidence, dtype=np.float32)
         num_ramps, n = confidence.shape
+        never = np.full(num_ramps, NEVER_EXIT)
         if num_ramps == 0 or n == 0:
-            return np.full(num_ramps, NEVER_EXIT)
+            return never
         correct = np.asarray(prediction) == np.asarray(final)[None, :]
         exit_ms = np.asarray(exit_ms, dtype=float)
-        best = np.full(num_ramps, NEVER_EXIT)
-        best_saving = self.evaluate(best, confidence, correct, exit_ms).saving_ms
-        for initial in self.settings.initial_steps:
-            thresholds, saving = self._climb(confidence, correct, exit_ms, initial)
+        climb = _Climb(confidence, correct, exit_ms, s.guard)
+        best, best_saving = never, 0.0
+        for step in s.initial_steps:
+            thresholds, saving = climb.run(never, step, s.min_step, s.max_rounds)
             if saving > best_saving + 1e-12:
                 best, best_saving = thresholds, saving
+        if current is not None:
+            current = np.clip(np.asarray(current, dtype=float), 0.0, NEVER_EXIT)
+            start = evaluate(current, confidence, correct, exit_ms)
+            if s.guard.admits(round(start.accuracy * n), n):
+                thresholds, saving = climb.run(current, min(s.initial_steps), s.min_step, s.max_rounds)
+                if saving + s.churn_ms >= best_saving:
+                    best = thresholds
         return best
-
-    def _climb(
-        self, confidence: np.ndarray, correct: np.ndarray, exit_ms: np.ndarray, initial_step: float
-    ) -> tuple[np.ndarray, float]:
-        s = self.settings
-        num_ramps, n = confidence.shape
-        agree_table = np.append(correct, np.ones((1, n), dtype=bool), axis=0)
-        samples = np.arange(n)
-        thresholds = np.full(num_ramps, NEVER_EXIT)
-        steps = np.full(num_ramps, initial_step)
-        ordered = np.sort(confidence, axis=1)  # per ramp, ascending: finds the next threshold that changes exits
-        first = first_exit(confidence, thresholds)
-        hits = agree_table[first, samples].sum()
-        saving = exit_ms[-1] - exit_ms[first].mean()
-        floor = 1.0 - s.budget
-        for _ in range(s.max_rounds):
-            if steps.max() < s.min_step:
-                break
-            candidates = np.repeat(thresholds[None, :], num_ramps, axis=0)
-            moves = np.arange(num_ramps)
-            # Move by the step, or further when the step would not let a single new sample exit (a plateau).
-            below = np.array([np.searchsorted(ordered[r], thresholds[r], side="left") for r in moves])
-            next_exit = np.where(below > 0, ordered[moves, np.maximum(below - 1, 0)], 0.0)
-            candidates[moves, moves] = np.clip(np.minimum(thresholds - steps, next_exit), 0.0, NEVER_EXIT)
-            cand_first = first_exit(confidence, candidates)  # [R, N]
-            cand_hits = agree_table[cand_first, samples[None, :]].sum(axis=1)
-            cand_saving = exit_ms[-1] - exit_ms[cand_first].mean(axis=1)
-            valid = (wilson_lower(cand_hits.astype(float), n, s.z) >= floor) & (cand_saving > saving + 1e-12)
-            valid &= candidates[moves, moves] < thresholds
-            if not valid.any():
-                steps /= 2.0
-                continue
-            accuracy_drop = (hits - cand_hits).clip(min=0) / n
-            ratio = np.where(valid, accuracy_drop / np.maximum(cand_saving - saving, 1e-12), np.inf)
-            chosen = int(np.argmin(ratio))
-            thresholds = candidates[chosen]
-            hits, saving = cand_hits[chosen], cand_saving[chosen]
-            steps[chosen] *= 2.0
-        return thresholds, float(saving)

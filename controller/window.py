@@ -7,32 +7,55 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from early_exit.exit_rule import served_predictions
 from early_exit.feedback import FeedbackRecord
 
 
 @dataclass(frozen=True)
 class WindowView:
-    """Concatenated window contents: ``confidence``/``prediction`` ``[R, N]``, ``final``/``exit`` ``[N]``."""
+    """Concatenated window contents.
+
+    Per sample: ``confidence``/``prediction`` ``[R, N]``, ``final``, ``exit`` (ramp id or the final exit),
+    ``version`` (configuration it was served under), ``answer_ms`` and, repeated from its batch, ``batch_ms`` and
+    ``overhead_ms``. ``busy`` is the share of wall time the instance spent executing batches over the window.
+    """
 
     ramps: tuple[int, ...]
     confidence: np.ndarray
     prediction: np.ndarray
     final: np.ndarray
     exit: np.ndarray
+    version: np.ndarray
+    answer_ms: np.ndarray
+    batch_ms: np.ndarray
+    overhead_ms: np.ndarray
     mean_batch_size: float
+    busy: float
 
     @property
     def size(self) -> int:
         return int(self.final.shape[0])
 
-    def realised_accuracy(self) -> float:
-        """Agreement with the original model of the answers actually served (1.0 for an empty window)."""
-        if not self.size:
-            return 1.0
+    def served(self) -> np.ndarray:
+        """The prediction each sample was answered with (its exit ramp's, or the final layer's)."""
         row = {ramp: i for i, ramp in enumerate(self.ramps)}
-        answered = np.array([self.prediction[row[e], i] if e in row else self.final[i]
-                             for i, e in enumerate(self.exit)])
-        return float((answered == self.final).mean())
+        position = np.array([row.get(int(e), len(self.ramps)) for e in self.exit], dtype=int)
+        return served_predictions(self.prediction, self.final, position)
+
+    def realised_accuracy(self, since_version: int = 0) -> tuple[float, int]:
+        """Agreement with the original model of the answers served under configurations ``>= since_version``, and
+        how many answers that is (``(1.0, 0)`` when none)."""
+        chosen = self.version >= since_version
+        count = int(chosen.sum())
+        if not count:
+            return 1.0, 0
+        return float((self.served()[chosen] == self.final[chosen]).mean()), count
+
+    def subset(self, index: np.ndarray) -> WindowView:
+        """The samples at ``index`` (same ramps, batch-level figures kept)."""
+        return WindowView(self.ramps, self.confidence[:, index], self.prediction[:, index], self.final[index],
+                          self.exit[index], self.version[index], self.answer_ms[index], self.batch_ms[index],
+                          self.overhead_ms[index], self.mean_batch_size, self.busy)
 
 
 class FeedbackWindow:
@@ -54,15 +77,18 @@ class FeedbackWindow:
 
     def add(self, record: FeedbackRecord) -> None:
         if record.ramps != self.ramps:
-            self._records.clear()
-            self._samples = 0
-            self.fresh = 0
+            self.clear()
             self.ramps = record.ramps
         self._records.append(record)
         self._samples += record.batch_size
         self.fresh += record.batch_size
         while self._records and self._samples - self._records[0].batch_size >= self.capacity:
             self._samples -= self._records.popleft().batch_size
+
+    def clear(self) -> None:
+        self._records.clear()
+        self._samples = 0
+        self.fresh = 0
 
     def __len__(self) -> int:
         return self._samples
@@ -71,13 +97,22 @@ class FeedbackWindow:
         ramps = self.ramps or ()
         records = list(self._records)
         if not records:
-            empty = np.zeros((len(ramps), 0))
-            return WindowView(ramps, empty, empty.astype(int), np.zeros(0, int), np.zeros(0, int), 1.0)
+            empty = np.zeros(0)
+            return WindowView(ramps, np.zeros((len(ramps), 0)), np.zeros((len(ramps), 0), int), empty.astype(int),
+                              empty.astype(int), empty.astype(int), empty, empty, empty, 1.0, 0.0)
+        sizes = [r.batch_size for r in records]
+        busy_ms = sum(r.timing.batch_ms for r in records)
+        idle_ms = sum(r.timing.idle_ms for r in records[1:])  # the first record's idle time precedes the window
         return WindowView(
             ramps,
             np.concatenate([r.confidence for r in records], axis=1),
             np.concatenate([r.prediction for r in records], axis=1),
             np.concatenate([r.final for r in records]),
             np.concatenate([r.exit for r in records]),
-            float(np.mean([r.batch_size for r in records])),
+            np.repeat([r.config_version for r in records], sizes),
+            np.concatenate([r.timing.answer_ms for r in records]),
+            np.repeat([r.timing.batch_ms for r in records], sizes),
+            np.repeat([r.timing.overhead_ms for r in records], sizes),
+            float(np.mean(sizes)),
+            busy_ms / max(busy_ms + idle_ms, 1e-9),
         )

@@ -1,9 +1,8 @@
 """Exit configuration: which ramps are active and at which confidence threshold. Owner of its JSON format.
 
 The controller writes it to Redis with a strictly increasing ``version``; the backend validates it against its
-manifest and swaps it in between batches. A sample exits at the first active ramp whose confidence (max softmax
-probability) is at least that ramp's threshold; a threshold of 1.0 keeps the ramp reporting feedback but never exits
-(a float32 softmax can round to exactly 1.0, so "never" must be an explicit rule, not a comparison).
+manifest and swaps it in between batches. What a threshold means is ``early_exit.exit_rule``'s to say; a threshold of
+``NEVER_EXIT`` keeps a ramp reporting feedback without ever answering.
 """
 
 from __future__ import annotations
@@ -15,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from early_exit.errors import ConfigError
+from early_exit.exit_rule import NEVER_EXIT
 
 SCHEMA_VERSION = 1
-NEVER_EXIT = 1.0
 
 
 @dataclass(frozen=True)

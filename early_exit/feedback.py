@@ -2,8 +2,11 @@
 
 For every batch the backend records, for each *active* ramp, every sample's confidence and prediction, plus the
 original model's final prediction and the exit each sample took. Because the batch always runs to the end, the final
-prediction is the label-free ground truth the controller tunes against. Arrays travel as raw little-endian bytes
-(float32 confidences, int16 predictions) so a record for a batch of 64 with 16 ramps stays a few KiB.
+prediction is the label-free ground truth the controller tunes against. The record also carries what the batch
+really cost on the server, so the controller can compare the saving it models with the saving it gets: the batch's
+wall time, the part of it spent on early-exit work (ramps, early sends) that a vanilla model would not do, when each
+sample was answered, and how long the instance sat idle before the batch (its utilisation). Arrays travel as raw
+little-endian bytes (float32 confidences and times, int32 predictions, so token ids of a large vocabulary fit).
 """
 
 from __future__ import annotations
@@ -15,7 +18,25 @@ import numpy as np
 
 from early_exit.errors import FeedbackError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+
+@dataclass(frozen=True)
+class BatchTiming:
+    """Server-side cost of one batch, in milliseconds.
+
+    Args:
+        batch_ms: from the start of ``execute`` to the last response sent.
+        overhead_ms: the part of ``batch_ms`` spent on work a vanilla model does not do (ramp heads, their
+            verdicts, sending early answers).
+        idle_ms: time the instance waited between the end of its previous batch and the start of this one.
+        answer_ms: ``[batch]`` when each sample's response was sent, from the start of ``execute``.
+    """
+
+    batch_ms: float
+    overhead_ms: float
+    idle_ms: float
+    answer_ms: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -27,9 +48,10 @@ class FeedbackRecord:
         config_version: exit configuration the batch ran under.
         ramps: active ramp ids, in model order (rows of ``confidence`` and ``prediction``).
         confidence: float32 ``[len(ramps), batch]`` max softmax probability per ramp and sample.
-        prediction: int16 ``[len(ramps), batch]`` argmax class per ramp and sample.
-        final: int16 ``[batch]`` original model's argmax.
+        prediction: int32 ``[len(ramps), batch]`` argmax class per ramp and sample.
+        final: int32 ``[batch]`` original model's argmax.
         exit: int16 ``[batch]`` ramp id that answered, or the model's ``final_exit`` index.
+        timing: what the batch cost on the server.
         timestamp: UNIX time the batch finished.
     """
 
@@ -40,6 +62,7 @@ class FeedbackRecord:
     prediction: np.ndarray
     final: np.ndarray
     exit: np.ndarray
+    timing: BatchTiming
     timestamp: float = field(default_factory=time.time)
 
     @property
@@ -55,9 +78,13 @@ class FeedbackRecord:
             "batch_size": self.batch_size,
             "ramps": ",".join(str(r) for r in self.ramps),
             "confidence": np.ascontiguousarray(self.confidence, dtype="<f4").tobytes(),
-            "prediction": np.ascontiguousarray(self.prediction, dtype="<i2").tobytes(),
-            "final": np.ascontiguousarray(self.final, dtype="<i2").tobytes(),
+            "prediction": np.ascontiguousarray(self.prediction, dtype="<i4").tobytes(),
+            "final": np.ascontiguousarray(self.final, dtype="<i4").tobytes(),
             "exit": np.ascontiguousarray(self.exit, dtype="<i2").tobytes(),
+            "batch_ms": self.timing.batch_ms,
+            "overhead_ms": self.timing.overhead_ms,
+            "idle_ms": self.timing.idle_ms,
+            "answer_ms": np.ascontiguousarray(self.timing.answer_ms, dtype="<f4").tobytes(),
             "timestamp": self.timestamp,
         }
 
@@ -76,9 +103,15 @@ class FeedbackRecord:
                 config_version=int(fields[b"config_version"]),
                 ramps=ramps,
                 confidence=np.frombuffer(fields[b"confidence"], dtype="<f4").reshape(shape),
-                prediction=np.frombuffer(fields[b"prediction"], dtype="<i2").reshape(shape),
-                final=np.frombuffer(fields[b"final"], dtype="<i2").reshape(batch),
+                prediction=np.frombuffer(fields[b"prediction"], dtype="<i4").reshape(shape),
+                final=np.frombuffer(fields[b"final"], dtype="<i4").reshape(batch),
                 exit=np.frombuffer(fields[b"exit"], dtype="<i2").reshape(batch),
+                timing=BatchTiming(
+                    batch_ms=float(fields[b"batch_ms"]),
+                    overhead_ms=float(fields[b"overhead_ms"]),
+                    idle_ms=float(fields[b"idle_ms"]),
+                    answer_ms=np.frombuffer(fields[b"answer_ms"], dtype="<f4").reshape(batch),
+                ),
                 timestamp=float(fields[b"timestamp"]),
             )
         except FeedbackError:

@@ -168,7 +168,11 @@ class Manifest:
             known.update(block.outputs)
 
     def _validate_ramps(self) -> None:
+        model_inputs = {spec.name for spec in self.inputs}
         for index, ramp in enumerate(self.ramps):
+            unknown = [name for name in ramp.arch.get("inputs", []) if name not in model_inputs]
+            if unknown:
+                raise ArtifactError(f"manifest.ramps[{index}].arch.inputs names unknown model inputs {unknown}")
             if ramp.id != index:
                 raise ArtifactError(f"manifest.ramps[{index}].id is {ramp.id}; ramp ids must equal their position")
             if not 0 <= ramp.after_block < len(self.blocks) - 1:

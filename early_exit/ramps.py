@@ -5,9 +5,16 @@ Ramps are deliberately tiny so their cost stays a small fraction of the backbone
   The paper's CV ramps pool globally (``pool = 1``); keeping a 2x2 grid preserves coarse layout, which early layers
   need (measured on the CIFAR ResNet: +5 to +11 points of agreement with the final model at the first five cut
   points, for a negligible cost).
-- ``token_linear`` for token sequences ``[B, T, H]``: the first token's state (the position a BERT classifier
+- ``masked_mean_linear`` for token sequences ``[B, T, H]`` of a model that has an attention-mask input: every token
+  state layer-normalised, averaged over the real (unmasked) tokens, then one linear layer. It mirrors how a
+  mean-pooled encoder (sentence-transformers models such as the MiniLM reference) builds its own sentence vector, so
+  early layers are read the way the final head reads the last one (measured on the MiniLM SST-2 reference: see
+  the README's ramp table).
+- ``token_linear`` for token sequences without a mask: the first token's state (the position a BERT classifier
   reads), layer-normalised, then one linear layer: lighter than DeeBERT's pooler + classifier, with the layer norm
   standing in for the pooler's scale adaptation.
+
+A ramp whose architecture lists ``inputs`` (model input names) receives those tensors after the feature.
 """
 
 from __future__ import annotations
@@ -40,10 +47,31 @@ class TokenLinearRamp(nn.Module):
         return self.linear(self.norm(feature[:, 0]))
 
 
-def ramp_arch_for(feature: torch.Tensor, classes: int) -> dict[str, Any]:
-    """Pick a ramp architecture from the shape of the feature it reads (batch dimension first)."""
+class MaskedMeanLinearRamp(nn.Module):
+    def __init__(self, hidden: int, classes: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.linear = nn.Linear(hidden, classes)
+
+    def forward(self, feature: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        weights = mask[:, : feature.shape[1], None].to(feature.dtype)
+        pooled = (self.norm(feature) * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return self.linear(pooled)
+
+
+def ramp_arch_for(feature: torch.Tensor, classes: int, mask_input: str | None = None) -> dict[str, Any]:
+    """Pick a ramp architecture from the shape of the feature it reads (batch dimension first).
+
+    Args:
+        feature: an example of the feature at the cut point.
+        classes: outputs of the classifier.
+        mask_input: name of the model's attention-mask input, if it has one (token models).
+    """
     if feature.dim() == 4:
         return {"kind": "pool_linear", "channels": int(feature.shape[1]), "classes": classes, "pool": 2}
+    if feature.dim() == 3 and mask_input is not None:
+        return {"kind": "masked_mean_linear", "hidden": int(feature.shape[2]), "classes": classes,
+                "inputs": [mask_input]}
     if feature.dim() == 3:
         return {"kind": "token_linear", "hidden": int(feature.shape[2]), "classes": classes}
     if feature.dim() == 2:
@@ -57,6 +85,8 @@ def build_ramp(arch: dict[str, Any]) -> nn.Module:
     try:
         if kind == "pool_linear":
             return PoolLinearRamp(int(arch["channels"]), int(arch["classes"]), int(arch.get("pool", 1)))
+        if kind == "masked_mean_linear":
+            return MaskedMeanLinearRamp(int(arch["hidden"]), int(arch["classes"]))
         if kind == "token_linear":
             return TokenLinearRamp(int(arch["hidden"]), int(arch["classes"]))
         if kind == "linear":

@@ -9,6 +9,7 @@ leaves the last good configuration in place, logged and counted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -29,6 +30,8 @@ class ConfigWatcher:
     num_ramps: candidate ramps of the loaded model (for validation).
     initial: configuration used until Redis provides a newer valid one.
     poll_interval: seconds between polls of the config key.
+    before_swap: called with each valid new configuration before it is swapped in (the backend builds the
+        configuration's execution plan here, off the request path); an exception rejects the configuration.
     on_applied: called with each configuration swapped in.
     on_rejected: called once per rejected configuration.
     """
@@ -40,6 +43,7 @@ class ConfigWatcher:
         num_ramps: int,
         initial: ExitConfig,
         poll_interval: float = 1.0,
+        before_swap: Callable[[ExitConfig], object] = lambda c: None,
         on_applied: Callable[[ExitConfig], None] = lambda c: None,
         on_rejected: Callable[[], None] = lambda: None,
     ) -> None:
@@ -48,6 +52,7 @@ class ConfigWatcher:
         self._num_ramps = num_ramps
         self._current = initial
         self._poll_interval = poll_interval
+        self._before_swap = before_swap
         self._on_applied = on_applied
         self._on_rejected = on_rejected
         self._last_rejected: bytes | None = None
@@ -81,6 +86,11 @@ class ConfigWatcher:
             if config.version < self._current.version:
                 self._reject(raw, f"stale exit configuration version {config.version} < {self._current.version}")
                 return False
+            try:
+                self._before_swap(config)
+            except Exception as exc:  # a configuration the model cannot run must not reach the request path
+                self._reject(raw, f"exit configuration v{config.version} cannot be prepared: {exc!r}")
+                return False
             self._current = config
         LOGGER.info("applied exit configuration v%d: %s", config.version, config.thresholds)
         self._on_applied(config)
@@ -111,14 +121,12 @@ class ConfigWatcher:
                     # message and a poll timeout both end in reading the key.
                     pubsub.get_message(timeout=self._poll_interval)
                     self._poll()
-            except redis.RedisError as exc:
-                LOGGER.warning("config watch lost Redis (%s); keeping v%d, retrying in %.1fs",
+            except Exception as exc:  # noqa: BLE001 - whatever broke, the watcher must outlive it (fail-static)
+                LOGGER.warning("config watch failed (%r); keeping v%d, retrying in %.1fs",
                                exc, self._current.version, backoff)
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
             finally:
-                try:
+                with contextlib.suppress(Exception):
                     pubsub.close()
-                except redis.RedisError:
-                    pass
 

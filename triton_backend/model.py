@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,11 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from early_exit.errors import EarlyExitError
-from early_exit.exit_config import NEVER_EXIT, ExitConfig
-from early_exit.feedback import FeedbackRecord
+from early_exit.exit_config import ExitConfig
+from early_exit.exit_rule import exits_at
+from early_exit.feedback import BatchTiming, FeedbackRecord
 from early_exit.keys import DEFAULT_PREFIX, RedisKeys
-from early_exit.runtime import EarlyExitModel
+from early_exit.runtime import EarlyExitModel, Verdict
 from triton_backend.config_watcher import ConfigWatcher
 from triton_backend.feedback_publisher import FeedbackPublisher
 from triton_backend.metrics import BackendMetrics
@@ -42,7 +44,8 @@ def _parameters(model_config: dict[str, Any]) -> dict[str, str]:
 class _Batch:
     """Bookkeeping of one executed batch: which request owns which samples, and what each sample was answered."""
 
-    def __init__(self, requests: list[Any], sizes: list[int], classes: int, final_exit: int) -> None:
+    def __init__(self, requests: list[Any], sizes: list[int], classes: int, final_exit: int, started: float) -> None:
+        self.started = started
         self.requests = requests
         self.senders = [request.get_response_sender() for request in requests]
         self.bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
@@ -55,6 +58,7 @@ class _Batch:
         self.label = np.zeros(n, dtype=np.int64)
         self.confidence = np.zeros(n, dtype=np.float32)
         self.exit = np.full(n, final_exit, dtype=np.int32)
+        self.answer_ms = np.zeros(n, dtype=np.float32)
 
     def answer(self, samples: np.ndarray, exit_index: int, verdict_probs: torch.Tensor, prediction: np.ndarray,
                confidence: np.ndarray) -> None:
@@ -67,6 +71,8 @@ class _Batch:
         self.pending -= np.bincount(self.owner[samples], minlength=len(self.requests))
         for index in np.flatnonzero((self.pending == 0) & ~self.sent):
             self._send(int(index))
+            lo, hi = self.bounds[index], self.bounds[index + 1]
+            self.answer_ms[lo:hi] = 1000.0 * (time.perf_counter() - self.started)
 
     def _send(self, index: int) -> None:
         lo, hi = self.bounds[index], self.bounds[index + 1]
@@ -118,6 +124,8 @@ class TritonPythonModel:
         keys = RedisKeys(self.name, prefix)
         client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=5)
         initial = ExitConfig(self.name, 0, dict(manifest.initial_thresholds), writer="manifest", written_at=0.0)
+        self.model.plan(initial.active_ramps)
+        self._last_end = 0.0
         self.metrics.config_applied(0)
         self.watcher = ConfigWatcher(
             client,
@@ -125,11 +133,12 @@ class TritonPythonModel:
             len(manifest.ramps),
             initial,
             poll_interval=float(parameters.get("config_poll_seconds", "1.0")),
+            before_swap=lambda config: self.model.plan(config.active_ramps),
             on_applied=lambda config: self.metrics.config_applied(config.version),
             on_rejected=self.metrics.config_rejected,
         )
         self.publisher: FeedbackPublisher | None = None
-        if manifest.ramps:  # a vanilla model has nothing to learn from
+        if manifest.ramps:  # a vanilla model has nothing to learn from; an early-exit one reports even with no ramp on
             self.publisher = FeedbackPublisher(
                 client,
                 keys,
@@ -141,51 +150,53 @@ class TritonPythonModel:
                     len(manifest.ramps), device, url)
 
     def execute(self, requests: list[Any]) -> None:
+        started = time.perf_counter()
+        idle_ms = 1000.0 * (started - self._last_end) if self._last_end else 0.0
         config = self.watcher.current  # one snapshot per batch: a swap never splits a batch
+        manifest = self.model.manifest
         inputs = {
             name: [pb_utils.get_input_tensor_by_name(request, name).as_numpy() for request in requests]
             for name in self.input_names
         }
         sizes = [array.shape[0] for array in inputs[self.input_names[0]]]
-        batch = _Batch(requests, sizes, self.model.manifest.classes, self.model.manifest.final_exit)
+        batch = _Batch(requests, sizes, manifest.classes, manifest.final_exit, started)
         tensors = {name: torch.from_numpy(np.concatenate(arrays)) for name, arrays in inputs.items()}
-        confidence_rows: list[np.ndarray] = []
-        prediction_rows: list[np.ndarray] = []
-        final_prediction = None
+        ramp_verdicts: list[Verdict] = []
+        final: Verdict | None = None
+        overhead_ms = 0.0  # work a vanilla model does not do: ramps, their verdicts, early sends
         try:
             with torch.inference_mode():
                 for verdict in self.model.stages(tensors, config.active_ramps):
-                    if verdict.exit == self.model.manifest.final_exit:
-                        final_prediction = verdict.prediction
-                        exiting = batch.undecided
-                    else:
-                        confidence_rows.append(verdict.confidence)
-                        prediction_rows.append(verdict.prediction)
-                        threshold = config.thresholds[verdict.exit]
-                        if threshold >= NEVER_EXIT:
-                            continue
-                        exiting = batch.undecided & (verdict.confidence >= threshold)
+                    if verdict.exit == manifest.final_exit:
+                        final = verdict
+                        samples = np.flatnonzero(batch.undecided)
+                        if samples.size:
+                            batch.answer(samples, verdict.exit, verdict.probs, verdict.prediction, verdict.confidence)
+                        continue
+                    decided = time.perf_counter()
+                    ramp_verdicts.append(verdict)
+                    exiting = batch.undecided & exits_at(verdict.confidence, config.thresholds[verdict.exit])
                     samples = np.flatnonzero(exiting)
                     if samples.size:
                         batch.answer(samples, verdict.exit, verdict.probs, verdict.prediction, verdict.confidence)
+                    overhead_ms += verdict.cost_ms + 1000.0 * (time.perf_counter() - decided)
         except Exception as exc:  # answer every request, whatever broke; Triton keeps serving
             LOGGER.exception("%s: batch of %d failed", self.name, len(requests))
             batch.fail_unsent(f"{self.name}: inference failed: {exc}")
+            self._last_end = time.perf_counter()
             return None
-        self.metrics.count_exits(np.bincount(batch.exit, minlength=self.model.manifest.final_exit + 1))
-        if self.publisher is not None and final_prediction is not None:
-            n = len(final_prediction)
-            self.publisher.offer(
-                FeedbackRecord(
-                    model=self.name,
-                    config_version=config.version,
-                    ramps=config.active_ramps,
-                    confidence=np.stack(confidence_rows) if confidence_rows else np.zeros((0, n), np.float32),
-                    prediction=np.stack(prediction_rows) if prediction_rows else np.zeros((0, n), np.int16),
-                    final=final_prediction,
-                    exit=batch.exit,
-                )
-            )
+        self.metrics.count_exits(np.bincount(batch.exit, minlength=manifest.final_exit + 1))
+        if self.publisher is not None and final is not None:
+            recorded = time.perf_counter()
+            n = len(final.prediction)
+            confidence = np.stack([v.confidence for v in ramp_verdicts]) if ramp_verdicts else np.zeros((0, n))
+            prediction = np.stack([v.prediction for v in ramp_verdicts]) if ramp_verdicts else np.zeros((0, n))
+            now = time.perf_counter()
+            overhead_ms += 1000.0 * (now - recorded)
+            timing = BatchTiming(1000.0 * (now - started), overhead_ms, idle_ms, batch.answer_ms)
+            self.publisher.offer(FeedbackRecord(self.name, config.version, config.active_ramps, confidence, prediction,
+                                                final.prediction, batch.exit, timing))
+        self._last_end = time.perf_counter()
         return None
 
     def finalize(self) -> None:

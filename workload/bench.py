@@ -1,23 +1,26 @@
 """``make bench``: side-by-side latency benchmark on one server and one trace (paper §5).
 
-Systems, all replaying the same arrival trace of the same inputs against the same Triton server:
+Systems, all replaying the same arrival trace of the same inputs against the same Triton server, all asking for the
+same four outputs:
 
-- **vanilla**: the ``_vanilla`` entry (same backbone, one block, no ramps): the baseline and the source of the
-  original model's answers that accuracy is measured against;
+- **vanilla**: the ``_vanilla`` entry (same backbone, one block, no ramps): the baseline of every ratio and the source
+  of the original model's answers that agreement is measured against;
+- **off**: the early-exit entry with every ramp switched off (its fixed cost over vanilla);
 - **static EE**: the early-exit entry with the thresholds tuned once at bootstrap (``prepare``) and never changed,
   what a DeeBERT/BranchyNet user gets;
-- **adaptive**: the same entry with the controller running (threshold tuning and ramp adjustment);
+- **adaptive**: the same entry with the controller running (threshold tuning, measured-latency ramp-set decisions),
+  warmed up on a separate trace of other inputs before the measured trace starts;
 - **oracle** (offline): every input exits at the earliest candidate ramp that agrees with the original model, paying
-  only that ramp; its saving is estimated from the profiled latencies, as is adaptive's for comparison.
+  only that ramp; its saving is estimated from the profiled latencies.
 
 Traces: Poisson and bursty arrivals at a rate set relative to the vanilla model's measured capacity, plus a drift
-scenario whose inputs get noisier mid-stream. Writes ``report.md`` and PNG plots to ``--out``.
+scenario whose inputs change mid-stream. Spread: every median saving is also given per quarter of the trace (min to
+max). The controller's own CPU time and the tuner's cost are reported. Writes ``report.md`` and PNG plots to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,8 +32,10 @@ import torch
 
 from controller.config_store import read_config, write_config
 from controller.latency import LatencyModel
+from controller.tuner import ThresholdTuner
 from early_exit.exit_config import ExitConfig
 from early_exit.keys import RedisKeys
+from early_exit.manifest import Manifest
 from early_exit.runtime import EarlyExitModel
 from model_zoo.datasets import load_image_set
 from workload.client import Answer, bursty_arrivals, measure_capacity, poisson_arrivals, replay
@@ -38,6 +43,8 @@ from workload.stack import ROOT, Stack, running_stack, start_controller
 from workload.timeline import ConfigTimeline, record_configs
 
 CONTROLLER_ARGS = ["--min-fresh", "256", "--window", "2000"]
+SYSTEMS = ("vanilla", "off", "static", "adaptive")
+Inputs = dict[str, np.ndarray]
 
 
 @dataclass
@@ -48,17 +55,21 @@ class Run:
     trace: str
     answers: list[Answer]
     configs: ConfigTimeline = field(default_factory=list)
+    controller_cpu_s: float = 0.0
+    seconds: float = 0.0
 
     def latencies(self) -> np.ndarray:
         return np.array([a.latency_ms for a in self.answers if a.error is None])
 
-    def accuracy(self, original: np.ndarray) -> float:
-        return float(np.mean([a.label == original[a.index] for a in self.answers]))
+    def agreement(self, original: np.ndarray) -> np.ndarray:
+        return np.array([a.label == original[a.index] for a in self.answers])
 
     def throughput(self) -> float:
-        start = min(a.sent for a in self.answers)
-        end = max(a.done for a in self.answers)
-        return len(self.answers) / (end - start)
+        return len(self.answers) / (max(a.done for a in self.answers) - min(a.sent for a in self.answers))
+
+
+def _take(inputs: Inputs, index: slice | np.ndarray) -> Inputs:
+    return {name: array[index] for name, array in inputs.items()}
 
 
 def _set_config(client: redis.Redis, model: str, thresholds: dict[int, float]) -> ExitConfig:
@@ -70,84 +81,33 @@ def _set_config(client: redis.Redis, model: str, thresholds: dict[int, float]) -
     return config
 
 
-Inputs = dict[str, np.ndarray]
-
-
-def _take(inputs: Inputs, index: slice | np.ndarray) -> Inputs:
-    return {name: array[index] for name, array in inputs.items()}
-
-
-def workload_inputs(dataset: str, data_dir: Path | None, count: int) -> tuple[Inputs, Inputs, str]:
-    """Steady-state inputs, drifting inputs and a description of the drift, as served tensors."""
+def workload_inputs(dataset: str, data_dir: Path | None, count: int) -> tuple[Inputs, Inputs, Inputs, str]:
+    """Measured inputs, warm-up inputs (others of the same distribution), drifting inputs and the drift's
+    description, as served tensors."""
     if dataset == "sst2":
         from model_zoo.datasets import load_sst2
         from model_zoo.minilm_sst2 import tokenize
 
         dev = load_sst2("dev", data_dir) if data_dir else load_sst2("dev")
         train = load_sst2("train", data_dir) if data_dir else load_sst2("train")
-        sentences = dev.sentences + train.sentences[-max(0, count - len(dev.sentences)) :]
-        sentences = [sentences[i] for i in np.random.default_rng(0).permutation(len(sentences))][:count]
-        drifting = sorted(sentences, key=len)  # short, easy sentences first; long ones later
+        # dev first, then the end of train (the backbone trained on a subset; prepare used the start)
+        pool = dev.sentences + train.sentences[-2 * count :]
+        pool = [pool[i] for i in np.random.default_rng(0).permutation(len(pool))]
+        measured, warm = pool[:count], pool[count : 2 * count]
+        drifting = sorted(measured, key=len)  # short, easy sentences first; long ones later
         rename = {"input_ids": "INPUT_IDS", "attention_mask": "ATTENTION_MASK"}
-        steady = {rename[k]: v for k, v in tokenize(sentences).items()}
-        return steady, {rename[k]: v for k, v in tokenize(drifting).items()}, "sentences ordered short to long"
+
+        def encode(sentences: list[str]) -> Inputs:
+            return {rename[k]: v for k, v in tokenize(sentences).items()}
+
+        return encode(measured), encode(warm), encode(drifting), "sentences ordered short to long"
     test = load_image_set(dataset, "test", data_dir)
     order = np.random.default_rng(0).permutation(len(test))
-    count = min(count, len(test))
-    images = test.images[order[:count]]
-    later = test.images[order[-count:]] if len(test) >= 2 * count else images
-    return {"IMAGE": images}, {"IMAGE": add_noise(later, 0.5, 60.0)}, \
+    count = min(count, len(test) // 2)
+    images, warm = test.images[order[:count]], test.images[order[count : 2 * count]]
+    drifting = add_noise(images, 0.5, 60.0)
+    return {"IMAGE": images}, {"IMAGE": warm}, {"IMAGE": drifting}, \
         "Gaussian pixel noise growing from 0 to sigma 60 over the second half"
-
-
-def run_system(stack: Stack, system: str, trace: str, model: str, inputs: Inputs, arrivals: np.ndarray,
-               log_dir: Path) -> Run:
-    client = redis.Redis.from_url(stack.redis_url)
-    answers: list[Answer] = []
-    controller = start_controller(stack.redis_url, log_dir, CONTROLLER_ARGS) if system == "adaptive" else None
-    name = f"{model}_vanilla" if system == "vanilla" else model
-    outputs = ("LABEL",) if system == "vanilla" else ("LABEL", "EXIT", "CONFIDENCE")
-    worker = threading.Thread(target=replay, args=(stack.grpc_url, name, inputs, arrivals),
-                              kwargs={"outputs": outputs, "answers": answers})
-    worker.start()
-    configs = record_configs(client, model, worker, interval=0.1)
-    if controller is not None:
-        controller.stop()
-    return Run(system, trace, answers, configs)
-
-
-@torch.inference_mode()
-def oracle_saving(repository: Path, model: str, inputs: Inputs, batch_size: float) -> tuple[float, np.ndarray]:
-    """Estimated saving (fraction of vanilla latency) of the oracle, and each sample's earliest agreeing ramp."""
-    served = EarlyExitModel(repository / model / "1")
-    latency = LatencyModel.from_manifest(served.manifest, batch_size)
-    every = list(range(len(served.manifest.ramps)))
-    earliest = []
-    total = len(next(iter(inputs.values())))
-    for start in range(0, total, 500):
-        batch = {k: torch.from_numpy(v) for k, v in _take(inputs, slice(start, start + 500)).items()}
-        verdicts = list(served.stages(batch, every))
-        agree = np.stack([v.prediction == verdicts[-1].prediction for v in verdicts[:-1]] + [np.ones_like(
-            verdicts[-1].prediction, dtype=bool)])
-        earliest.append(agree.argmax(axis=0))
-    first = np.concatenate(earliest)
-    cumulative = np.append(np.cumsum(latency.block_ms)[latency.ramp_after_block] + latency.ramp_ms, latency.vanilla_ms)
-    return float(1 - cumulative[first].mean() / latency.vanilla_ms), first
-
-
-def estimated_saving(repository: Path, model: str, run: Run, batch_size: float) -> float:
-    """Saving (fraction of vanilla latency) the latency model attributes to a run's actual exits."""
-    served_manifest = EarlyExitModel(repository / model / "1").manifest
-    latency = LatencyModel.from_manifest(served_manifest, batch_size)
-    savings = []
-    for (start, _, thresholds), nxt in zip(run.configs, [*run.configs[1:], (np.inf, 0, {})]):
-        active = sorted(thresholds)
-        exit_ms = latency.exit_latencies(active)
-        for answer in run.answers:
-            if start <= answer.sent < nxt[0]:
-                position = active.index(answer.exit) if answer.exit in active else len(active)
-                savings.append(latency.vanilla_ms - exit_ms[position])
-    return float(np.mean(savings) / latency.vanilla_ms) if savings else 0.0
 
 
 def add_noise(images: np.ndarray, start_fraction: float, max_sigma: float, seed: int = 0) -> np.ndarray:
@@ -158,18 +118,109 @@ def add_noise(images: np.ndarray, start_fraction: float, max_sigma: float, seed:
     return np.clip(images.astype(np.float32) + noise, 0, 255).astype(np.uint8)
 
 
+def run_system(stack: Stack, system: str, trace: str, model: str, inputs: Inputs, arrivals: np.ndarray,
+               static: dict[int, float], warm: Inputs, log_dir: Path) -> Run:
+    """Replay one trace against one system; ``adaptive`` first runs the controller on ``warm`` at the same rate."""
+    client = redis.Redis.from_url(stack.redis_url)
+    _set_config(client, model, {} if system == "off" else static)
+    name = f"{model}_vanilla" if system == "vanilla" else model
+    controller = None
+    if system == "adaptive":
+        controller = start_controller(stack.redis_url, log_dir, CONTROLLER_ARGS)
+        count = len(next(iter(warm.values())))
+        replay(stack.grpc_url, model, warm, arrivals[:count] - arrivals[0])
+    answers: list[Answer] = []
+    worker = threading.Thread(target=replay, args=(stack.grpc_url, name, inputs, arrivals),
+                              kwargs={"answers": answers})
+    started = time.perf_counter()
+    worker.start()
+    configs = record_configs(client, model, worker, interval=0.1)
+    run = Run(system, trace, answers, configs, seconds=time.perf_counter() - started)
+    if controller is not None:
+        run.controller_cpu_s = controller.cpu_seconds()
+        controller.stop()
+    return run
+
+
+@torch.inference_mode()
+def offline_verdicts(served: EarlyExitModel, inputs: Inputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Confidence and prediction of every candidate ramp ``[R, N]`` and the final prediction ``[N]``."""
+    every = list(range(len(served.manifest.ramps)))
+    confidence, prediction, final = [], [], []
+    total = len(next(iter(inputs.values())))
+    for start in range(0, total, 250):
+        batch = {k: torch.from_numpy(v) for k, v in _take(inputs, slice(start, start + 250)).items()}
+        verdicts = list(served.stages(batch, every))
+        confidence.append(np.stack([v.confidence for v in verdicts[:-1]]))
+        prediction.append(np.stack([v.prediction for v in verdicts[:-1]]))
+        final.append(verdicts[-1].prediction)
+    return np.concatenate(confidence, 1), np.concatenate(prediction, 1), np.concatenate(final)
+
+
+def oracle_saving(latency: LatencyModel, prediction: np.ndarray, final: np.ndarray) -> float:
+    """Estimated saving (fraction of vanilla latency) when every input exits at its earliest agreeing ramp."""
+    agree = np.vstack([prediction == final[None, :], np.ones((1, len(final)), dtype=bool)])
+    first = agree.argmax(axis=0)
+    cumulative = np.append(np.cumsum(latency.block_ms)[latency.ramp_after_block] + latency.ramp_ms, latency.vanilla_ms)
+    return float(1 - cumulative[first].mean() / latency.vanilla_ms)
+
+
+def tuner_cost(confidence: np.ndarray, prediction: np.ndarray, final: np.ndarray, latency: LatencyModel,
+               window: int = 2000, repeats: int = 5) -> tuple[int, float, float]:
+    """Ramps, and median milliseconds of one tuning from scratch and one from the tuned thresholds, on the first
+    ``window`` samples with every candidate ramp active."""
+    ramps = list(range(confidence.shape[0]))
+    exit_ms = latency.exit_latencies(ramps)
+    tuner = ThresholdTuner()
+    c, p, f = confidence[:, :window], prediction[:, :window], final[:window]
+    cold, warm = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        tuned = tuner.tune(c, p, f, exit_ms)
+        cold.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        tuner.tune(c, p, f, exit_ms, current=tuned)
+        warm.append(time.perf_counter() - started)
+    return len(ramps), 1000 * float(np.median(cold)), 1000 * float(np.median(warm))
+
+
 def windowed(values: np.ndarray, width: int) -> np.ndarray:
-    kernel = np.ones(width) / width
-    return np.convolve(values, kernel, mode="valid")
+    return np.convolve(values, np.ones(width) / width, mode="valid")
 
 
-def _row(run: Run, original: np.ndarray, vanilla: Run, extra: str = "") -> str:
-    lat = run.latencies()
-    v_median = float(np.median(vanilla.latencies()))
-    p25, p50, p95, p99 = np.percentile(lat, [25, 50, 95, 99])
+def quarter_savings(run: Run, vanilla: Run) -> tuple[float, float]:
+    """Min and max median saving over the four quarters of the trace (requests in arrival order)."""
+    own, base = run.latencies(), vanilla.latencies()
+    savings = [1 - np.median(a) / np.median(b) for a, b in zip(np.array_split(own, 4), np.array_split(base, 4))]
+    return float(min(savings)), float(max(savings))
+
+
+def rounds_agreement(run: Run, original: np.ndarray) -> tuple[int, int, float]:
+    """Configurations published during the run, how many of them served ≥ 20 answers below 99 % agreement with the
+    original model (out of sample: answers served after the configuration was chosen), and the lowest agreement."""
+    starts = [t for t, _, _ in run.configs]
+    if not starts:
+        return 0, 0, float("nan")
+    bounds = [*starts[1:], np.inf]
+    below, lowest = 0, 1.0
+    for start, end in zip(starts, bounds):
+        served = [a.label == original[a.index] for a in run.answers if start <= a.sent < end]
+        if len(served) >= 20:
+            agreement = float(np.mean(served))
+            lowest = min(lowest, agreement)
+            below += agreement < 0.99
+    return len(starts) - 1, below, lowest
+
+
+def _row(run: Run, original: np.ndarray, vanilla: Run) -> str:
+    lat, base = run.latencies(), vanilla.latencies()
+    p50, p95, p99 = np.percentile(lat, [50, 95, 99])
+    v50, v99 = np.percentile(base, [50, 99])
+    low, high = quarter_savings(run, vanilla)
     errors = sum(a.error is not None for a in run.answers)
-    return (f"| {run.trace} | {run.system} | {p50:.2f} | {p25:.2f} | {p95:.2f} | {p99:.2f} | "
-            f"{1 - p50 / v_median:+.1%} | {run.accuracy(original):.2%} | {run.throughput():.0f} | {errors} |{extra}")
+    return (f"| {run.trace} | {run.system} | {p50:.2f} | {p95:.2f} | {p99:.2f} | {1 - p50 / v50:+.1%} "
+            f"({low:+.0%}..{high:+.0%}) | {p99 / v99 - 1:+.1%} | {run.agreement(original).mean():.2%} | "
+            f"{run.throughput():.0f} | {errors} |")
 
 
 def plot(runs: dict[tuple[str, str], Run], drift: dict[str, Run], original_drift: np.ndarray, final_exit: int,
@@ -200,20 +251,21 @@ def plot(runs: dict[tuple[str, str], Run], drift: dict[str, Run], original_drift
         if system == "vanilla":
             continue
         sent = np.array([a.sent for a in run.answers])
-        t = sent - sent[0]
-        agree = np.array([a.label == original_drift[a.index] for a in run.answers], dtype=float)
+        origin = sent[0]
+        agree = run.agreement(original_drift).astype(float)
         exited = np.array([a.exit < final_exit for a in run.answers], dtype=float)
-        width = 300
-        axes[0].plot(t[width - 1 :], 1 - windowed(agree, width), label=system)
-        axes[1].plot(t[width - 1 :], windowed(exited, width), label=system)
+        width = min(300, len(sent) // 5)
+        axes[0].plot(sent[width - 1 :] - origin, 1 - windowed(agree, width), label=system)
+        axes[1].plot(sent[width - 1 :] - origin, windowed(exited, width), label=system)
         if system == "adaptive" and run.configs:
+            times = [max(t - origin, 0.0) for t, _, _ in run.configs] + [sent[-1] - origin]
             for ramp in sorted({r for _, _, th in run.configs for r in th}):
-                times = [c[0] - sent[0] for c in run.configs]
-                axes[2].step(times, [c[2].get(ramp, np.nan) for c in run.configs], where="post", label=f"ramp {ramp}")
+                values = [th.get(ramp, np.nan) for _, _, th in run.configs]
+                axes[2].step(times, [*values, values[-1]], where="post", label=f"ramp {ramp}")
     axes[0].axhline(0.01, color="grey", linestyle="--", label="budget")
     axes[0].set(ylabel="windowed accuracy loss")
     axes[1].set(ylabel="windowed exit rate")
-    axes[2].set(ylabel="adaptive thresholds", xlabel="time (s); inputs drift in the second half")
+    axes[2].set(ylabel="adaptive thresholds", xlabel="time (s) since the trace started; inputs drift in its second half")
     for axis in axes:
         axis.legend(fontsize=8)
     fig.tight_layout()
@@ -223,6 +275,56 @@ def plot(runs: dict[tuple[str, str], Run], drift: dict[str, Run], original_drift
     return paths
 
 
+def report(args: argparse.Namespace, manifest: Manifest, rate: float, count: int, capacity: dict[str, float],
+           runs: dict[tuple[str, str], Run], drift: dict[str, Run], drift_description: str, oracle: float,
+           tuning: tuple[int, float, float], paths: list[Path]) -> str:
+    originals = {trace: np.array([a.label for a in runs[trace, "vanilla"].answers]) for trace, _ in runs}
+    original_drift = np.array([a.label for a in drift["vanilla"].answers])
+    lines = [
+        f"# Benchmark: {args.model} ({count} requests per run, rate {rate:.0f} req/s = {args.load:.0%} of vanilla "
+        "capacity)\n",
+        "Saturated capacity (closed loop, all requests at once): "
+        + ", ".join(f"{name} {value:.0f} req/s ({value / capacity['vanilla'] - 1:+.1%})"
+                    for name, value in capacity.items()) + ".\n",
+        "Median saving and p99 change are ratios against vanilla on the same trace in the same run; in brackets the "
+        "range of the median saving over the four quarters of the trace.\n",
+        "| trace | system | median ms | p95 ms | p99 ms | median saving | p99 vs vanilla | agreement with original "
+        "| throughput req/s | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (trace, _), run in runs.items():
+        lines.append(_row(run, originals[trace], runs[trace, "vanilla"]))
+    lines += ["", "## Adaptive: controller and configurations", "",
+              "| trace | configurations published | rounds below 99 % served agreement | lowest round | controller "
+              "CPU s | controller CPU share of one core |", "|---|---:|---:|---:|---:|---:|"]
+    for (trace, system), run in [*runs.items(), (("drift", "adaptive"), drift["adaptive"])]:
+        if system != "adaptive":
+            continue
+        original = original_drift if trace == "drift" else originals[trace]
+        published, below, lowest = rounds_agreement(run, original)
+        lines.append(f"| {trace} | {published} | {below} | {lowest:.2%} | {run.controller_cpu_s:.1f} | "
+                     f"{run.controller_cpu_s / max(run.seconds, 1e-9):.1%} |")
+    last = runs["poisson", "adaptive"].configs
+    lines += ["", f"Last adaptive (poisson) configuration: {last[-1][2] if last else '-'}", "",
+              f"Threshold tuning on this window ({tuning[0]} ramps x 2,000 samples, every candidate active): "
+              f"{tuning[1]:.1f} ms from scratch, {tuning[2]:.1f} ms from the tuned thresholds.", "",
+              f"Oracle (every input at its earliest agreeing ramp, profiled latencies): {oracle:.1%} saving.", ""]
+    lines += [f"## Drift ({drift_description})", "",
+              "| system | loss first half | loss second half | loss last quarter | exit rate first half | exit rate "
+              "second half | median ms first half | median ms second half |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    half, quarter = count // 2, 3 * count // 4
+    for system in ("vanilla", "static", "adaptive"):
+        run = drift[system]
+        agree = run.agreement(original_drift)
+        exited = np.array([a.exit < manifest.final_exit for a in run.answers])
+        lat = run.latencies()
+        lines.append(f"| {system} | {1 - agree[:half].mean():.2%} | {1 - agree[half:].mean():.2%} | "
+                     f"{1 - agree[quarter:].mean():.2%} | {exited[:half].mean():.1%} | {exited[half:].mean():.1%} | "
+                     f"{np.median(lat[:half]):.2f} | {np.median(lat[half:]):.2f} |")
+    lines += ["", *[f"![{p.stem}]({p.name})" for p in paths]]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workload.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -230,87 +332,59 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="cifar10")
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
-    parser.add_argument("--requests", type=int, default=3000)
-    parser.add_argument("--load", type=float, default=0.5, help="arrival rate as a fraction of vanilla capacity")
+    parser.add_argument("--requests", type=int, default=4000, help="requests per measured run")
+    parser.add_argument("--warmup", type=int, default=1000, help="requests the adaptive system sees before measuring")
+    parser.add_argument("--load", type=float, default=0.25, help="arrival rate as a fraction of vanilla capacity")
+    parser.add_argument("--traces", default="poisson,bursty", help="comma-separated subset of poisson,bursty")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results")
     args = parser.parse_args(argv)
-    args.out = args.out / args.model
-    args.out.mkdir(parents=True, exist_ok=True)
-    inputs, drift_inputs, drift_description = workload_inputs(args.dataset, args.data_dir, args.requests)
+    out = args.out / args.model
+    out.mkdir(parents=True, exist_ok=True)
+    inputs, warm, drift_inputs, drift_description = workload_inputs(args.dataset, args.data_dir, args.requests)
     count = len(next(iter(inputs.values())))
-    log_dir = args.out / "logs"
+    warm = _take(warm, slice(0, args.warmup))
+    log_dir = out / "logs"
+    served = EarlyExitModel(args.repository / args.model / "1")
+    manifest = served.manifest
+    static = dict(manifest.initial_thresholds)
     runs: dict[tuple[str, str], Run] = {}
     drift: dict[str, Run] = {}
     with running_stack(args.repository, models=[args.model, f"{args.model}_vanilla"], with_controller=False,
                        log_dir=log_dir) as stack:
         client = redis.Redis.from_url(stack.redis_url)
-        manifest = EarlyExitModel(args.repository / args.model / "1").manifest
-        static = dict(manifest.initial_thresholds)
-        _set_config(client, args.model, static)
-        warm = _take(inputs, slice(0, 300))
-        for name in (f"{args.model}_vanilla", args.model):
-            replay(stack.grpc_url, name, warm, poisson_arrivals(300, 50))
-        capacity = {name: measure_capacity(stack.grpc_url, name, _take(inputs, slice(0, 1000)))
-                    for name in (f"{args.model}_vanilla", args.model)}
-        rate = args.load * capacity[f"{args.model}_vanilla"]
-        print(f"capacity: vanilla {capacity[f'{args.model}_vanilla']:.0f} req/s, static EE "
-              f"{capacity[args.model]:.0f} req/s; replaying at {rate:.0f} req/s")
-        traces = {"poisson": poisson_arrivals(count, rate, seed=1), "bursty": bursty_arrivals(count, rate, seed=2)}
-        for trace, arrivals in traces.items():
-            for system in ("vanilla", "static", "adaptive"):
-                _set_config(client, args.model, static)
-                runs[trace, system] = run_system(stack, system, trace, args.model, inputs, arrivals, log_dir)
-                print(f"  {trace:8s} {system:9s} median {np.median(runs[trace, system].latencies()):.2f} ms")
+        sample = _take(inputs, slice(0, 1000))
+        for name in (f"{args.model}_vanilla", args.model):  # first batches of each size run slower: not measured
+            replay(stack.grpc_url, name, _take(inputs, slice(0, 300)), poisson_arrivals(300, 50))
+        capacity = {}
+        for system, name in (("vanilla", f"{args.model}_vanilla"), ("off", args.model), ("static", args.model)):
+            _set_config(client, args.model, {} if system == "off" else static)
+            capacity[system] = measure_capacity(stack.grpc_url, name, sample)
+        rate = args.load * capacity["vanilla"]
+        print(f"capacity: {capacity}; replaying at {rate:.0f} req/s", flush=True)
+        makers = {"poisson": lambda: poisson_arrivals(count, rate, seed=1),
+                  "bursty": lambda: bursty_arrivals(count, rate, seed=2)}
+        for trace in args.traces.split(","):
+            arrivals = makers[trace]()
+            for system in SYSTEMS:
+                runs[trace, system] = run_system(stack, system, trace, args.model, inputs, arrivals, static, warm,
+                                                 log_dir)
+                print(f"  {trace:8s} {system:9s} median {np.median(runs[trace, system].latencies()):.2f} ms",
+                      flush=True)
+        arrivals = poisson_arrivals(count, rate, seed=3)
         for system in ("vanilla", "static", "adaptive"):
-            _set_config(client, args.model, static)
-            drift[system] = run_system(stack, system, "drift", args.model, drift_inputs, traces["poisson"], log_dir)
-            print(f"  drift    {system:9s} median {np.median(drift[system].latencies()):.2f} ms")
+            drift[system] = run_system(stack, system, "drift", args.model, drift_inputs, arrivals, static, warm,
+                                       log_dir)
+            print(f"  drift    {system:9s} median {np.median(drift[system].latencies()):.2f} ms", flush=True)
 
-    original = np.array([a.label for a in runs["poisson", "vanilla"].answers])
+    confidence, prediction, final = offline_verdicts(served, inputs)
+    latency = LatencyModel.from_manifest(manifest, 8.0)
+    tuning = tuner_cost(confidence, prediction, final, latency)
     original_drift = np.array([a.label for a in drift["vanilla"].answers])
-    batch = 8.0
-    oracle, _ = oracle_saving(args.repository, args.model, inputs, batch)
-    lines = [
-        f"# Benchmark: {args.model} ({count} requests per run, rate {rate:.0f} req/s = {args.load:.0%} of vanilla "
-        f"capacity)\n",
-        f"Capacity (saturated closed loop): vanilla {capacity[f'{args.model}_vanilla']:.0f} req/s, early exit "
-        f"(static thresholds) {capacity[args.model]:.0f} req/s "
-        f"({capacity[args.model] / capacity[f'{args.model}_vanilla'] - 1:+.1%}).\n",
-        "| trace | system | median ms | p25 ms | p95 ms | p99 ms | median saving | accuracy vs original | "
-        "throughput req/s | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for (trace, _), run in runs.items():
-        reference = original if trace == "poisson" else np.array([a.label for a in runs[trace, "vanilla"].answers])
-        lines.append(_row(run, reference, runs[trace, "vanilla"]))
-    lines += ["", "Estimated saving from profiled latencies (mean over requests, batch size 8):", "",
-              "| system | estimated saving | share of oracle |", "|---|---:|---:|"]
-    for system in ("static", "adaptive"):
-        est = estimated_saving(args.repository, args.model, runs["poisson", system], batch)
-        lines.append(f"| {system} | {est:.1%} | {est / oracle:.0%} |" if oracle > 0 else f"| {system} | {est:.1%} | - |")
-    lines.append(f"| oracle | {oracle:.1%} | 100% |")
-    lines += ["", f"## Drift ({drift_description})", "",
-              "| system | loss before | loss after (whole second half) | loss in last quarter | exit rate before | "
-              "exit rate after | median ms before | median ms after |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    half, quarter = count // 2, 3 * count // 4
-    for system in ("static", "adaptive"):
-        run = drift[system]
-        agree = np.array([a.label == original_drift[a.index] for a in run.answers])
-        exited = np.array([a.exit < manifest.final_exit for a in run.answers])
-        lat = run.latencies()
-        lines.append(f"| {system} | {1 - agree[:half].mean():.2%} | {1 - agree[half:].mean():.2%} | "
-                     f"{1 - agree[quarter:].mean():.2%} | {exited[:half].mean():.1%} | {exited[half:].mean():.1%} | "
-                     f"{np.median(lat[:half]):.2f} | {np.median(lat[half:]):.2f} |")
-    v = drift["vanilla"].latencies()
-    lines.append(f"| vanilla | - | - | - | - | - | {np.median(v[:half]):.2f} | {np.median(v[half:]):.2f} |")
-    adaptive_configs = runs["poisson", "adaptive"].configs
-    lines += ["", f"Adaptive (poisson) configurations: {len(adaptive_configs)}; last: "
-              f"{json.dumps(adaptive_configs[-1][2]) if adaptive_configs else '-'}"]
-    paths = plot(runs, drift, original_drift, manifest.final_exit, args.out)
-    lines += ["", *[f"![{p.stem}]({p.name})" for p in paths]]
-    report = "\n".join(lines) + "\n"
-    (args.out / "report.md").write_text(report, encoding="utf-8")
-    print("\n" + report)
+    paths = plot(runs, drift, original_drift, manifest.final_exit, out)
+    text = report(args, manifest, rate, count, capacity, runs, drift, drift_description,
+                  oracle_saving(latency, prediction, final), tuning, paths)
+    (out / "report.md").write_text(text, encoding="utf-8")
+    print("\n" + text)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -52,6 +53,14 @@ class Process:
     name: str
     popen: subprocess.Popen
     log: Path
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the process has used so far (Linux ``/proc``; 0 once it has exited)."""
+        try:
+            fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.popen.poll() is not None:
@@ -165,8 +174,23 @@ def running_stack(
         stack.stop()
 
 
+def servable_models(repository: Path) -> list[str]:
+    """Entries of ``repository`` that can load: early-exit and vanilla entries whose artifacts are built, models of
+    other backends (pre-processing), and ensembles whose every step is servable."""
+    entries = {path.parent.name: path.read_text() for path in sorted(repository.glob("*/config.pbtxt"))}
+    ready = {name for name, config in entries.items()
+             if 'platform: "ensemble"' not in config
+             and ('backend: "apparate"' not in config or (repository / name / "1" / "manifest.json").is_file())}
+    for name, config in entries.items():
+        steps = re.findall(r'model_name:\s*"([^"]+)"', config)
+        if 'platform: "ensemble"' in config and steps and all(step in ready for step in steps):
+            ready.add(name)
+    return sorted(ready)
+
+
 def _up(args: argparse.Namespace) -> int:
     RUN_DIR.mkdir(parents=True, exist_ok=True)
+    args.model = args.model or servable_models(args.repository)
     redis_url = f"redis://127.0.0.1:{args.redis_port}/0"
     ports = ServerPorts(args.http_port, args.grpc_port, args.metrics_port)
     started = [start_redis(args.redis_port, RUN_DIR, detach=True)]
@@ -174,7 +198,7 @@ def _up(args: argparse.Namespace) -> int:
     started.append(start_controller(redis_url, RUN_DIR, detach=True))
     for process in started:
         (RUN_DIR / f"{process.name}.pid").write_text(str(process.popen.pid))
-    print(f"serving: Triton HTTP :{ports.http} gRPC :{ports.grpc} metrics :{ports.metrics}, Redis :{args.redis_port};"
+    print(f"serving {', '.join(args.model)}: Triton HTTP :{ports.http} gRPC :{ports.grpc} metrics :{ports.metrics}, Redis :{args.redis_port};"
           f" logs in {RUN_DIR}")
     return 0
 
@@ -205,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--http-port", type=int, default=8000)
     up.add_argument("--grpc-port", type=int, default=8001)
     up.add_argument("--metrics-port", type=int, default=8002)
-    up.add_argument("--model", action="append", default=None)
+    up.add_argument("--model", action="append", default=None,
+                    help="entry to serve (repeatable; default: every entry of the repository that can load)")
     sub.add_parser("down", help="stop what `up` started")
     args = parser.parse_args(argv)
     return _up(args) if args.command == "up" else _down()

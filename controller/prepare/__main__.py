@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from controller.guard import AccuracyGuard
 from controller.prepare.pipeline import PrepareSettings, RampReport, prepare
 from controller.prepare.sources import load_bootstrap, load_model
 from model_zoo.datasets import DEFAULT_CIFAR_DIR, cifar10_available
@@ -43,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-share", type=float, default=0.1, help="share of the bootstrap that trains ramps")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--overhead-budget", type=float, default=0.02, help="initial ramps' max added latency")
-    parser.add_argument("--accuracy-budget", type=float, default=0.01)
+    parser.add_argument("--accuracy-budget", type=float, default=AccuracyGuard.budget,
+                        help="maximum accuracy loss vs the original model for the initial thresholds")
+    parser.add_argument("--z", type=float, default=AccuracyGuard.z,
+                        help="lower-confidence-bound quantile of the accuracy guard (the controller's default)")
     parser.add_argument("--ramp-epochs", type=int, default=100)
     parser.add_argument("--limit", type=int, default=None, help="use at most this many bootstrap samples (tests)")
     args = parser.parse_args(argv)
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = PrepareSettings(
         max_batch_size=args.max_batch_size,
         overhead_budget=args.overhead_budget,
-        accuracy_budget=args.accuracy_budget,
+        guard=AccuracyGuard(args.accuracy_budget, args.z),
         ramp_epochs=args.ramp_epochs,
     )
     manifest, reports = prepare(

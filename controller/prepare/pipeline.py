@@ -19,14 +19,15 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from controller.guard import AccuracyGuard
 from controller.latency import LatencyModel
 from controller.prepare.blocks import BlockPlan, export_block, plan_blocks
 from controller.prepare.cutpoints import CutPoint, find_cut_points, localize_symbolic_scalars, split_at
 from controller.prepare.profiling import profile_model
 from controller.prepare.ramp_training import collect_features, train_ramps
 from controller.prepare.triton_config import render_config
-from controller.tuner import ThresholdTuner, TunerSettings
-from early_exit.exit_config import NEVER_EXIT
+from controller.tuner import ThresholdTuner, TunerSettings, evaluate
+from early_exit.exit_rule import NEVER_EXIT
 from early_exit.manifest import MANIFEST_FILE, BlockSpec, Manifest, RampSpec, TensorSpec, sha256_of
 from early_exit.ramps import build_ramp, ramp_arch_for
 from early_exit.runtime import EarlyExitModel, ramp_state_key, strip_runtime_asserts
@@ -41,7 +42,8 @@ class PrepareSettings:
     """Args:
     max_batch_size: Triton ``max_batch_size`` and the largest profiled batch.
     overhead_budget: initial ramps may add at most this fraction to the vanilla latency at ``reference_batch``.
-    accuracy_budget: accuracy loss allowed when tuning initial thresholds on the validation split.
+    guard: the accuracy guard the initial thresholds must pass on the validation split (the controller's, so it
+        does not withdraw them on its first round).
     ramp_epochs: ramp training epochs over the bootstrap training split.
     reference_batch: batch size used to weigh latencies when choosing the initial ramps.
     seed: seeds ramp initialisation and training order.
@@ -49,7 +51,7 @@ class PrepareSettings:
 
     max_batch_size: int = 32
     overhead_budget: float = 0.02
-    accuracy_budget: float = 0.01
+    guard: AccuracyGuard = AccuracyGuard()
     ramp_epochs: int = 100
     reference_batch: int = 8
     seed: int = 0
@@ -176,13 +178,13 @@ def choose_initial_ramps(
     overhead; candidates are added best first while the set's overhead stays within budget and the jointly tuned
     saving keeps improving.
     """
-    tuner = ThresholdTuner(TunerSettings(budget=settings.accuracy_budget))
+    tuner = ThresholdTuner(TunerSettings(guard=settings.guard))
     scores = []
     for ramp_id in range(confidence.shape[0]):
         exit_ms = latency.exit_latencies([ramp_id])
         thresholds = tuner.tune(confidence[[ramp_id]], prediction[[ramp_id]], final, exit_ms)
         correct = prediction[[ramp_id]] == final[None, :]
-        saving = tuner.evaluate(thresholds, confidence[[ramp_id]], correct, exit_ms).saving_ms
+        saving = evaluate(thresholds, confidence[[ramp_id]], correct, exit_ms).saving_ms
         scores.append(saving / max(latency.ramp_ms[ramp_id], 1e-6))
     chosen: list[int] = []
     best_saving = 0.0
@@ -195,7 +197,7 @@ def choose_initial_ramps(
             continue
         exit_ms = latency.exit_latencies(trial)
         thresholds = tuner.tune(confidence[trial], prediction[trial], final, exit_ms)
-        saving = tuner.evaluate(thresholds, confidence[trial], prediction[trial] == final[None, :], exit_ms).saving_ms
+        saving = evaluate(thresholds, confidence[trial], prediction[trial] == final[None, :], exit_ms).saving_ms
         if saving > best_saving:
             chosen, best_saving = trial, saving
             best_thresholds = {r: float(t) for r, t in zip(trial, thresholds)}
@@ -229,12 +231,15 @@ def prepare(
             values.update(zip(plan.outputs, plan.module(*(values[n] for n in plan.inputs))))
         return [values[p.outputs[0]] for p in plans[:-1]], values[plans[-1].outputs[0]]
 
-    cut_features, targets = collect_features(features, train_batches())
-    ramp_modules = [build_ramp(ramp_arch_for(f, classes)) for f in cut_features]
-    train_ramps(ramp_modules, cut_features, targets, epochs=settings.ramp_epochs, seed=settings.seed)
+    data = collect_features(features, train_batches())
+    mask_input = next((t.name for t in inputs if "mask" in t.name.lower() and len(t.shape) == 1), None)
+    archs = [ramp_arch_for(f, classes, mask_input) for f in data.features]
+    ramp_modules = [build_ramp(arch) for arch in archs]
+    train_ramps(ramp_modules, [arch.get("inputs", []) for arch in archs], data, epochs=settings.ramp_epochs,
+                seed=settings.seed)
     ramp_specs = [
-        RampSpec(i, i, ramp_arch_for(f, classes), label=f"{cut.node} ({cut.depth:.0%} of FLOPs)")
-        for i, (cut, f) in enumerate(zip(cuts, cut_features))
+        RampSpec(i, i, arch, label=f"{cut.node} ({cut.depth:.0%} of FLOPs)")
+        for i, (cut, arch) in enumerate(zip(cuts, archs))
     ]
     entry = repository / name
     manifest = _export_entry(
@@ -259,7 +264,7 @@ def prepare(
     (vanilla_entry / "1" / MANIFEST_FILE).write_text(vanilla.to_json(), encoding="utf-8")
 
     active = sorted(initial)
-    rates = ThresholdTuner().evaluate(
+    rates = evaluate(
         np.array([initial[r] for r in active]), confidence[active], prediction[active] == final[None, :],
         latency.exit_latencies(active),
     ).exit_rates

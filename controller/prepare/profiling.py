@@ -54,10 +54,9 @@ def profile_model(
                 for ramp in manifest.ramps:
                     if ramp.after_block != index:
                         continue
-                    started = time.perf_counter()
-                    model.verdict(ramp.id, model.ramps[ramp.id](outputs[0]))
+                    verdict = model.ramp_verdict(ramp.id, env, outputs[0])
                     if repeat >= warmup:
-                        ramp_samples[ramp.id].append(time.perf_counter() - started)
+                        ramp_samples[ramp.id].append(verdict.cost_ms / 1000.0)
         block_ms[:, column] = [1000 * float(np.median(s)) for s in block_samples]
         if manifest.ramps:
             ramp_ms[:, column] = [1000 * float(np.median(s)) for s in ramp_samples]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import redis
 
-from early_exit.exit_config import NEVER_EXIT
+from early_exit.exit_rule import NEVER_EXIT
 from early_exit.manifest import load_manifest
 from tests.conftest import MODEL
 from tests.integration.conftest import publish
@@ -26,7 +26,8 @@ def test_controller_lowers_thresholds_from_no_exits_within_the_accuracy_budget(
     manifest = load_manifest(repository / MODEL / "1")
     ramps = list(range(len(manifest.ramps)))
     images = test_images[:3000]
-    controller_args = ["--min-fresh", "300", "--window", "2000", "--z", "1.645"]
+    # Threshold tuning alone: ramp-set decisions (which may switch exits off on a model this small) are off here.
+    controller_args = ["--min-fresh", "300", "--window", "2000", "--z", "1.645", "--adjust-every", "0"]
     with running_stack(repository, models=[MODEL, f"{MODEL}_vanilla"], controller_args=controller_args,
                        log_dir=tmp_path) as stack:
         original = [a.label for a in replay(stack.grpc_url, f"{MODEL}_vanilla", {"IMAGE": images},

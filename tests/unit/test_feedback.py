@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from early_exit.errors import FeedbackError
-from early_exit.feedback import FeedbackRecord
+from early_exit.feedback import BatchTiming, FeedbackRecord
 
 
 def test_encode_decode_round_trip() -> None:
@@ -14,6 +14,7 @@ def test_encode_decode_round_trip() -> None:
         prediction=np.array([[1, 2, 3], [4, 5, 6]]),
         final=np.array([1, 5, 6]),
         exit=np.array([9, 1, 3]),
+        timing=BatchTiming(batch_ms=5.0, overhead_ms=0.5, idle_ms=2.0, answer_ms=np.array([4.9, 1.0, 3.0])),
     )
     fields = {k.encode(): v if isinstance(v, bytes) else str(v).encode() for k, v in record.encode().items()}
     decoded = FeedbackRecord.decode(fields)
@@ -21,10 +22,20 @@ def test_encode_decode_round_trip() -> None:
     np.testing.assert_array_equal(decoded.confidence, record.confidence)
     np.testing.assert_array_equal(decoded.prediction, record.prediction)
     np.testing.assert_array_equal(decoded.exit, record.exit)
+    assert (decoded.timing.batch_ms, decoded.timing.overhead_ms, decoded.timing.idle_ms) == (5.0, 0.5, 2.0)
+    np.testing.assert_allclose(decoded.timing.answer_ms, record.timing.answer_ms, rtol=1e-6)
+
+
+def test_token_ids_beyond_int16_survive() -> None:
+    record = FeedbackRecord("m", 1, (0,), np.ones((1, 2), np.float32), np.array([[40000, 49151]]),
+                            np.array([49151, 7]), np.array([0, 1]), BatchTiming(1.0, 0.0, 0.0, np.zeros(2)))
+    fields = {k.encode(): v if isinstance(v, bytes) else str(v).encode() for k, v in record.encode().items()}
+    decoded = FeedbackRecord.decode(fields)
+    assert decoded.prediction.tolist() == [[40000, 49151]] and decoded.final.tolist() == [49151, 7]
 
 
 def test_decode_rejects_truncated_arrays() -> None:
-    fields = {b"schema": b"1", b"batch_size": b"4", b"ramps": b"0", b"model": b"m", b"config_version": b"1",
+    fields = {b"schema": b"2", b"batch_size": b"4", b"ramps": b"0", b"model": b"m", b"config_version": b"1",
               b"confidence": b"\x00" * 3, b"prediction": b"", b"final": b"", b"exit": b"", b"timestamp": b"0"}
     with pytest.raises(FeedbackError):
         FeedbackRecord.decode(fields)

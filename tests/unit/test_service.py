@@ -1,11 +1,13 @@
-"""ModelController: tuning from feedback, the accuracy guard, and never acting on stale evidence."""
+"""ModelController: tuning from feedback, the accuracy guard, measured savings, switching exits off and back on."""
 
 import numpy as np
 
+from controller.guard import AccuracyGuard
 from controller.service import ControllerSettings, ModelController
 from controller.tuner import TunerSettings
-from early_exit.exit_config import NEVER_EXIT, ExitConfig
-from early_exit.feedback import FeedbackRecord
+from early_exit.exit_config import ExitConfig
+from early_exit.exit_rule import NEVER_EXIT
+from early_exit.feedback import BatchTiming, FeedbackRecord
 from early_exit.manifest import BlockSpec, Manifest, Profile, RampSpec, TensorSpec
 
 
@@ -16,62 +18,133 @@ def _manifest() -> Manifest:
     return Manifest("m", 10, (TensorSpec("x", "float32", (4,)),), blocks, ramps, "r", "", {0: NEVER_EXIT}, profile)
 
 
-def _records(version: int, n: int, ramp_right: bool, seed: int = 0) -> list[FeedbackRecord]:
+def _records(version: int, n: int, ramp_right: bool, seed: int = 0, ramps: tuple[int, ...] = (0,),
+             exit_value: int = 2, answer_ms: float = 12.0, overhead_ms: float = 0.1) -> list[FeedbackRecord]:
+    """Batches of 8 taking 12 ms, answered at ``answer_ms``, 12 ms idle in between (50 % busy)."""
     rng = np.random.default_rng(seed)
     records = []
     for _ in range(n // 8):
         final = rng.integers(0, 10, 8)
-        prediction = (final if ramp_right else (final + 1) % 10)[None, :]
-        records.append(FeedbackRecord("m", version, (0,), np.full((1, 8), 0.97, np.float32), prediction, final,
-                                      np.full(8, 2)))
+        prediction = np.stack([final if ramp_right else (final + 1) % 10] * len(ramps))
+        timing = BatchTiming(12.0, overhead_ms, 12.0, np.full(8, answer_ms))
+        records.append(FeedbackRecord("m", version, ramps, np.full((len(ramps), 8), 0.97, np.float32), prediction,
+                                      final, np.full(8, exit_value), timing))
     return records
 
 
-def _controller() -> ModelController:
-    settings = ControllerSettings(tuner=TunerSettings(budget=0.01), window=400, min_fresh=200, adjust_every=0)
-    return ModelController(_manifest(), ExitConfig("m", 1, {0: NEVER_EXIT}), settings)
+def _controller(adjust_every: int = 0, z: float = 0.0, min_fresh: int = 200, clock=None) -> ModelController:
+    settings = ControllerSettings(tuner=TunerSettings(guard=AccuracyGuard(0.01, z)), window=400,
+                                  min_fresh=min_fresh, adjust_every=adjust_every, probe_after=30.0)
+    kwargs = {} if clock is None else {"clock": clock}
+    return ModelController(_manifest(), ExitConfig("m", 1, {0: NEVER_EXIT}), settings, **kwargs)
+
+
+def _feed(controller: ModelController, records: list[FeedbackRecord]) -> ExitConfig | None:
+    for record in records:
+        controller.observe(record)
+    config = controller.step()
+    if config is not None:
+        controller.committed(config)
+    return config
 
 
 def test_good_ramp_gets_opened_and_version_increases() -> None:
     controller = _controller()
-    for record in _records(1, 400, ramp_right=True):
-        controller.observe(record)
-    config = controller.step()
-    assert config is not None and config.version == 2 and config.thresholds[0] <= 0.97
+    config = _feed(controller, _records(1, 400, ramp_right=True))
+    assert config is not None and config.version == 2 and config.thresholds[0] <= float(np.float32(0.97))
 
 
 def test_no_fresh_feedback_no_change() -> None:
     controller = _controller()
-    for record in _records(1, 400, ramp_right=True):
-        controller.observe(record)
-    assert controller.step() is not None
+    assert _feed(controller, _records(1, 400, ramp_right=True)) is not None
     assert controller.step() is None  # same evidence: never re-tune (or loosen) on it
 
 
-def test_accuracy_breach_closes_the_ramp_at_once() -> None:
+def test_thresholds_are_published_exactly_never_rounded_looser() -> None:
     controller = _controller()
-    for record in _records(1, 400, ramp_right=True):
-        controller.observe(record)
-    opened = controller.step()
+    config = _feed(controller, _records(1, 400, ramp_right=True))
+    assert config is not None
+    assert ExitConfig.from_json(config.to_json()).thresholds[0] == config.thresholds[0] == float(np.float32(0.97))
+
+
+def test_a_window_too_small_to_decide_keeps_the_current_thresholds() -> None:
+    controller = _controller(z=1.645, min_fresh=64)
+    controller.current = ExitConfig("m", 1, {0: 0.9})
+    # 96 samples, 48 per half: with z = 1.645 and a 1 % budget even a perfect record cannot certify.
+    assert not controller.guard.decidable(48)
+    assert _feed(controller, _records(1, 96, ramp_right=True)) is None
+    assert controller.current.thresholds == {0: 0.9}
+
+
+def test_accuracy_breach_closes_the_ramp() -> None:
+    controller = _controller()
+    opened = _feed(controller, _records(1, 400, ramp_right=True))
     assert opened is not None and opened.thresholds[0] < NEVER_EXIT
-    for record in _records(opened.version, 400, ramp_right=False, seed=1):  # inputs drifted: the ramp is now wrong
-        controller.observe(record)
-    closed = controller.step()
+    closed = _feed(controller, _records(opened.version, 400, ramp_right=False, seed=1))  # inputs drifted
     assert closed is not None and closed.thresholds[0] == NEVER_EXIT
 
 
 def test_a_breach_on_served_answers_is_acted_on_before_a_full_round() -> None:
     controller = _controller()
-    for record in _records(1, 400, ramp_right=True):
-        controller.observe(record)
-    opened = controller.step()
+    opened = _feed(controller, _records(1, 400, ramp_right=True))
     assert opened is not None
-    breaching = [
-        FeedbackRecord("m", opened.version, (0,), r.confidence, r.prediction, r.final, np.zeros(8, dtype=int))
-        for r in _records(opened.version, 64, ramp_right=False, seed=2)  # served at ramp 0, and wrong
-    ]
+    breaching = _records(opened.version, 64, ramp_right=False, seed=2, exit_value=0)  # served at ramp 0, wrong
     for record in breaching:
         controller.observe(record)
     assert controller.window.fresh < controller.settings.min_fresh
     tightened = controller.step()
     assert tightened is not None and tightened.thresholds[0] > opened.thresholds[0]
+
+
+def test_answers_served_under_older_configurations_do_not_trigger_a_breach() -> None:
+    controller = _controller()
+    opened = _feed(controller, _records(1, 400, ramp_right=True))
+    assert opened is not None
+    for record in _records(1, 64, ramp_right=False, seed=2, exit_value=0):  # wrong, but served under v1
+        controller.observe(record)
+    assert controller.step() is None
+
+
+def test_exits_that_do_not_pay_are_switched_off_and_probed_later() -> None:
+    now = [0.0]
+    controller = _controller(adjust_every=1, clock=lambda: now[0])
+    controller.current = ExitConfig("m", 1, {0: 0.9})
+    controller.judge_from = 1
+    # Answered at 12 ms in a 12 ms batch with 1 ms of early-exit work: a measured loss.
+    off = _feed(controller, _records(1, 400, ramp_right=True, exit_value=0, answer_ms=12.0, overhead_ms=1.0))
+    assert off is not None and off.thresholds == {}
+    assert controller.step() is None  # off, and not yet time to probe
+    now[0] = 31.0
+    probe = controller.step()
+    assert probe is not None and probe.active_ramps == (0,) and probe.thresholds[0] < NEVER_EXIT
+    controller.committed(probe)
+    # The probe still loses: back off, for twice as long.
+    off_again = _feed(controller, _records(probe.version, 400, ramp_right=True, exit_value=0, overhead_ms=1.0))
+    assert off_again is not None and off_again.thresholds == {}
+    now[0] = 31.0 + 59.0
+    assert controller.step() is None
+
+
+def _trial(controller: ModelController, answer_ms: float) -> ExitConfig | None:
+    """Start a trial from a paying ramp 0, let the first round tune the new set, then judge it on ``answer_ms``."""
+    controller.current = ExitConfig("m", 1, {0: 0.9})
+    controller.judge_from = 1
+    trial = _feed(controller, _records(1, 400, ramp_right=True, exit_value=0, answer_ms=4.0))
+    assert trial is not None and controller.trial is not None and trial.active_ramps != (0,)
+    tuned = _feed(controller, _records(trial.version, 400, ramp_right=True, ramps=trial.active_ramps))
+    version = tuned.version if tuned is not None else trial.version
+    assert controller.trial is not None  # not judged on the round that tuned it
+    return _feed(controller, _records(version, 400, ramp_right=True, ramps=trial.active_ramps, exit_value=0,
+                                      answer_ms=answer_ms))
+
+
+def test_a_ramp_set_that_measures_better_is_kept() -> None:
+    controller = _controller(adjust_every=1)
+    _trial(controller, answer_ms=2.0)
+    assert controller.trial is None and controller.current.active_ramps != (0,)
+
+
+def test_a_ramp_set_that_measures_worse_is_rolled_back() -> None:
+    controller = _controller(adjust_every=1)
+    rolled_back = _trial(controller, answer_ms=9.0)
+    assert rolled_back is not None and rolled_back.thresholds == {0: 0.9}

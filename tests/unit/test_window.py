@@ -1,12 +1,18 @@
 import numpy as np
 
+from controller.latency import realised_saving_ms
 from controller.window import FeedbackWindow
-from early_exit.feedback import FeedbackRecord
+from early_exit.feedback import BatchTiming, FeedbackRecord
 
 
-def _record(ramps: tuple[int, ...], n: int, exit_value: int) -> FeedbackRecord:
-    return FeedbackRecord("m", 1, ramps, np.full((len(ramps), n), 0.5, np.float32), np.zeros((len(ramps), n), int),
-                          np.zeros(n, int), np.full(n, exit_value))
+def _timing(n: int, batch_ms: float = 10.0, overhead_ms: float = 0.0, idle_ms: float = 10.0,
+            answer_ms: np.ndarray | None = None) -> BatchTiming:
+    return BatchTiming(batch_ms, overhead_ms, idle_ms, np.full(n, batch_ms) if answer_ms is None else answer_ms)
+
+
+def _record(ramps: tuple[int, ...], n: int, exit_value: int, version: int = 1) -> FeedbackRecord:
+    return FeedbackRecord("m", version, ramps, np.full((len(ramps), n), 0.5, np.float32),
+                          np.zeros((len(ramps), n), int), np.zeros(n, int), np.full(n, exit_value), _timing(n))
 
 
 def test_window_keeps_only_recent_samples_and_restarts_on_new_ramp_set() -> None:
@@ -18,9 +24,27 @@ def test_window_keeps_only_recent_samples_and_restarts_on_new_ramp_set() -> None
     assert len(window) == 3 and window.ramps == (1,)
 
 
-def test_realised_accuracy_uses_the_answering_exit() -> None:
-    record = FeedbackRecord("m", 1, (0,), np.ones((1, 4), np.float32), np.array([[0, 1, 0, 1]]), np.zeros(4, int),
-                            np.array([0, 0, 1, 1]))  # samples 0 and 1 exited at ramp 0; 1 disagrees
+def test_realised_accuracy_uses_the_answering_exit_and_only_the_versions_asked_for() -> None:
     window = FeedbackWindow(capacity=100)
-    window.add(record)
-    assert window.view().realised_accuracy() == 0.75
+    window.add(FeedbackRecord("m", 1, (0,), np.ones((1, 4), np.float32), np.array([[1, 1, 1, 1]]), np.zeros(4, int),
+                              np.array([0, 0, 0, 0]), _timing(4)))  # served under v1 at ramp 0: all wrong
+    window.add(FeedbackRecord("m", 2, (0,), np.ones((1, 4), np.float32), np.array([[0, 1, 0, 1]]), np.zeros(4, int),
+                              np.array([0, 0, 1, 1]), _timing(4)))  # v2: samples 0, 1 exited at ramp 0; 1 disagrees
+    view = window.view()
+    assert view.realised_accuracy() == (0.375, 8)
+    assert view.realised_accuracy(since_version=2) == (0.75, 4)
+
+
+def test_measured_saving_counts_early_answers_and_charges_overhead() -> None:
+    window = FeedbackWindow(capacity=100)
+    # Batch of 4 took 10 ms of which 1 ms was early-exit work; two samples were answered at 3 ms, two at the end.
+    answers = np.array([3.0, 3.0, 10.0, 10.0])
+    window.add(FeedbackRecord("m", 1, (0,), np.ones((1, 4), np.float32), np.zeros((1, 4), int), np.zeros(4, int),
+                              np.array([0, 0, 1, 1]), _timing(4, 10.0, 1.0, 10.0, answers)))
+    window.add(FeedbackRecord("m", 1, (0,), np.ones((1, 4), np.float32), np.zeros((1, 4), int), np.zeros(4, int),
+                              np.array([0, 0, 1, 1]), _timing(4, 10.0, 1.0, 10.0, answers)))
+    view = window.view()
+    assert abs(view.busy - 20.0 / 30.0) < 1e-9  # the first batch's idle time precedes the window
+    saving, count = realised_saving_ms(view)
+    in_batch = np.mean(9.0 - answers)  # vanilla would have answered everyone at 10 - 1 ms
+    assert count == 8 and abs(saving - (in_batch - 1.0 * (2 / 3) / (1 / 3))) < 1e-6
