@@ -26,7 +26,7 @@ SST2_DIR ?= ../shared/data/sst2
 NLP_MODEL := sst2_minilm
 NLP_CHECKPOINT := models/$(NLP_MODEL).safetensors
 
-.PHONY: help setup model model-deep prepare reference-models serve stop demo test bench lint clean
+.PHONY: help setup model model-deep prepare reference-models serve stop demo test bench profile lint clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
@@ -98,6 +98,10 @@ bench: reference-models  ## side-by-side benchmark of every reference model (ben
 	$(PY) -m workload.bench --model $(MODEL) --dataset $(DATASET) --data-dir $(DATA_DIR) --requests 4000
 	$(if $(wildcard $(DEEP_CHECKPOINT)),$(PY) -m workload.bench --model $(DEEP_MODEL) --dataset $(DATASET) \
 	  --data-dir $(DATA_DIR) --requests 4000)
+
+profile: reference-models  ## where a request's time goes, early exit vs vanilla (bench_results/<model>/overhead.md)
+	$(PY) -m workload.overhead --model $(NLP_MODEL) --dataset sst2 --data-dir $(SST2_DIR)
+	$(PY) -m workload.overhead --model $(MODEL) --dataset $(DATASET) --data-dir $(DATA_DIR)
 
 lint: setup  ## ruff (style and bug checks configured in pyproject.toml)
 	$(PY) -m ruff check early_exit triton_backend controller workload model_zoo tests

@@ -2,8 +2,9 @@
 
 Accuracy is agreement with the original model's prediction. The guard admits a threshold vector when the Wilson
 lower confidence bound of its agreement on ``n`` samples is at least ``1 - budget``; with ``z = 0`` it is the paper's
-point estimate. A window too small for even a perfect record to pass cannot decide anything, and the caller must
-then keep what it has rather than close every exit.
+point estimate. Closing needs the mirror image: the upper bound below ``1 - budget``. Between the two, what is in
+use stays. A window too small for even a perfect record to pass cannot decide anything, and the caller must then
+keep what it has rather than close every exit.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import numpy as np
 
 
 def wilson_lower(successes: np.ndarray | float, n: int, z: float) -> np.ndarray:
-    """Wilson score lower bound of a binomial proportion (elementwise)."""
+    """Wilson score lower bound of a binomial proportion (elementwise); ``z < 0`` gives the upper bound."""
     p = np.asarray(successes, dtype=float) / n
-    if z <= 0:
+    if z == 0:
         return p
     denominator = 1 + z * z / n
     centre = p + z * z / (2 * n)
@@ -46,8 +47,13 @@ class AccuracyGuard:
         return 1.0 - self.budget
 
     def admits(self, agreeing: np.ndarray | float, n: int) -> np.ndarray:
-        """Whether ``agreeing`` answers out of ``n`` satisfy the budget (elementwise)."""
+        """Whether ``agreeing`` answers out of ``n`` satisfy the budget (elementwise): the evidence needed to open."""
         return wilson_lower(agreeing, n, self.z) >= self.floor - 1e-12
+
+    def breached(self, agreeing: float, n: int) -> bool:
+        """Whether ``agreeing`` answers out of ``n`` are clearly below the budget (the upper bound is): the evidence
+        needed to close. Between the two bounds the guard keeps what is in use, so noise does not churn exits."""
+        return n > 0 and bool(wilson_lower(agreeing, n, -self.z) < self.floor - 1e-12)
 
     @property
     def min_samples(self) -> int:

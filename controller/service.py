@@ -19,7 +19,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import redis
@@ -102,6 +102,7 @@ class ModelController:
         self.clock = clock
         self.rounds = 0
         self.current = current
+        self.last_open = dict(manifest.initial_thresholds)  # the last thresholds that let something exit
         self.adopt(current)
 
     @property
@@ -116,6 +117,8 @@ class ModelController:
         self.parked: dict[int, float] = {}  # the set switched off for not paying, probed again later
         self.off_until = 0.0
         self.probe_after = self.settings.probe_after
+        if any(t < NEVER_EXIT for t in config.thresholds.values()):
+            self.last_open = dict(config.thresholds)
 
     def observe(self, record: FeedbackRecord) -> None:
         if record.config_version < self.current.version and record.ramps != self.current.active_ramps:
@@ -130,7 +133,7 @@ class ModelController:
             return None
         view = self.window.view()
         served, count = view.realised_accuracy(since_version=self.current.version)
-        breached = count >= 32 and served < self.guard.floor
+        breached = self.guard.breached(round(served * count), count)
         if self.window.fresh < (self.settings.min_fresh // 4 if breached else self.settings.min_fresh):
             return None
         self.window.fresh = 0
@@ -139,7 +142,8 @@ class ModelController:
         exit_ms = latency.exit_latencies(view.ramps)
         thresholds = self._tune(view, exit_ms)
         proposal = None
-        if self.settings.adjust_every and self.rounds % self.settings.adjust_every == 0:
+        # A running experiment is judged as soon as it has enough measurements; the incumbent every few rounds.
+        if self.settings.adjust_every and (self.trial is not None or self.rounds % self.settings.adjust_every == 0):
             proposal = self._judge_ramp_set(view, thresholds, latency)
         if proposal is None:
             old = np.asarray([self.current.thresholds[r] for r in view.ramps])
@@ -169,6 +173,8 @@ class ModelController:
             self.window.clear()
             untuned = any(t >= NEVER_EXIT for t in config.thresholds.values())
         self.judge_from = config.version + untuned
+        if any(t < NEVER_EXIT for t in config.thresholds.values()):
+            self.last_open = dict(config.thresholds)
         self.current = config
 
     def _publishable(self, thresholds: dict[int, float]) -> ExitConfig:
@@ -176,27 +182,32 @@ class ModelController:
                           writer=f"controller@{socket.gethostname()}")
 
     def _tune(self, view: WindowView, exit_ms: np.ndarray) -> np.ndarray | None:
-        """Thresholds chosen on half the window and confirmed on the other half; ``None`` keeps the current ones
-        (the window is too small to decide, or nothing better is confirmed)."""
+        """New thresholds, or ``None`` to keep the ones in use.
+
+        Candidates are chosen on half the window (from the thresholds in use) and must hold on the other half. A
+        candidate that saves less than what is in use, i.e. closes exits, is taken only when the answers the
+        current thresholds give on the whole window clearly breach the budget: small or noisy windows never close
+        exits that work.
+        """
         choose = np.arange(view.size) % 2 == 0
         picked, held_out = view.subset(np.flatnonzero(choose)), view.subset(np.flatnonzero(~choose))
         if not self.guard.decidable(picked.size):
             return None
         current = np.asarray([self.current.thresholds[r] for r in view.ramps])
-        correct = held_out.prediction == held_out.final
+        correct = view.prediction == view.final
+        now = evaluate(current, view.confidence, correct, exit_ms)
+        failing = self.guard.breached(round(now.accuracy * view.size), view.size)
         guard = self.guard
         for _ in range(3):
-            tuner = self.tuner if guard is self.guard else ThresholdTuner(
-                TunerSettings(guard, self.tuner.settings.initial_steps, self.tuner.settings.min_step))
+            tuner = ThresholdTuner(replace(self.tuner.settings, guard=guard))
             thresholds = tuner.tune(picked.confidence, picked.prediction, picked.final, exit_ms, current)
-            confirmed = evaluate(thresholds, held_out.confidence, correct, exit_ms).accuracy
-            if confirmed >= self.guard.floor:
-                return thresholds
+            candidate = evaluate(thresholds, held_out.confidence, held_out.prediction == held_out.final, exit_ms)
+            if candidate.accuracy >= self.guard.floor:
+                whole = evaluate(thresholds, view.confidence, correct, exit_ms)
+                return thresholds if failing or whole.saving_ms >= now.saving_ms else None
             chosen = evaluate(thresholds, picked.confidence, picked.prediction == picked.final, exit_ms).accuracy
-            guard = AccuracyGuard(max(0.0, guard.budget - max(chosen - confirmed, 0.001)), guard.z)
-        everything = evaluate(current, view.confidence, view.prediction == view.final, exit_ms)
-        return None if self.guard.admits(round(everything.accuracy * view.size), view.size) else \
-            np.full(len(view.ramps), NEVER_EXIT)
+            guard = replace(guard, budget=max(0.0, guard.budget - max(chosen - candidate.accuracy, 0.001)))
+        return np.full(len(view.ramps), NEVER_EXIT) if failing else None
 
     def _judge_ramp_set(self, view: WindowView, thresholds: np.ndarray | None,
                         latency: LatencyModel) -> dict[int, float] | None:
@@ -230,8 +241,9 @@ class ModelController:
         return {r: tuned.get(r, NEVER_EXIT) for r in active}
 
     def _switch_off(self, tuned: dict[int, float]) -> dict[int, float]:
-        """Exits do not pay at this load: serve the fused vanilla graph, and probe ``tuned`` again later."""
-        self.parked = tuned
+        """Exits do not pay at this load: serve the fused vanilla graph, and probe ``tuned`` (or, when it opens no
+        exit, the last configuration that did) again later."""
+        self.parked = tuned if any(t < NEVER_EXIT for t in tuned.values()) else dict(self.last_open)
         self.off_until = self.clock() + self.probe_after
         LOGGER.info("%s: early exits do not pay at the current load; off for %.0f s", self.manifest.name,
                     self.probe_after)

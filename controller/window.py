@@ -38,9 +38,9 @@ class WindowView:
 
     def served(self) -> np.ndarray:
         """The prediction each sample was answered with (its exit ramp's, or the final layer's)."""
-        row = {ramp: i for i, ramp in enumerate(self.ramps)}
-        position = np.array([row.get(int(e), len(self.ramps)) for e in self.exit], dtype=int)
-        return served_predictions(self.prediction, self.final, position)
+        lookup = np.full(max(int(self.exit.max(initial=0)), *self.ramps, 0) + 1, len(self.ramps))
+        lookup[list(self.ramps)] = np.arange(len(self.ramps))
+        return served_predictions(self.prediction, self.final, lookup[self.exit])
 
     def realised_accuracy(self, since_version: int = 0) -> tuple[float, int]:
         """Agreement with the original model of the answers served under configurations ``>= since_version``, and

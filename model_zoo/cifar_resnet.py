@@ -126,12 +126,14 @@ def train(
     settings: TrainSettings,
     state_path: Path | None = None,
     device: str = "cpu",
+    stop_after: int | None = None,
 ) -> CifarResNet:
     """Train with SGD + a one-cycle schedule, resumable at epoch granularity.
 
     After every epoch the model, optimiser, schedule and random-generator states are written atomically to
     ``state_path``; a later call with the same settings continues from the last finished epoch, so an interrupted
-    run (a killed job, a lost machine) costs at most one epoch. Deterministic for a given seed and device.
+    run (a killed job, a lost machine) costs at most one epoch. ``stop_after`` ends this call after that many
+    epochs (a time-boxed job); the next call continues. Deterministic for a given seed and device.
     """
     from tqdm import tqdm
 
@@ -158,7 +160,8 @@ def train(
     x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels)
     progress = tqdm(total=settings.epochs * steps_per_epoch, initial=first_epoch * steps_per_epoch,
                     desc=f"train resnet{settings.depth}", unit="step")
-    for epoch in range(first_epoch, settings.epochs):
+    last_epoch = settings.epochs if stop_after is None else min(settings.epochs, first_epoch + stop_after)
+    for epoch in range(first_epoch, last_epoch):
         model.train()
         order = torch.randperm(len(labels), generator=generator)
         correct = seen = 0

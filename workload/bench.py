@@ -212,6 +212,19 @@ def rounds_agreement(run: Run, original: np.ndarray) -> tuple[int, int, float]:
     return len(starts) - 1, below, lowest
 
 
+def recovery_rounds(run: Run, original: np.ndarray, shift_index: int) -> int | None:
+    """Configurations published after the input shift (request ``shift_index``) until one serves ≥ 99 % agreement
+    with the original model (0: it never fell below; ``None``: it never recovered within the run)."""
+    shift = run.answers[shift_index].sent
+    starts = [t for t, _, _ in run.configs if t >= shift]
+    windows = list(zip([shift, *starts], [*starts, np.inf]))
+    for rounds, (start, end) in enumerate(windows):
+        served = [a.label == original[a.index] for a in run.answers if start <= a.sent < end]
+        if len(served) >= 20 and np.mean(served) >= 0.99:
+            return rounds
+    return None
+
+
 def _row(run: Run, original: np.ndarray, vanilla: Run) -> str:
     lat, base = run.latencies(), vanilla.latencies()
     p50, p95, p99 = np.percentile(lat, [50, 95, 99])
@@ -321,7 +334,10 @@ def report(args: argparse.Namespace, manifest: Manifest, rate: float, count: int
         lines.append(f"| {system} | {1 - agree[:half].mean():.2%} | {1 - agree[half:].mean():.2%} | "
                      f"{1 - agree[quarter:].mean():.2%} | {exited[:half].mean():.1%} | {exited[half:].mean():.1%} | "
                      f"{np.median(lat[:half]):.2f} | {np.median(lat[half:]):.2f} |")
-    lines += ["", *[f"![{p.stem}]({p.name})" for p in paths]]
+    recovered = recovery_rounds(drift["adaptive"], original_drift, half)
+    lines += ["", "Adaptive after the shift: " + ("never back to 99 % agreement within the run" if recovered is None
+              else f"back to ≥ 99 % served agreement after {recovered} configuration change(s)"), ""]
+    lines += [*[f"![{p.stem}]({p.name})" for p in paths]]
     return "\n".join(lines) + "\n"
 
 

@@ -25,3 +25,10 @@ def test_min_agreeing_is_the_admission_boundary() -> None:
         k = guard.min_agreeing(n)
         assert bool(guard.admits(k, n)) and (k == 0 or not guard.admits(k - 1, n))
     assert np.all(guard.admits(np.array([2000, 1999]), 2000))
+
+
+def test_closing_needs_clear_evidence_of_a_breach() -> None:
+    guard = AccuracyGuard(0.01, 1.0)
+    assert not guard.breached(256, 259)  # 98.8 % on 259 answers: within noise of 99 %
+    assert guard.breached(240, 259)  # 92.7 %: clearly below
+    assert not guard.breached(0, 0)

@@ -61,3 +61,21 @@ def test_a_block_that_is_not_an_exported_program_is_refused(entry: Path) -> None
     (entry / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="cannot load exported block"):
         EarlyExitModel(entry)
+
+
+def test_every_ramp_set_runs_fused_segments_with_exact_outputs(repository: Path) -> None:
+    """Fusing the blocks between active ramps changes nothing: the same final output as the vanilla entry and the
+    same ramp verdicts whatever else is active."""
+    served = EarlyExitModel(repository / MODEL / "1")
+    vanilla = EarlyExitModel(repository / f"{MODEL}_vanilla" / "1")
+    images = torch.randint(0, 256, (5, 32, 32, 3), dtype=torch.uint8)
+    every = list(range(len(served.manifest.ramps)))
+    with torch.inference_mode():
+        reference = list(served.stages({"IMAGE": images}, every))
+        expected = list(vanilla.stages({"IMAGE": images}, []))[-1].probs
+        for active in ([], [0], [2, 5], every[-1:]):
+            verdicts = list(served.stages({"IMAGE": images}, active))
+            assert len(served.plan(active)) == len(active) + 1
+            assert torch.equal(verdicts[-1].probs, expected)
+            for verdict in verdicts[:-1]:
+                assert torch.equal(verdict.probs, reference[verdict.exit].probs)

@@ -148,3 +148,18 @@ def test_a_ramp_set_that_measures_worse_is_rolled_back() -> None:
     controller = _controller(adjust_every=1)
     rolled_back = _trial(controller, answer_ms=9.0)
     assert rolled_back is not None and rolled_back.thresholds == {0: 0.9}
+
+
+def test_a_noisy_small_shortfall_does_not_close_working_exits() -> None:
+    controller = _controller(z=1.0)
+    opened = _feed(controller, _records(1, 400, ramp_right=True))
+    assert opened is not None
+    records = _records(opened.version, 200, ramp_right=True, seed=4, exit_value=0)
+    first = records[0]
+    prediction = first.prediction.copy()
+    prediction[0, :3] = (first.final[:3] + 1) % 10  # 3 of 200 served answers disagree: 98.5 %, within noise of 99 %
+    records[0] = FeedbackRecord("m", first.config_version, first.ramps, first.confidence, prediction, first.final,
+                                first.exit, first.timing)
+    assert not controller.guard.breached(197, 200)
+    config = _feed(controller, records)
+    assert config is None or config.thresholds[0] < NEVER_EXIT
