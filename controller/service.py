@@ -142,8 +142,11 @@ class ModelController:
         exit_ms = latency.exit_latencies(view.ramps)
         thresholds = self._tune(view, exit_ms)
         proposal = None
-        # A running experiment is judged as soon as it has enough measurements; the incumbent every few rounds.
-        if self.settings.adjust_every and (self.trial is not None or self.rounds % self.settings.adjust_every == 0):
+        # The ramp set is judged every few rounds, and only while accuracy is in hand: after a breach the thresholds
+        # must settle first. A probe (exits back on after being switched off) is judged as soon as it is measured.
+        due = self.rounds % max(self.settings.adjust_every, 1) == 0 or (self.trial is not None and
+                                                                        not self.trial.previous)
+        if self.settings.adjust_every and due and not breached:
             proposal = self._judge_ramp_set(view, thresholds, latency)
         if proposal is None:
             old = np.asarray([self.current.thresholds[r] for r in view.ramps])
@@ -184,10 +187,11 @@ class ModelController:
     def _tune(self, view: WindowView, exit_ms: np.ndarray) -> np.ndarray | None:
         """New thresholds, or ``None`` to keep the ones in use.
 
-        Candidates are chosen on half the window (from the thresholds in use) and must hold on the other half. A
-        candidate that saves less than what is in use, i.e. closes exits, is taken only when the answers the
+        Candidates are chosen on half the window (climbing from the thresholds in use) and must hold on the other
+        half. A candidate that saves less than what is in use, i.e. closes exits, is taken only when the answers the
         current thresholds give on the whole window clearly breach the budget: small or noisy windows never close
-        exits that work.
+        exits that work. On a breach the thresholds in use first back off as the paper does (each ramp's
+        ``1 - threshold`` scaled down until the guard admits them), and the climb starts from there.
         """
         choose = np.arange(view.size) % 2 == 0
         picked, held_out = view.subset(np.flatnonzero(choose)), view.subset(np.flatnonzero(~choose))
@@ -197,10 +201,11 @@ class ModelController:
         correct = view.prediction == view.final
         now = evaluate(current, view.confidence, correct, exit_ms)
         failing = self.guard.breached(round(now.accuracy * view.size), view.size)
+        start = self._back_off(current, picked, exit_ms) if failing else current
         guard = self.guard
         for _ in range(3):
             tuner = ThresholdTuner(replace(self.tuner.settings, guard=guard))
-            thresholds = tuner.tune(picked.confidence, picked.prediction, picked.final, exit_ms, current)
+            thresholds = tuner.tune(picked.confidence, picked.prediction, picked.final, exit_ms, start)
             candidate = evaluate(thresholds, held_out.confidence, held_out.prediction == held_out.final, exit_ms)
             if candidate.accuracy >= self.guard.floor:
                 whole = evaluate(thresholds, view.confidence, correct, exit_ms)
@@ -208,6 +213,17 @@ class ModelController:
             chosen = evaluate(thresholds, picked.confidence, picked.prediction == picked.final, exit_ms).accuracy
             guard = replace(guard, budget=max(0.0, guard.budget - max(chosen - candidate.accuracy, 0.001)))
         return np.full(len(view.ramps), NEVER_EXIT) if failing else None
+
+    def _back_off(self, current: np.ndarray, picked: WindowView, exit_ms: np.ndarray) -> np.ndarray:
+        """The least tightening of ``current`` (``1 - t`` scaled by a shrinking factor) the guard admits on
+        ``picked``; every ramp closed when none is."""
+        correct = picked.prediction == picked.final
+        for factor in (0.5, 0.25, 0.1, 0.05, 0.02):
+            scaled = np.where(current < NEVER_EXIT, 1.0 - (1.0 - current) * factor, NEVER_EXIT)
+            accuracy = evaluate(scaled, picked.confidence, correct, exit_ms).accuracy
+            if self.guard.admits(round(accuracy * picked.size), picked.size):
+                return scaled
+        return np.full(len(current), NEVER_EXIT)
 
     def _judge_ramp_set(self, view: WindowView, thresholds: np.ndarray | None,
                         latency: LatencyModel) -> dict[int, float] | None:

@@ -30,18 +30,26 @@ def _library_dir() -> Path:
     return Path(pytriton.__file__).resolve().parent.parent / "nvidia_pytriton.libs"
 
 
+def _install(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` by atomic rename, so a running server's stub or library is never overwritten in
+    place (Linux refuses to write an executable that is running: "Text file busy")."""
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.copy2(source, partial)
+    os.replace(partial, target)
+
+
 def assemble_backends(destination: Path) -> Path:
     """Create ``destination/python`` and ``destination/apparate``; idempotent. Returns ``destination``."""
     root = _triton_root()
     python_dir = destination / "python"
     python_dir.mkdir(parents=True, exist_ok=True)
     for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
-        shutil.copy2(root / "backends" / "python" / name, python_dir / name)
+        _install(root / "backends" / "python" / name, python_dir / name)
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.is_file():
         raise FileNotFoundError(f"the Triton wheel has no Python backend stub for Python {version}")
-    shutil.copy2(stub, python_dir / "triton_python_backend_stub")
+    _install(stub, python_dir / "triton_python_backend_stub")
     apparate_dir = destination / BACKEND_NAME
     apparate_dir.mkdir(parents=True, exist_ok=True)
     (apparate_dir / "model.py").write_text(_SHIM, encoding="utf-8")

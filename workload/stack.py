@@ -63,14 +63,17 @@ class Process:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.popen.poll() is not None:
-            return
-        self.popen.send_signal(signal.SIGINT if self.name == "controller" else signal.SIGTERM)
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(5)
+        """Stop gracefully, then make sure nothing it started outlives it (Triton's Python stubs are its children
+        and would otherwise keep running, and keep the stub binary busy, after a killed server)."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGINT if self.name == "controller" else signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)  # its own process group: see _spawn
 
 
 def _spawn(name: str, command: list[str], log_dir: Path, env: dict[str, str] | None = None,
@@ -78,8 +81,9 @@ def _spawn(name: str, command: list[str], log_dir: Path, env: dict[str, str] | N
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{name}.log"
     handle = log.open("ab")
+    # Each child leads its own process group (a new session when detached), so stopping it can reap its children.
     popen = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                             start_new_session=detach)
+                             start_new_session=detach, process_group=None if detach else 0)
     handle.close()
     return Process(name, popen, log)
 

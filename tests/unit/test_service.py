@@ -81,7 +81,7 @@ def test_accuracy_breach_closes_the_ramp() -> None:
     opened = _feed(controller, _records(1, 400, ramp_right=True))
     assert opened is not None and opened.thresholds[0] < NEVER_EXIT
     closed = _feed(controller, _records(opened.version, 400, ramp_right=False, seed=1))  # inputs drifted
-    assert closed is not None and closed.thresholds[0] == NEVER_EXIT
+    assert closed is not None and closed.thresholds[0] > float(np.float32(0.97))  # nothing seen exits any more
 
 
 def test_a_breach_on_served_answers_is_acted_on_before_a_full_round() -> None:
