@@ -201,7 +201,7 @@ class ModelController:
         correct = view.prediction == view.final
         now = evaluate(current, view.confidence, correct, exit_ms)
         failing = self.guard.breached(round(now.accuracy * view.size), view.size)
-        start = self._back_off(current, picked, exit_ms) if failing else current
+        start = self._back_off(current, view, exit_ms) if failing else current
         guard = self.guard
         for _ in range(3):
             tuner = ThresholdTuner(replace(self.tuner.settings, guard=guard))
@@ -214,14 +214,14 @@ class ModelController:
             guard = replace(guard, budget=max(0.0, guard.budget - max(chosen - candidate.accuracy, 0.001)))
         return np.full(len(view.ramps), NEVER_EXIT) if failing else None
 
-    def _back_off(self, current: np.ndarray, picked: WindowView, exit_ms: np.ndarray) -> np.ndarray:
-        """The least tightening of ``current`` (``1 - t`` scaled by a shrinking factor) the guard admits on
-        ``picked``; every ramp closed when none is."""
-        correct = picked.prediction == picked.final
+    def _back_off(self, current: np.ndarray, view: WindowView, exit_ms: np.ndarray) -> np.ndarray:
+        """The least tightening of ``current`` (``1 - t`` scaled by a shrinking factor) the guard admits on the
+        whole window; every ramp closed when none is."""
+        correct = view.prediction == view.final
         for factor in (0.5, 0.25, 0.1, 0.05, 0.02):
             scaled = np.where(current < NEVER_EXIT, 1.0 - (1.0 - current) * factor, NEVER_EXIT)
-            accuracy = evaluate(scaled, picked.confidence, correct, exit_ms).accuracy
-            if self.guard.admits(round(accuracy * picked.size), picked.size):
+            accuracy = evaluate(scaled, view.confidence, correct, exit_ms).accuracy
+            if self.guard.admits(round(accuracy * view.size), view.size):
                 return scaled
         return np.full(len(current), NEVER_EXIT)
 
