@@ -129,8 +129,8 @@ class ModelController:
         """A new configuration when fresh feedback justifies one, else ``None``."""
         if not self.current.active_ramps:
             return self._probe() if self.parked and self.clock() >= self.off_until else None
-        if self.window.ramps != self.current.active_ramps or not self.window.fresh:
-            return None
+        if self.window.ramps != self.current.active_ramps or self.window.fresh < self.settings.min_fresh // 4:
+            return None  # cheap exit on most polls: a breach is judged on a quarter of a round at the earliest
         view = self.window.view()
         served, count = view.realised_accuracy(since_version=self.current.version)
         breached = self.guard.breached(round(served * count), count)
@@ -233,6 +233,10 @@ class ModelController:
             return None
         tuned = dict(self.current.thresholds) if thresholds is None else \
             {r: float(t) for r, t in zip(view.ramps, thresholds)}
+        if all(t >= NEVER_EXIT for t in self.current.thresholds.values()):
+            # Nothing could exit under the thresholds in use, so there is no saving to judge: let the tuner open
+            # exits first; if it cannot either, these ramps are pure cost.
+            return self._switch_off(tuned) if all(t >= NEVER_EXIT for t in tuned.values()) else None
         if self.trial is not None:
             trial, self.trial = self.trial, None
             if saving > trial.baseline_ms:

@@ -163,3 +163,17 @@ def test_a_noisy_small_shortfall_does_not_close_working_exits() -> None:
     assert not controller.guard.breached(197, 200)
     config = _feed(controller, records)
     assert config is None or config.thresholds[0] < NEVER_EXIT
+
+
+def test_closed_ramps_are_reopened_by_tuning_before_their_saving_is_judged() -> None:
+    controller = _controller(adjust_every=1)
+    controller.current = ExitConfig("m", 1, {0: NEVER_EXIT})  # closed, e.g. after a breach: nothing to measure
+    config = _feed(controller, _records(1, 400, ramp_right=True, overhead_ms=1.0))
+    assert config is not None and config.thresholds[0] < NEVER_EXIT  # re-opened, not switched off
+
+
+def test_ramps_that_cannot_exit_within_budget_are_switched_off() -> None:
+    controller = _controller(adjust_every=1)
+    controller.current = ExitConfig("m", 1, {0: NEVER_EXIT})
+    config = _feed(controller, _records(1, 400, ramp_right=False, overhead_ms=1.0))
+    assert config is not None and config.thresholds == {}
