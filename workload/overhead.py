@@ -62,7 +62,7 @@ def in_process(served: EarlyExitModel, vanilla: EarlyExitModel, inputs: dict[str
     for batch in (1, 8):
         tensors = {k: torch.from_numpy(v) for k, v in _take(inputs, slice(0, batch)).items()}
 
-        def chain() -> None:
+        def chain(tensors: dict[str, torch.Tensor] = tensors) -> None:
             values = dict(tensors)
             for spec, block in zip(manifest.blocks, served.blocks):
                 outputs = block(*(values[name] for name in spec.inputs))
@@ -70,9 +70,9 @@ def in_process(served: EarlyExitModel, vanilla: EarlyExitModel, inputs: dict[str
 
         ramp_ms = [v.cost_ms for v in list(served.stages(tensors, list(range(len(manifest.ramps)))))[:-1]]
         lines.append(
-            f"| {batch} | {_median_ms(lambda: list(vanilla.stages(tensors, []))):.3f} | "
-            f"{_median_ms(lambda: list(served.stages(tensors, []))):.3f} | {_median_ms(chain):.3f} | "
-            f"{_median_ms(lambda: list(served.stages(tensors, active))):.3f} | {np.mean(ramp_ms):.3f} |"
+            f"| {batch} | {_median_ms(lambda t=tensors: list(vanilla.stages(t, []))):.3f} | "
+            f"{_median_ms(lambda t=tensors: list(served.stages(t, []))):.3f} | {_median_ms(chain):.3f} | "
+            f"{_median_ms(lambda t=tensors: list(served.stages(t, active))):.3f} | {np.mean(ramp_ms):.3f} |"
         )
     return lines
 
