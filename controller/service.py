@@ -148,23 +148,23 @@ class ModelController:
                                                                         not self.trial.previous)
         if self.settings.adjust_every and due and not breached:
             proposal = self._judge_ramp_set(view, thresholds, latency)
+        saving, measured = realised_saving_ms(view, self.judge_from)
+        summary = (f"window {view.size}, served agreement {served:.4f} ({count} answers under "
+                   f"v{self.current.version}), measured saving {saving:.2f} ms ({measured} samples, busy "
+                   f"{view.busy:.0%})")
         if proposal is None:
             old = np.asarray([self.current.thresholds[r] for r in view.ramps])
             if thresholds is None or np.abs(thresholds - old).max(initial=0.0) < self.settings.min_change:
                 # The first tuning on a new set kept its thresholds: from now on, judge the set as it is.
                 self.judge_from = min(self.judge_from, self.current.version)
+                LOGGER.info("%s: keeping v%d; %s", self.manifest.name, self.current.version, summary)
                 return None
             proposal = {r: float(t) for r, t in zip(view.ramps, thresholds)}
         evaluation = evaluate(np.asarray([proposal.get(r, NEVER_EXIT) for r in view.ramps]), view.confidence,
                               view.prediction == view.final, exit_ms)
-        saving, measured = realised_saving_ms(view, self.judge_from)
         config = self._publishable(proposal)
-        LOGGER.info(
-            "%s v%d: window %d, served agreement %.4f (%d answers under v%d), expected %.4f; modelled saving "
-            "%.2f ms, measured %.2f ms (%d samples, busy %.0f%%); thresholds %s",
-            self.manifest.name, config.version, view.size, served, count, self.current.version, evaluation.accuracy,
-            evaluation.saving_ms, saving, measured, 100 * view.busy, config.thresholds,
-        )
+        LOGGER.info("%s v%d: %s; expected agreement %.4f, modelled saving %.2f ms; thresholds %s", self.manifest.name,
+                    config.version, summary, evaluation.accuracy, evaluation.saving_ms, config.thresholds)
         return config
 
     def committed(self, config: ExitConfig) -> None:

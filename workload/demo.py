@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         original = np.array([a.label for a in vanilla])
         vanilla_ms = np.array([a.latency_ms for a in vanilla])
         print("[2/2] early exits, controller tuning live ...")
+        before = exits_per_ramp(stack.metrics_url, args.model)
+        exits: dict[int, int] = {}
         answers: list[Answer] = []
         worker = threading.Thread(target=replay, args=(stack.grpc_url, args.model, inputs, arrivals),
                                   kwargs={"answers": answers})
@@ -86,11 +88,14 @@ def main(argv: list[str] | None = None) -> int:
             median = np.median([a.latency_ms for a in recent])
             base = np.median(vanilla_ms[[a.index for a in recent]])
             config = read_config(client, RedisKeys(args.model))
-            thresholds = {r: round(t, 3) for r, t in config.thresholds.items()} if config else {}
-            exits = dict(sorted(exits_per_ramp(stack.metrics_url, args.model).items()))
+            live = config.thresholds if config else manifest.initial_thresholds  # v0: the bootstrap thresholds
+            thresholds = {r: round(t, 3) for r, t in live.items()}
+            exits = {e: n - before.get(e, 0) for e, n in sorted(exits_per_ramp(stack.metrics_url, args.model).items())
+                     if n > before.get(e, 0)}
             print(f"  {len(answers):>5} sent | v{config.version if config else 0} thresholds {thresholds or 'off'} | "
                   f"exits {exits} | last 300: agreement {agree:.2%}, median {median:.1f} ms vs vanilla {base:.1f} ms")
         config = read_config(client, RedisKeys(args.model))
+        print(f"exits per ramp ({manifest.final_exit} = final layer): {exits}")
         controller_log = stack.process("controller").log.read_text(errors="replace")
     errors = sum(a.error is not None for a in answers + vanilla)
     table, saving = _table(vanilla, answers, original)
