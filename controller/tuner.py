@@ -83,7 +83,7 @@ class _Climb:
         self.correct = correct
         self.exit_ms = exit_ms
         self.guard = guard
-        self.order = np.argsort(-confidence, axis=1, kind="stable")
+        self.order = np.argsort(-confidence, axis=1)  # order among equal confidences is irrelevant: ties move together
         self.descending = np.take_along_axis(confidence, self.order, axis=1).astype(float)
         # One sorted key for all ramps (confidence in [0, 1] shifted by 2r) so one searchsorted serves every ramp.
         self._offset = 2.0 * np.arange(self.ramps)
@@ -101,7 +101,8 @@ class _Climb:
         n, ramp_ids = self.n, self._ramp_ids
         thresholds = np.array(thresholds, dtype=float)
         counts = self.counts(thresholds)
-        first = first_exit(self.confidence, thresholds)
+        closed = bool((thresholds >= NEVER_EXIT).all())
+        first = np.full(n, self.ramps) if closed else first_exit(self.confidence, thresholds)
         agree = np.append(self.correct, np.ones((1, n), dtype=bool), axis=0)[first, np.arange(n)].astype(np.int64)
         correct = self.correct.astype(np.int64)
         hits = int(agree.sum())
