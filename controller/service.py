@@ -236,7 +236,8 @@ class ModelController:
         if all(t >= NEVER_EXIT for t in self.current.thresholds.values()):
             # Nothing could exit under the thresholds in use, so there is no saving to judge: let the tuner open
             # exits first; if it cannot either, these ramps are pure cost.
-            return self._switch_off(tuned) if all(t >= NEVER_EXIT for t in tuned.values()) else None
+            closed = all(t >= NEVER_EXIT for t in tuned.values())
+            return self._switch_off(tuned, "no exit is affordable within the accuracy budget") if closed else None
         if self.trial is not None:
             trial, self.trial = self.trial, None
             if saving > trial.baseline_ms:
@@ -247,10 +248,10 @@ class ModelController:
             LOGGER.info("%s: ramps %s rolled back to %s: measured saving %.2f ms, not above %.2f ms",
                         self.manifest.name, view.ramps, sorted(trial.previous), saving, trial.baseline_ms)
             if not trial.previous:
-                return self._switch_off(tuned)
+                return self._switch_off(tuned, "the probe did not pay either")
             return dict(trial.previous)
         if saving <= 0:
-            return self._switch_off(tuned)
+            return self._switch_off(tuned, f"early exits do not pay at the current load ({saving:.2f} ms measured)")
         active = self.adjuster.propose(view.ramps, np.asarray([tuned[r] for r in view.ramps]), view.confidence,
                                        latency)
         if active is None:
@@ -260,13 +261,12 @@ class ModelController:
         self.trial = Trial(dict(tuned), saving)
         return {r: tuned.get(r, NEVER_EXIT) for r in active}
 
-    def _switch_off(self, tuned: dict[int, float]) -> dict[int, float]:
-        """Exits do not pay at this load: serve the fused vanilla graph, and probe ``tuned`` (or, when it opens no
-        exit, the last configuration that did) again later."""
+    def _switch_off(self, tuned: dict[int, float], reason: str) -> dict[int, float]:
+        """Exits do not pay: serve the fused vanilla graph, and probe ``tuned`` (or, when it opens no exit, the last
+        configuration that did) again later."""
         self.parked = tuned if any(t < NEVER_EXIT for t in tuned.values()) else dict(self.last_open)
         self.off_until = self.clock() + self.probe_after
-        LOGGER.info("%s: early exits do not pay at the current load; off for %.0f s", self.manifest.name,
-                    self.probe_after)
+        LOGGER.info("%s: exits off for %.0f s: %s", self.manifest.name, self.probe_after, reason)
         self.probe_after = min(2 * self.probe_after, self.settings.max_probe_after)
         return {}
 
