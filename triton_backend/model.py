@@ -3,7 +3,8 @@
 The model is non-decoupled with dynamic batching: every request gets exactly one response, sent through its response
 sender with ``TRITONSERVER_RESPONSE_COMPLETE_FINAL`` the moment all of its samples are decided, and ``execute``
 returns ``None``. The batch always runs to the end, so the original model's prediction for every sample is known and
-becomes label-free accuracy feedback.
+becomes label-free accuracy feedback; the record also carries what the batch cost (wall time, early-exit overhead,
+when each sample was answered, idle time before it), so the controller can check that exits really save time.
 """
 
 from __future__ import annotations
