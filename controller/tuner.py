@@ -80,9 +80,7 @@ class _Climb:
     def __init__(self, confidence: np.ndarray, correct: np.ndarray, exit_ms: np.ndarray, guard: AccuracyGuard):
         self.ramps, self.n = confidence.shape
         self.confidence = confidence
-        self.correct = correct
         self.exit_ms = exit_ms
-        self.guard = guard
         self.order = np.argsort(-confidence, axis=1)  # order among equal confidences is irrelevant: ties move together
         self.descending = np.take_along_axis(confidence, self.order, axis=1).astype(float)
         # One sorted key for all ramps (confidence in [0, 1] shifted by 2r) so one searchsorted serves every ramp.
@@ -90,6 +88,9 @@ class _Climb:
         self._keys = (self.descending[:, ::-1] + self._offset[:, None]).ravel()
         self._ramp_ids = np.arange(self.ramps)
         self._base = self._ramp_ids * self.n
+        # Per exit position (ramps, then the final layer, which always agrees): whether its answer agrees.
+        self._agree_table = np.append(correct, np.ones((1, self.n), dtype=bool), axis=0).astype(np.int64)
+        self._min_hits = guard.min_agreeing(self.n)
 
     def counts(self, thresholds: np.ndarray) -> np.ndarray:
         """Samples clearing each ramp's threshold (0 for ``NEVER_EXIT``)."""
@@ -103,11 +104,11 @@ class _Climb:
         counts = self.counts(thresholds)
         closed = bool((thresholds >= NEVER_EXIT).all())
         first = np.full(n, self.ramps) if closed else first_exit(self.confidence, thresholds)
-        agree = np.append(self.correct, np.ones((1, n), dtype=bool), axis=0)[first, np.arange(n)].astype(np.int64)
-        correct = self.correct.astype(np.int64)
+        correct = self._agree_table
+        agree = correct[first, np.arange(n)]
         hits = int(agree.sum())
         latency = float(self.exit_ms[first].sum())
-        min_hits = self.guard.min_agreeing(n)
+        min_hits = self._min_hits
         steps = np.full(self.ramps, step)
         for _ in range(max_rounds):
             if steps.max() < min_step:
