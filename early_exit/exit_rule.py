@@ -30,6 +30,8 @@ def first_exit(confidence: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
         ``[..., N]`` integer exit positions.
     """
     exits = exits_at(confidence, np.asarray(thresholds, dtype=float)[..., :, None])
+    if exits.shape[-2] == 0:  # no active ramp: every sample runs to the final layer
+        return np.zeros(exits.shape[:-2] + exits.shape[-1:], dtype=np.intp)
     return np.where(exits.any(axis=-2), exits.argmax(axis=-2), confidence.shape[0])
 
 
