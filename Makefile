@@ -26,7 +26,7 @@ SST2_DIR ?= ../shared/data/sst2
 NLP_MODEL := sst2_minilm
 NLP_CHECKPOINT := models/$(NLP_MODEL).safetensors
 
-.PHONY: help setup model model-deep prepare reference-models serve stop demo test bench profile lint clean
+.PHONY: help setup model model-deep prepare reference-models serve stop demo test bench bench-controller profile lint clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
@@ -51,7 +51,7 @@ $(CHECKPOINT): | $(SETUP_STAMP)
 	$(PY) -m model_zoo.cifar_resnet --dataset $(DATASET) --data-dir $(DATA_DIR) --depth 20 --epochs 50 --out $@
 
 $(DEEP_CHECKPOINT): | $(SETUP_STAMP)
-	$(PY) -m model_zoo.cifar_resnet --dataset $(DATASET) --data-dir $(DATA_DIR) --depth 56 --epochs 40 --out $@
+	$(PY) -m model_zoo.cifar_resnet --dataset $(DATASET) --data-dir $(DATA_DIR) --depth 56 --epochs 30 --out $@
 
 model: $(CHECKPOINT)  ## train the reference ResNet-20 (committed; retrain with `rm $(CHECKPOINT); make model`)
 
@@ -98,6 +98,11 @@ bench: reference-models  ## side-by-side benchmark of every reference model (ben
 	$(PY) -m workload.bench --model $(MODEL) --dataset $(DATASET) --data-dir $(DATA_DIR) --requests 4000
 	$(if $(wildcard $(DEEP_CHECKPOINT)),$(PY) -m workload.bench --model $(DEEP_MODEL) --dataset $(DATASET) \
 	  --data-dir $(DATA_DIR) --requests 4000)
+
+bench-controller: reference-models  ## the controller's CPU share at 200 feedback samples/s (bench_results/controller_load.md)
+	@mkdir -p bench_results
+	$(PY) -m workload.controller_load --entry $(REPO)/$(NLP_MODEL)/1 --rate 200 --out bench_results/controller_load.md
+	$(PY) -m workload.controller_load --entry $(REPO)/$(MODEL)/1 --rate 200 --out bench_results/controller_load.md
 
 profile: reference-models  ## where a request's time goes, early exit vs vanilla (bench_results/<model>/overhead.md)
 	$(PY) -m workload.overhead --model $(NLP_MODEL) --dataset sst2 --data-dir $(SST2_DIR)
