@@ -108,20 +108,39 @@ def _is_symbolic_scalar(node: fx.Node) -> bool:
     return isinstance(node.meta.get("val"), torch.SymInt)
 
 
+def _same_size_in_inputs(size: fx.Node, user: fx.Node) -> tuple[fx.Node, int] | None:
+    """A tensor input of ``user`` and one of its dimensions that has the symbolic size ``size`` reads, if any."""
+    expr = size.meta["val"].node.expr
+    for tensor in user.all_input_nodes:
+        value = tensor.meta.get("val")
+        if isinstance(value, torch.Tensor):
+            for dim, extent in enumerate(value.shape):
+                if isinstance(extent, torch.SymInt) and extent.node.expr == expr:
+                    return tensor, dim
+    return None
+
+
 def localize_symbolic_scalars(module: fx.GraphModule) -> fx.GraphModule:
     """Recompute every symbolic scalar (``sym_size`` of the batch and arithmetic on it) right before each use.
 
     Exported graphs compute the batch size once and reuse it everywhere; left alone, that integer would have to be
-    handed from block to block, and an exported block cannot take a dynamic integer input. Tensors feeding the
-    recomputation are untouched, so a scalar derived from a value that is not live at a cut still prevents the cut.
+    handed from block to block, and an exported block cannot take a dynamic integer input. Each ``sym_size`` is read
+    from a tensor the user already consumes when one has that size (``x.reshape(x.shape[0], ...)`` in attention code
+    otherwise reads the model input, which would then stay live through the whole model and leave no cut point).
+    Other tensors feeding the recomputation are untouched, so a scalar derived from a value that is not live at a cut
+    still prevents the cut.
     """
     graph = module.graph
 
     def clone(node: fx.Node, before: fx.Node) -> fx.Node:
         with graph.inserting_before(before):
-            return graph.node_copy(
+            copy = graph.node_copy(
                 node, lambda arg: clone(arg, before) if isinstance(arg, fx.Node) and _is_symbolic_scalar(arg) else arg
             )
+        source = _same_size_in_inputs(node, before) if node.target is torch.ops.aten.sym_size.int else None
+        if source is not None:
+            copy.args = source
+        return copy
 
     for node in list(graph.nodes):
         for arg in list(node.all_input_nodes):
