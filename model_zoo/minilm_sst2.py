@@ -33,6 +33,8 @@ from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
 
+from triton_backend.raw_inputs import TextEncoder
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -92,22 +94,22 @@ class MiniLMClassifier(nn.Module):
         return self.head(pooled)
 
 
+def tokenizer_file() -> Path:
+    """MiniLM's ``tokenizer.json`` (WordPiece, ``[CLS] … [SEP]``, pad ``[PAD]``), as shipped by its package."""
+    return locate_minilm() / "tokenizer.json"
+
+
 @functools.cache
-def _tokenizer() -> Tokenizer:
-    """The local fast tokenizer (``tokenizers.Tokenizer`` from ``tokenizer.json``), loaded once."""
-    return Tokenizer.from_file(str(locate_minilm() / "tokenizer.json"))
+def text_encoder(max_length: int = SEQ_LEN) -> TextEncoder:
+    """The MiniLM tokenizer fixed to ``max_length`` tokens, loaded once per length."""
+    tokenizer = Tokenizer.from_file(str(tokenizer_file()))
+    return TextEncoder(tokenizer, max_length, pad_id=tokenizer.token_to_id("[PAD]"))
 
 
 def tokenize(sentences: list[str], max_length: int = SEQ_LEN) -> dict[str, np.ndarray]:
     """Sentences → int64 ``input_ids`` and ``attention_mask``, both ``[N, max_length]`` (``[CLS] … [SEP] [PAD]…``)."""
-    tokenizer = _tokenizer()
-    tokenizer.enable_truncation(max_length=max_length)
-    tokenizer.enable_padding(length=max_length, pad_id=tokenizer.token_to_id("[PAD]"), pad_token="[PAD]")
-    encodings = tokenizer.encode_batch(list(sentences))
-    return {
-        "input_ids": np.asarray([e.ids for e in encodings], dtype=np.int64).reshape(-1, max_length),
-        "attention_mask": np.asarray([e.attention_mask for e in encodings], dtype=np.int64).reshape(-1, max_length),
-    }
+    tokens = text_encoder(max_length).encode(sentences)
+    return {"input_ids": tokens["INPUT_IDS"], "attention_mask": tokens["ATTENTION_MASK"]}
 
 
 def factory() -> MiniLMClassifier:

@@ -6,29 +6,13 @@ that do not decode gets its own error response; the other requests of the batch 
 
 from __future__ import annotations
 
-import io
 import json
 from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from PIL import Image, UnidentifiedImageError
 
-
-def decode_image(data: bytes, height: int, width: int) -> np.ndarray:
-    """Decode to RGB uint8 ``[height, width, 3]``, resizing (bilinear) when the image has another size.
-
-    Raises:
-        ValueError: when ``data`` is not a decodable image.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            rgb = image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"not a decodable image ({len(data)} bytes): {exc}") from exc
-    if rgb.size != (width, height):
-        rgb = rgb.resize((width, height), Image.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8)
+from triton_backend.raw_inputs import decode_image
 
 
 class TritonPythonModel:

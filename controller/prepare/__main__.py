@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 from controller.guard import AccuracyGuard
+from controller.prepare.bootstrap import BUILT_IN, BootstrapOptions, load_bootstrap
 from controller.prepare.pipeline import PrepareSettings, RampReport, prepare
-from controller.prepare.sources import load_bootstrap, load_model
-from model_zoo.datasets import DEFAULT_CIFAR_DIR, cifar10_available
+from controller.prepare.sources import forward_inputs, load_model, output_classes
+from controller.prepare.text_pipeline import write_text_pipeline
 
 LOGGER = logging.getLogger("controller.prepare")
 
@@ -33,14 +34,28 @@ def main(argv: list[str] | None = None) -> int:
         "them and write <repository>/<name> (early-exit) and <repository>/<name>_vanilla (baseline) Triton entries.",
     )
     parser.add_argument("--model", default="model_zoo.cifar_resnet:CifarResNet",
-                        help="package.module:factory | torchvision:<name> | Hugging Face folder | file.onnx")
+                        help="package.module:factory | torchvision:<name> | Hugging Face sequence-classifier folder "
+                        "(with its tokenizer.json; also writes <name>_preprocess and the <name>_pipeline ensemble "
+                        "that takes raw text) | file.onnx. Image models take uint8 HWC RGB pixels.")
     parser.add_argument("--checkpoint", type=Path, default=None, help="safetensors state dict for the model")
     parser.add_argument("--name", required=True, help="Triton model name, e.g. cifar10_resnet")
-    parser.add_argument("--data", choices=("cifar10", "digits", "sst2", "auto"), default="auto",
-                        help="bootstrap data (auto: cifar10 when present, else digits)")
-    parser.add_argument("--data-dir", type=Path, default=None, help="folder of the data set's files")
+    parser.add_argument("--data", default="auto", metavar="DATA",
+                        help="unlabeled bootstrap inputs (the model's own predictions train the ramps): a built-in "
+                        f"set ({', '.join(BUILT_IN)}; auto: cifar10 when present, else digits), a folder of JPEG/PNG "
+                        "images (recursive; needs --image-size; files that do not decode are skipped and counted), "
+                        "a text file (.txt: one input per line; .csv/.tsv/.jsonl: see --text-column) or an .npz "
+                        "with one array per model input, named like the model's forward() parameters")
+    parser.add_argument("--data-dir", type=Path, default=None, help="folder of a built-in data set's files")
+    parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                        help="size images from a folder are resized to: the IMAGE input of the served entry")
+    parser.add_argument("--text-column", default=None,
+                        help="CSV/TSV column or JSONL key holding the text (a one-column CSV/TSV needs none)")
+    parser.add_argument("--max-length", type=int, default=64,
+                        help="tokens per text (padded or truncated): the served INPUT_IDS/ATTENTION_MASK length")
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
-    parser.add_argument("--bootstrap-fraction", type=float, default=0.1, help="leading share of the data used")
+    parser.add_argument("--bootstrap-fraction", type=float, default=None,
+                        help="share of the data used (default: the leading 10%% of a built-in set, all of your own "
+                        "inputs, drawn in a seeded random order)")
     parser.add_argument("--train-share", type=float, default=0.1, help="share of the bootstrap that trains ramps")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--overhead-budget", type=float, default=0.02, help="initial ramps' max added latency")
@@ -52,14 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="use at most this many bootstrap samples (tests)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    dataset = args.data
-    if dataset == "auto":
-        dataset = "cifar10" if cifar10_available(args.data_dir or DEFAULT_CIFAR_DIR) else "digits"
-        LOGGER.info("using data set %s", dataset)
-    bootstrap = load_bootstrap(dataset, args.data_dir, args.bootstrap_fraction, args.limit)
-    split = max(1, int(len(bootstrap) * args.train_share))
+    source = load_model(args.model, args.checkpoint)
+    options = BootstrapOptions(args.bootstrap_fraction, args.limit, args.data_dir,
+                               tuple(args.image_size) if args.image_size else None, args.text_column)
+    encoder = source.tokenizer.encoder(args.max_length) if source.tokenizer else None
+    bootstrap = load_bootstrap(args.data, options, encoder, forward_inputs(source.module), args.max_length)
+    split = min(max(1, int(len(bootstrap) * args.train_share)), len(bootstrap) - 1)
     LOGGER.info("bootstrap: %d samples (%d train ramps, %d validate)", len(bootstrap), split, len(bootstrap) - split)
-    model = load_model(args.model, args.checkpoint)
+    classes = output_classes(source.module, next(bootstrap.batches(slice(0, 2))()))
     settings = PrepareSettings(
         max_batch_size=args.max_batch_size,
         overhead_budget=args.overhead_budget,
@@ -67,11 +82,16 @@ def main(argv: list[str] | None = None) -> int:
         ramp_epochs=args.ramp_epochs,
     )
     manifest, reports = prepare(
-        model, args.name, bootstrap.inputs, bootstrap.primary, bootstrap.classes,
+        source.module, args.name, bootstrap.inputs, bootstrap.primary, classes,
         bootstrap.batches(slice(0, split)), bootstrap.batches(slice(split, None)), args.repository, settings,
     )
+    entries = [args.name, f"{args.name}_vanilla"]
+    if source.tokenizer is not None:
+        sequence_length = bootstrap.inputs[0].shape[0]  # INPUT_IDS, as prepared (an .npz may set its own)
+        entries += write_text_pipeline(args.repository, args.name, source.tokenizer, sequence_length, classes,
+                                       args.max_batch_size)
     _print_summary(reports)
-    print(f"\nwrote {args.repository / args.name} and {args.repository / (args.name + '_vanilla')}; "
+    print(f"\nwrote {', '.join(str(args.repository / e) for e in entries)}; "
           f"initial ramps {sorted(manifest.initial_thresholds)}")
     return 0
 

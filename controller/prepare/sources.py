@@ -1,24 +1,35 @@
-"""Where ``prepare`` gets models and bootstrap data from: user code, Hugging Face folders, torchvision, ONNX."""
+"""Where ``prepare`` gets models from: user code, Hugging Face folders, torchvision, ONNX.
+
+Every source ends up as an ``nn.Module`` that takes the served tensors positionally and returns logits ``[B, C]``:
+image models take uint8 HWC RGB pixels (``IMAGE``, normalisation inside the model), text models take
+``INPUT_IDS`` and ``ATTENTION_MASK``.
+"""
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
+from tokenizers import Tokenizer
 from torch import nn
 
-from early_exit.manifest import TensorSpec
+from triton_backend.raw_inputs import TextEncoder
 
-SEQUENCE_LENGTH = 64
+# torchvision's ImageNet classifiers expect these per-channel statistics (their weights' transforms say so).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class LogitsOnly(nn.Module):
-    """Adapts a Hugging Face sequence classifier to ``forward(input_ids, attention_mask) -> logits``."""
+    """Adapts a Hugging Face sequence classifier to ``forward(input_ids, attention_mask) -> logits``.
+
+    Single texts only: ``token_type_ids`` are left to the model's default (all zeros), which is also what
+    DistilBERT (no segment embeddings) and RoBERTa (one segment) expect.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -28,27 +39,127 @@ class LogitsOnly(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def load_model(source: str, checkpoint: Path | None = None) -> nn.Module:
+class ImageNetPixels(nn.Module):
+    """Adapts a torchvision classifier (float NCHW, ImageNet-normalised) to the served ``IMAGE``: uint8 HWC RGB."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        pixels = image.permute(0, 3, 1, 2).float() / 255.0
+        return self.model((pixels - self.mean) / self.std)
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """A text model's own tokenizer.
+
+    Args:
+        file: its ``tokenizer.json``.
+        pad_id: the padding id the model expects.
+        max_length: longest sequence its position embeddings cover (``None``: no limit known).
+    """
+
+    file: Path
+    pad_id: int
+    max_length: int | None
+
+    def encoder(self, max_length: int) -> TextEncoder:
+        """The tokenizer fixed to ``max_length`` tokens per text.
+
+        Raises:
+            SystemExit: when the model cannot take sequences that long.
+        """
+        if self.max_length is not None and max_length > self.max_length:
+            raise SystemExit(f"--max-length {max_length}: the model's position embeddings cover at most "
+                             f"{self.max_length} tokens")
+        return TextEncoder.from_file(self.file, max_length, self.pad_id)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The model to prepare and, for a text model that brings one, its tokenizer."""
+
+    module: nn.Module
+    tokenizer: TokenizerSpec | None = None
+
+
+def forward_inputs(model: nn.Module) -> list[str] | None:
+    """Names of the tensors ``model.forward`` takes, in order; ``None`` when it takes ``*inputs`` (ONNX graphs)."""
+    parameters = list(inspect.signature(model.forward).parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return None
+    return [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _pad_id(path: Path, tokenizer: Tokenizer, config_pad_id: int | None) -> int:
+    """The one pad id the tokenizer and the model config agree on (either may leave it unset)."""
+    candidates = {i for i in (config_pad_id, (tokenizer.padding or {}).get("pad_id")) if i is not None}
+    if len(candidates) != 1:
+        raise SystemExit(f"{path}: cannot tell the pad id (config.json pad_token_id {config_pad_id}, tokenizer.json "
+                         f"padding {tokenizer.padding}); set pad_token_id in config.json")
+    return candidates.pop()
+
+
+def _hugging_face(path: Path) -> tuple[nn.Module, TokenizerSpec]:
+    """A sequence classifier saved with ``save_pretrained`` plus the ``tokenizer.json`` saved beside it."""
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer_file = path / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise SystemExit(f"{path} has no tokenizer.json: save the model's fast tokenizer into the same folder "
+                         "(tokenizer.save_pretrained(folder))")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), attn_implementation="eager", local_files_only=True
+        )
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"{path} is not a Hugging Face sequence classifier this transformers can load: {exc}") from exc
+    config = model.config
+    max_length = getattr(config, "max_position_embeddings", None)
+    padding_idx = getattr(model.base_model.embeddings, "padding_idx", None)
+    if max_length is not None and padding_idx is not None:
+        max_length -= padding_idx + 1  # RoBERTa-style position ids start after the pad id
+    pad_id = _pad_id(path, Tokenizer.from_file(str(tokenizer_file)), config.pad_token_id)
+    return model, TokenizerSpec(tokenizer_file, pad_id, max_length)
+
+
+def _torchvision(name: str) -> nn.Module:
+    """An untrained torchvision architecture (weights come from ``--checkpoint``: nothing is downloaded)."""
+    try:
+        import torchvision
+    except (ImportError, RuntimeError, OSError) as exc:  # a build for another torch fails at import, not install
+        raise SystemExit(f"--model torchvision:{name} needs torchvision built for the installed torch "
+                         f"{torch.__version__} (see the compatibility table of pytorch/vision): {exc}") from exc
+    try:
+        return torchvision.models.get_model(name)
+    except ValueError as exc:
+        raise SystemExit(f"--model torchvision:{name}: {exc}") from exc
+
+
+def load_model(source: str, checkpoint: Path | None = None) -> ModelSource:
     """Instantiate the model to prepare.
 
     Args:
         source: ``package.module:factory`` (any callable returning an ``nn.Module``), ``torchvision:<name>``, a
-            Hugging Face folder with ``config.json`` (a sequence classifier), or an ``.onnx`` file.
-        checkpoint: optional safetensors state dict loaded into the module.
+            Hugging Face folder with ``config.json`` and ``tokenizer.json`` (a sequence classifier), or an ``.onnx``
+            file.
+        checkpoint: optional safetensors state dict, loaded into the model as its source defines it (for
+            torchvision and Hugging Face, the library's own module, before adapting it to the served tensors).
     """
     path = Path(source)
+    tokenizer = None
     if source.endswith(".onnx"):
         from controller.prepare.onnx_import import load_onnx
 
         model = load_onnx(path)
     elif path.is_dir() and (path / "config.json").is_file():
-        from transformers import AutoModelForSequenceClassification
-
-        model = LogitsOnly(AutoModelForSequenceClassification.from_pretrained(str(path), attn_implementation="eager"))
+        model, tokenizer = _hugging_face(path)
     elif source.startswith("torchvision:"):
-        import torchvision
-
-        model = getattr(torchvision.models, source.split(":", 1)[1])()
+        model = _torchvision(source.split(":", 1)[1])
     else:
         module_name, _, attribute = source.partition(":")
         if not attribute:
@@ -57,46 +168,26 @@ def load_model(source: str, checkpoint: Path | None = None) -> nn.Module:
         model = getattr(importlib.import_module(module_name), attribute)()
     if checkpoint is not None:
         model.load_state_dict(load_file(str(checkpoint)))
-    return model.eval()
+    if tokenizer is not None:
+        model = LogitsOnly(model)
+    elif source.startswith("torchvision:"):
+        model = ImageNetPixels(model)
+    return ModelSource(model.eval(), tokenizer)
 
 
-@dataclass(frozen=True)
-class Bootstrap:
-    """Bootstrap data as served tensors: ``arrays`` are in ``inputs`` order, sample-major."""
+def output_classes(model: nn.Module, example: dict[str, torch.Tensor]) -> int:
+    """How many classes ``model`` predicts, checking on ``example`` that it takes these tensors and returns logits.
 
-    inputs: tuple[TensorSpec, ...]
-    primary: str
-    classes: int
-    arrays: dict[str, np.ndarray]
-
-    def __len__(self) -> int:
-        return len(next(iter(self.arrays.values())))
-
-    def batches(self, index: slice, batch_size: int = 250) -> Callable[[], Iterator[dict[str, torch.Tensor]]]:
-        def iterate() -> Iterator[dict[str, torch.Tensor]]:
-            selected = {name: array[index] for name, array in self.arrays.items()}
-            total = len(next(iter(selected.values())))
-            for start in range(0, total, batch_size):
-                yield {name: torch.from_numpy(a[start : start + batch_size]) for name, a in selected.items()}
-
-        return iterate
-
-
-def load_bootstrap(dataset: str, data_dir: Path | None, fraction: float, limit: int | None) -> Bootstrap:
-    """The leading ``fraction`` of a data set's training split, as the tensors the served model takes."""
-    from model_zoo.datasets import load_image_set, load_sst2
-
-    if dataset == "sst2":
-        from model_zoo.minilm_sst2 import tokenize
-
-        text = load_sst2("train", data_dir) if data_dir else load_sst2("train")
-        count = min(max(10, int(len(text) * fraction)), limit or len(text))
-        tokens = tokenize(text.sentences[:count], max_length=SEQUENCE_LENGTH)
-        inputs = (TensorSpec("INPUT_IDS", "int64", (SEQUENCE_LENGTH,)),
-                  TensorSpec("ATTENTION_MASK", "int64", (SEQUENCE_LENGTH,)))
-        return Bootstrap(inputs, "INPUT_IDS", 2,
-                         {"INPUT_IDS": tokens["input_ids"], "ATTENTION_MASK": tokens["attention_mask"]})
-    images = load_image_set(dataset, "train", data_dir)
-    count = min(max(10, int(len(images) * fraction)), limit or len(images))
-    spec = TensorSpec("IMAGE", "uint8", tuple(int(d) for d in images.images.shape[1:]))
-    return Bootstrap((spec,), "IMAGE", len(images.classes), {"IMAGE": images.images[:count]})
+    Raises:
+        SystemExit: when the model fails on the bootstrap tensors or does not return logits ``[B, C]``.
+    """
+    described = ", ".join(f"{name} {tuple(t.shape[1:])} {t.dtype}" for name, t in example.items())
+    try:
+        with torch.no_grad():
+            logits = model(*example.values())
+    except Exception as exc:  # whatever the model raises, it means these tensors do not fit it
+        raise SystemExit(f"the model does not take the bootstrap tensors ({described}): {exc}") from exc
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or len(logits) != len(next(iter(example.values()))):
+        raise SystemExit(f"the model must return logits [batch, classes] for ({described}); got "
+                         f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+    return int(logits.shape[1])
