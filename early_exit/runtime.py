@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import fx, nn
+from torch.export.passes import move_to_device_pass
 
 from early_exit.errors import ArtifactError
 from early_exit.manifest import BlockSpec, Manifest, load_manifest
@@ -70,13 +71,19 @@ def _plain_graph_module(module: fx.GraphModule) -> fx.GraphModule:
 
 
 def load_block(path: Path, device: torch.device) -> fx.GraphModule:
-    """Load one exported block onto ``device``; raises ``ArtifactError`` when the file cannot be loaded."""
+    """Load one exported block onto ``device``; raises ``ArtifactError`` when the file cannot be loaded.
+
+    An exported program records the device it was traced on wherever the model names one (``arange(...,
+    device=...)``, ``mask.to(x.device)``: Hugging Face attention-mask code is full of them) and keeps tensors created
+    in ``forward`` as constants that ``Module.to`` does not move. ``move_to_device_pass`` retargets both, so blocks
+    prepared on a CPU serve on a GPU.
+    """
     try:
         with _weights_only_loading():
-            module = torch.export.load(str(path)).module()
+            module = move_to_device_pass(torch.export.load(str(path)), device).module()
     except Exception as exc:  # torch raises many unrelated types for a bad archive
         raise ArtifactError(f"cannot load exported block {path}: {exc}") from exc
-    return _plain_graph_module(module).to(device)
+    return _plain_graph_module(module)
 
 
 def ramp_state_key(ramp_id: int) -> str:
