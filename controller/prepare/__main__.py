@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--z", type=float, default=AccuracyGuard.z,
                         help="lower-confidence-bound quantile of the accuracy guard (the controller's default)")
     parser.add_argument("--ramp-epochs", type=int, default=100)
+    parser.add_argument("--instance-kind", choices=("cpu", "gpu"), default="cpu",
+                        help="Triton instance_group kind of the entries; gpu also profiles latency on this machine's "
+                        "GPU, which must be the serving one (see docs/gpu.md)")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many bootstrap samples (tests)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -80,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         overhead_budget=args.overhead_budget,
         guard=AccuracyGuard(args.accuracy_budget, args.z),
         ramp_epochs=args.ramp_epochs,
+        instance_kind="KIND_GPU" if args.instance_kind == "gpu" else "KIND_CPU",
     )
     manifest, reports = prepare(
         source.module, args.name, bootstrap.inputs, bootstrap.primary, classes,

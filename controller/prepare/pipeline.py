@@ -25,7 +25,7 @@ from controller.prepare.blocks import BlockPlan, export_block, plan_blocks
 from controller.prepare.cutpoints import CutPoint, find_cut_points, localize_symbolic_scalars, split_at
 from controller.prepare.profiling import profile_model
 from controller.prepare.ramp_training import collect_features, train_ramps
-from controller.prepare.triton_config import render_config
+from controller.prepare.triton_config import InstanceKind, render_config
 from controller.tuner import ThresholdTuner, TunerSettings, evaluate
 from early_exit.exit_rule import NEVER_EXIT
 from early_exit.manifest import MANIFEST_FILE, BlockSpec, Manifest, RampSpec, TensorSpec, sha256_of
@@ -47,6 +47,9 @@ class PrepareSettings:
     ramp_epochs: ramp training epochs over the bootstrap training split.
     reference_batch: batch size used to weigh latencies when choosing the initial ramps.
     seed: seeds ramp initialisation and training order.
+    instance_kind: Triton instance kind of both entries. Latency is profiled on the device that kind serves on (the
+        profile chooses the initial ramps and steers the controller, and it does not carry across devices), so
+        ``KIND_GPU`` needs this machine to have the serving GPU.
     """
 
     max_batch_size: int = 32
@@ -55,6 +58,7 @@ class PrepareSettings:
     ramp_epochs: int = 100
     reference_batch: int = 8
     seed: int = 0
+    instance_kind: InstanceKind = "KIND_CPU"
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ def _export_entry(
     example: dict[str, torch.Tensor],
     ramps: Sequence[tuple[RampSpec, nn.Module]],
     max_batch_size: int,
+    instance_kind: InstanceKind,
 ) -> Manifest:
     """Write ``config.pbtxt`` and ``1/`` (blocks, ramps, manifest without profile) for one entry."""
     version = out_dir / "1"
@@ -127,8 +132,19 @@ def _export_entry(
     )
     manifest.validate()
     (version / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
-    (out_dir / "config.pbtxt").write_text(render_config(name, inputs, classes, max_batch_size), encoding="utf-8")
+    config = render_config(name, inputs, classes, max_batch_size, instance_kind=instance_kind)
+    (out_dir / "config.pbtxt").write_text(config, encoding="utf-8")
     return manifest
+
+
+def profiling_device(instance_kind: InstanceKind) -> torch.device:
+    """The device an entry of ``instance_kind`` serves on, where its latency must be measured."""
+    if instance_kind == "KIND_CPU":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("instance kind KIND_GPU: latency must be profiled on the serving GPU, and this machine has no "
+                         "CUDA device (or torch was built without CUDA)")
+    return torch.device("cuda")
 
 
 def _batch_sizes(max_batch_size: int) -> list[int]:
@@ -217,6 +233,7 @@ def prepare(
     settings: PrepareSettings,
 ) -> tuple[Manifest, list[RampReport]]:
     """Build ``repository/<name>`` and ``repository/<name>_vanilla``; returns the manifest and a per-ramp report."""
+    device = profiling_device(settings.instance_kind)  # fail before the slow steps
     torch.manual_seed(settings.seed)
     example = next(train_batches())
     example = {k: v[: min(len(v), 7)] for k, v in example.items()}  # an odd batch: no accidental size equalities
@@ -243,18 +260,20 @@ def prepare(
     ]
     entry = repository / name
     manifest = _export_entry(
-        entry, name, inputs, classes, plans, example, list(zip(ramp_specs, ramp_modules)), settings.max_batch_size
+        entry, name, inputs, classes, plans, example, list(zip(ramp_specs, ramp_modules)), settings.max_batch_size,
+        settings.instance_kind,
     )
     vanilla_plan = plan_blocks(split_at(graph, []), [], [t.name for t in inputs])
     vanilla_entry = repository / f"{name}_vanilla"
     vanilla = _export_entry(
-        vanilla_entry, f"{name}_vanilla", inputs, classes, vanilla_plan, example, [], settings.max_batch_size
+        vanilla_entry, f"{name}_vanilla", inputs, classes, vanilla_plan, example, [], settings.max_batch_size,
+        settings.instance_kind,
     )
 
     sizes = _batch_sizes(settings.max_batch_size)
-    served = EarlyExitModel(entry / "1")
+    served = EarlyExitModel(entry / "1", device)
     profile = profile_model(served, _make_inputs(example), sizes)
-    vanilla_profile = profile_model(EarlyExitModel(vanilla_entry / "1"), _make_inputs(example), sizes)
+    vanilla_profile = profile_model(EarlyExitModel(vanilla_entry / "1", device), _make_inputs(example), sizes)
     latency = LatencyModel.from_manifest(replace(manifest, profile=profile), settings.reference_batch)
     confidence, prediction, final = _validate_ramps(served, validation_batches)
     initial = choose_initial_ramps(latency, confidence, prediction, final, settings)

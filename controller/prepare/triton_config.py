@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 from early_exit.manifest import TensorSpec
 
 BACKEND = "apparate"
+
+InstanceKind = Literal["KIND_CPU", "KIND_GPU"]
 
 _TRITON_DTYPES = {
     "uint8": "TYPE_UINT8",
@@ -27,9 +30,12 @@ def render_config(
     classes: int,
     max_batch_size: int,
     max_queue_delay_us: int = 2000,
-    instance_kind: str = "KIND_CPU",
+    instance_kind: InstanceKind = "KIND_CPU",
 ) -> str:
     """A non-decoupled entry with dynamic batching: early answers go out through each request's response sender.
+
+    ``instance_kind`` is the ``instance_group`` kind; with ``KIND_GPU`` Triton gives each instance a GPU and the
+    backend runs the blocks and ramps on it.
 
     Outputs: ``PROBS`` ``[classes]``, ``LABEL`` ``[1]``, ``EXIT`` ``[1]`` (ramp id; the number of candidate ramps
     means the final layer) and ``CONFIDENCE`` ``[1]``.
