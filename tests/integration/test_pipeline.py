@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import io
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import tritonclient.grpc as grpcclient
 from PIL import Image
 
+from early_exit.runtime import EarlyExitModel
 from tests.conftest import MODEL
 from tests.integration.conftest import publish
 from workload.metrics import metric
 from workload.stack import Stack
 
 pytestmark = pytest.mark.integration
+EARLY_RAMP = 2
 
 
 def _jpeg(image: np.ndarray) -> bytes:
@@ -30,18 +34,28 @@ def _request(data: list[bytes]) -> grpcclient.InferInput:
     return tensor
 
 
-def test_pipeline_answers_raw_jpeg_bytes_with_early_exits(stack: Stack, test_images: np.ndarray) -> None:
-    config = publish(stack, {2: 0.6, 5: 0.8})
+def _decoded(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))[None]
+
+
+def test_pipeline_answers_raw_jpeg_bytes_with_early_exits(
+    stack: Stack, repository: Path, test_images: np.ndarray
+) -> None:
+    encoded = [_jpeg(image) for image in test_images[:40]]
+    model = EarlyExitModel(repository / MODEL / "1")
+    with torch.inference_mode():
+        batch = torch.from_numpy(np.concatenate([_decoded(data) for data in encoded]))
+        confidence = next(model.stages({"IMAGE": batch}, [EARLY_RAMP])).confidence
+    config = publish(stack, {EARLY_RAMP: float(np.median(confidence))})  # about half exit at the early ramp
     deadline = time.monotonic() + 5
     while metric(stack.metrics_url, "apparate_config_version", model=MODEL) != config.version:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     client = grpcclient.InferenceServerClient(stack.grpc_url)
     exits, agree = [], []
-    for image in test_images[:40]:
-        data = _jpeg(image)
+    for data in encoded:
         through_pipeline = client.infer(f"{MODEL}_pipeline", [_request([data])])
-        decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))[None]
+        decoded = _decoded(data)
         direct_input = grpcclient.InferInput("IMAGE", list(decoded.shape), "UINT8")
         direct_input.set_data_from_numpy(decoded)
         direct = client.infer(MODEL, [direct_input])
@@ -49,7 +63,7 @@ def test_pipeline_answers_raw_jpeg_bytes_with_early_exits(stack: Stack, test_ima
         agree.append(through_pipeline.as_numpy("LABEL")[0, 0] == direct.as_numpy("LABEL")[0, 0])
         np.testing.assert_allclose(through_pipeline.as_numpy("PROBS"), direct.as_numpy("PROBS"), atol=1e-6)
     assert all(agree)
-    assert any(e in (2, 5) for e in exits), f"no early exit through the pipeline: {exits}"
+    assert EARLY_RAMP in exits, f"no early exit through the pipeline: {exits}"
 
 
 def test_pipeline_rejects_undecodable_bytes_without_hurting_other_requests(stack: Stack, test_images: np.ndarray):
