@@ -17,11 +17,8 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from torch import nn
 
+from model_zoo.vision import PixelNormalization
 from triton_backend.raw_inputs import TextEncoder
-
-# torchvision's ImageNet classifiers expect these per-channel statistics (their weights' transforms say so).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class LogitsOnly(nn.Module):
@@ -44,13 +41,11 @@ class ImageNetPixels(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
+        self.normalize = PixelNormalization()
         self.model = model
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        pixels = image.permute(0, 3, 1, 2).float() / 255.0
-        return self.model((pixels - self.mean) / self.std)
+        return self.model(self.normalize(image))
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from controller.prepare.__main__ import main as prepare
 from controller.prepare.cutpoints import find_cut_points
 from controller.prepare.pipeline import trace
-from controller.prepare.sources import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ImageNetPixels,
-    forward_inputs,
-    load_model,
-    output_classes,
-)
+from controller.prepare.sources import ImageNetPixels, forward_inputs, load_model, output_classes
 from early_exit.manifest import Manifest
+from model_zoo.vision import IMAGENET_MEAN, IMAGENET_STD
 
 WORDS = ("good", "bad", "great", "awful", "film", "plot", "not", "very", "a", "the", "fine", "dull")
 # (model type, special tokens in id order, pad token): BERT and DistilBERT pad with id 0, RoBERTa with id 1.
