@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -65,7 +66,11 @@ def _plain_graph_module(module: fx.GraphModule) -> fx.GraphModule:
     on every call: about 0.1 ms per block on a CPU, which would make a model cut into ten blocks 15-25 % slower than
     the vanilla one. Shapes and dtypes are already validated by Triton against ``config.pbtxt``.
     """
-    graph = copy.deepcopy(strip_runtime_asserts(module).graph)
+    with warnings.catch_warnings():
+        # torch's own copy hook for the graph's pytree specs uses a spelling torch itself deprecates; the warning
+        # says nothing about this code and would repeat for every block loaded.
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
+        graph = copy.deepcopy(strip_runtime_asserts(module).graph)
     graph.set_codegen(fx.graph.CodeGen())
     return fx.GraphModule(module, graph)
 

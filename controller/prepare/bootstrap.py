@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from controller.prepare.triton_config import _TRITON_DTYPES as SERVABLE_DTYPES
+from controller.prepare.triton_config import TRITON_DTYPES as SERVABLE_DTYPES
 from early_exit.manifest import TensorSpec
 from triton_backend.raw_inputs import IMAGE_INPUT, TEXT_INPUTS, TextEncoder, decode_image
 

@@ -11,7 +11,7 @@ BACKEND = "apparate"
 
 InstanceKind = Literal["KIND_CPU", "KIND_GPU"]
 
-_TRITON_DTYPES = {
+TRITON_DTYPES = {
     "uint8": "TYPE_UINT8",
     "int32": "TYPE_INT32",
     "int64": "TYPE_INT64",
@@ -40,7 +40,7 @@ def render_config(
     Outputs: ``PROBS`` ``[classes]``, ``LABEL`` ``[1]``, ``EXIT`` ``[1]`` (ramp id; the number of candidate ramps
     means the final layer) and ``CONFIDENCE`` ``[1]``.
     """
-    input_lines = ",\n".join(_tensor(t.name, _TRITON_DTYPES[t.dtype], t.shape) for t in inputs)
+    input_lines = ",\n".join(_tensor(t.name, TRITON_DTYPES[t.dtype], t.shape) for t in inputs)
     output_lines = ",\n".join(
         [
             _tensor("PROBS", "TYPE_FP32", [classes]),
