@@ -25,7 +25,7 @@ import numpy as np
 import redis
 
 from controller.adjuster import AdjusterSettings, RampAdjuster
-from controller.config_store import read_config, write_config
+from controller.config_store import publish_config, read_config
 from controller.guard import AccuracyGuard
 from controller.latency import LatencyModel, realised_saving_ms
 from controller.tuner import ThresholdTuner, TunerSettings, evaluate
@@ -302,6 +302,7 @@ class ControllerService:
         self.consumer = consumer or f"{socket.gethostname()}-{id(self):x}"
         self.controllers: dict[str, ModelController] = {}
         self._streams: dict[str, str] = {}  # feedback stream key -> model name
+        self._served: dict[str, int] = {}  # model name -> newest configuration version seen in its feedback
 
     def discover(self) -> None:
         """Attach to models that registered a manifest since the last call."""
@@ -328,6 +329,7 @@ class ControllerService:
                     raise
             self.controllers[name] = ModelController(manifest, current, self.settings)
             self._streams[keys.feedback] = name
+            self._served[name] = 0
             LOGGER.info("controlling %s (%d candidate ramps, config v%d)", name, len(manifest.ramps), current.version)
 
     def poll(self, block_ms: int = 200) -> int:
@@ -344,9 +346,12 @@ class ControllerService:
             for entry_id, fields in entries:
                 ids.append(entry_id)
                 try:
-                    controller.observe(FeedbackRecord.decode(fields))
+                    record = FeedbackRecord.decode(fields)
                 except EarlyExitError as exc:
                     LOGGER.warning("%s: skipping feedback %s: %s", name, entry_id, exc)
+                    continue
+                self._served[name] = max(self._served[name], record.config_version)
+                controller.observe(record)
             if ids:
                 self.client.xack(stream, GROUP, *ids)
             read += len(ids)
@@ -355,11 +360,22 @@ class ControllerService:
             stored = read_config(self.client, keys)
             if stored is not None and stored.version > controller.current.version:
                 controller.adopt(stored)  # someone else (an operator) wrote a newer one: build on it
+            if self._served[name] > controller.current.version:
+                LOGGER.warning("%s: the backends serve v%d, which Redis no longer holds; re-publishing v%d's "
+                               "thresholds above it", name, self._served[name], controller.current.version)
+                self._publish(name, controller, controller.current.thresholds, f"controller@{self.consumer}")
             config = controller.step()
             if config is not None:
-                write_config(self.client, keys, config)
-                controller.committed(config)
+                self._publish(name, controller, config.thresholds, config.writer)
         return read
+
+    def _publish(self, name: str, controller: ModelController, thresholds: dict[int, float], writer: str) -> None:
+        """Write the next version (above the one in use and above any the backends were seen serving, so none goes
+        backwards even after Redis lost the key); a newer configuration from another writer wins instead."""
+        written = publish_config(self.client, RedisKeys(name, self.prefix), thresholds, writer,
+                                 based_on=controller.current.version, floor=self._served[name])
+        if written is not None:
+            controller.committed(written)
 
     def run(self, stop_after: float | None = None) -> None:
         """Loop until interrupted (or for ``stop_after`` seconds), riding out Redis outages."""

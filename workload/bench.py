@@ -30,7 +30,7 @@ import numpy as np
 import redis
 import torch
 
-from controller.config_store import read_config, write_config
+from controller.config_store import publish_config
 from controller.latency import LatencyModel
 from controller.tuner import ThresholdTuner
 from early_exit.exit_config import ExitConfig
@@ -72,11 +72,8 @@ def _take(inputs: Inputs, index: slice | np.ndarray) -> Inputs:
     return {name: array[index] for name, array in inputs.items()}
 
 
-def _set_config(client: redis.Redis, model: str, thresholds: dict[int, float]) -> ExitConfig:
-    keys = RedisKeys(model)
-    current = read_config(client, keys)
-    config = ExitConfig(model, (current.version if current else 0) + 1, thresholds, writer="bench")
-    write_config(client, keys, config)
+def _set_config(client: redis.Redis, model: str, thresholds: dict[int, float]) -> ExitConfig | None:
+    config = publish_config(client, RedisKeys(model), thresholds, writer="bench")
     time.sleep(0.3)  # applied within milliseconds; margin for the next batch boundary
     return config
 

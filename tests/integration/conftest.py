@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import redis
 
-from controller.config_store import read_config, write_config
+from controller.config_store import publish_config
 from early_exit.exit_config import ExitConfig
 from early_exit.keys import RedisKeys
 from model_zoo.datasets import load_image_set
@@ -34,12 +34,8 @@ def stack(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         yield s
 
 
-def publish(stack: Stack, thresholds: dict[int, float], version: int | None = None) -> ExitConfig:
-    """Write a configuration one version above the stored one (or at ``version``)."""
-    client = redis.Redis.from_url(stack.redis_url)
-    keys = RedisKeys(MODEL)
-    current = read_config(client, keys)
-    config = ExitConfig(MODEL, version if version is not None else (current.version if current else 0) + 1,
-                        thresholds, writer="test")
-    write_config(client, keys, config)
+def publish(stack: Stack, thresholds: dict[int, float]) -> ExitConfig:
+    """Write a configuration one version above the stored one."""
+    config = publish_config(redis.Redis.from_url(stack.redis_url), RedisKeys(MODEL), thresholds, writer="test")
+    assert config is not None  # no ``based_on``: never refused
     return config

@@ -1,13 +1,16 @@
 """ModelController: tuning from feedback, the accuracy guard, measured savings, switching exits off and back on."""
 
 import numpy as np
+import redis
 
+from controller.config_store import read_config
 from controller.guard import AccuracyGuard
-from controller.service import ControllerSettings, ModelController
+from controller.service import ControllerService, ControllerSettings, ModelController
 from controller.tuner import TunerSettings
 from early_exit.exit_config import ExitConfig
 from early_exit.exit_rule import NEVER_EXIT
 from early_exit.feedback import BatchTiming, FeedbackRecord
+from early_exit.keys import RedisKeys
 from early_exit.manifest import BlockSpec, Manifest, Profile, RampSpec, TensorSpec
 
 
@@ -177,3 +180,48 @@ def test_ramps_that_cannot_exit_within_budget_are_switched_off() -> None:
     controller.current = ExitConfig("m", 1, {0: NEVER_EXIT})
     config = _feed(controller, _records(1, 400, ramp_right=False, overhead_ms=1.0))
     assert config is not None and config.thresholds == {}
+
+
+# ControllerService against a real redis-server: discovery, the consumer group, config writing.
+
+def _register(client: redis.Redis, manifest: Manifest) -> RedisKeys:
+    """What a backend's feedback publisher does on connection."""
+    keys = RedisKeys(manifest.name)
+    client.set(keys.manifest, manifest.to_json())
+    client.sadd(RedisKeys.models(), manifest.name)
+    return keys
+
+
+def _service(client: redis.Redis, **kwargs) -> ControllerService:
+    settings = ControllerSettings(tuner=TunerSettings(guard=AccuracyGuard(0.01, 0.0)), window=400, min_fresh=200,
+                                  adjust_every=0)
+    service = ControllerService(client, settings, **kwargs)
+    service.discover()
+    return service
+
+
+def _send(client: redis.Redis, keys: RedisKeys, records: list[FeedbackRecord]) -> None:
+    for record in records:
+        client.xadd(keys.feedback, record.encode())
+
+
+def test_a_restarted_controller_publishes_above_the_version_the_backends_serve(client: redis.Redis) -> None:
+    keys = _register(client, _manifest())  # Redis lost the config key; the backends still serve v7
+    service = _service(client)
+    _send(client, keys, _records(7, 400, ramp_right=True))
+    service.poll(block_ms=10)
+    stored = read_config(client, keys)
+    assert stored is not None and stored.version > 7
+
+
+def test_a_configuration_lost_with_redis_is_replaced_and_tuning_resumes(client: redis.Redis) -> None:
+    keys = _register(client, _manifest())
+    service = _service(client)
+    _send(client, keys, _records(7, 64, ramp_right=True, ramps=(1,)))  # a v7 the controller never saw, other ramps
+    service.poll(block_ms=10)
+    reasserted = read_config(client, keys)
+    assert reasserted is not None and reasserted.version == 8 and reasserted.thresholds == {0: NEVER_EXIT}
+    _send(client, keys, _records(8, 400, ramp_right=True))  # the backends switched to it
+    service.poll(block_ms=10)
+    tuned = read_config(client, keys)
+    assert tuned is not None and tuned.version == 9 and tuned.thresholds[0] < NEVER_EXIT
