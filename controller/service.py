@@ -15,6 +15,7 @@ measured saving beats the set it replaced, else rolled back.
 
 from __future__ import annotations
 
+import copy
 import logging
 import socket
 import time
@@ -82,6 +83,22 @@ class Trial:
     baseline_ms: float
 
 
+@dataclass(frozen=True)
+class _RoundState:
+    """What a tuning round may change on the way to proposing a configuration, kept to undo it if that
+    configuration is never written."""
+
+    fresh: int
+    rounds: int
+    judge_from: int
+    trial: Trial | None
+    parked: dict[int, float]
+    off_until: float
+    probe_after: float
+    last_open: dict[int, float]
+    adjuster: RampAdjuster  # a copy: it remembers which candidate ramps it tried
+
+
 class ModelController:
     """Tunes one model's thresholds and judges its ramp set from its feedback window.
 
@@ -113,6 +130,7 @@ class ModelController:
         """Take ``config`` as the one in use (ours, or written by someone else) and restart the experiment state."""
         self.current = config
         self.judge_from = config.version  # measured savings count samples served from this version on
+        self._uncommitted: _RoundState | None = None  # what the last round changed for a proposal not yet written
         self.trial: Trial | None = None
         self.parked: dict[int, float] = {}  # the set switched off for not paying, probed again later
         self.off_until = 0.0
@@ -126,7 +144,37 @@ class ModelController:
         self.window.add(record)
 
     def step(self) -> ExitConfig | None:
-        """A new configuration when fresh feedback justifies one, else ``None``."""
+        """A new configuration when fresh feedback justifies one, else ``None``.
+
+        What a round decides for a configuration it proposes (its evidence used up, a trial or probe under way, exits
+        switched off) takes effect only once ``committed`` says the configuration was written: when it was not (the
+        write failed, or another writer's newer configuration won), the round is undone here and decided again.
+        """
+        if self._uncommitted is not None:
+            self._restore(self._uncommitted)
+        before = self._round_state()
+        config = self._decide()
+        self._uncommitted = before if config is not None else None
+        return config
+
+    def _round_state(self) -> _RoundState:
+        return _RoundState(self.window.fresh, self.rounds, self.judge_from, self.trial, self.parked, self.off_until,
+                           self.probe_after, self.last_open, copy.deepcopy(self.adjuster))
+
+    def _restore(self, state: _RoundState) -> None:
+        # Samples observed since the undone round stay fresh too; none beyond what the window still holds.
+        self.window.fresh = min(state.fresh + self.window.fresh, len(self.window))
+        self.rounds = state.rounds
+        self.judge_from = state.judge_from
+        self.trial = state.trial
+        self.parked = state.parked
+        self.off_until = state.off_until
+        self.probe_after = state.probe_after
+        self.last_open = state.last_open
+        self.adjuster = state.adjuster
+        self._uncommitted = None
+
+    def _decide(self) -> ExitConfig | None:
         if not self.current.active_ramps:
             return self._probe() if self.parked and self.clock() >= self.off_until else None
         if self.window.ramps != self.current.active_ramps or self.window.fresh < self.settings.min_fresh // 4:
@@ -179,6 +227,7 @@ class ModelController:
         if any(t < NEVER_EXIT for t in config.thresholds.values()):
             self.last_open = dict(config.thresholds)
         self.current = config
+        self._uncommitted = None
 
     def _publishable(self, thresholds: dict[int, float]) -> ExitConfig:
         return ExitConfig(self.manifest.name, self.current.version + 1, thresholds,

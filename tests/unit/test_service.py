@@ -182,6 +182,34 @@ def test_ramps_that_cannot_exit_within_budget_are_switched_off() -> None:
     assert config is not None and config.thresholds == {}
 
 
+def test_a_probe_that_was_not_written_is_proposed_again() -> None:
+    now = [0.0]
+    controller = _controller(adjust_every=1, clock=lambda: now[0])
+    controller.current = ExitConfig("m", 1, {0: 0.9})
+    controller.judge_from = 1
+    off = _feed(controller, _records(1, 400, ramp_right=True, exit_value=0, answer_ms=12.0, overhead_ms=1.0))
+    assert off is not None and off.thresholds == {}
+    now[0] = 31.0
+    probe = controller.step()
+    assert probe is not None  # ... and its write fails: never committed
+    retried = controller.step()
+    assert retried is not None and retried.thresholds == probe.thresholds
+
+
+def test_a_ramp_set_change_that_was_not_written_is_proposed_again() -> None:
+    controller = _controller(adjust_every=1)
+    controller.current = ExitConfig("m", 1, {0: 0.9})
+    controller.judge_from = 1
+    for record in _records(1, 400, ramp_right=True, exit_value=0, answer_ms=4.0):
+        controller.observe(record)
+    trial = controller.step()
+    assert trial is not None and trial.active_ramps != (0,)  # ... and its write fails: never committed
+    retried = controller.step()
+    assert retried is not None and retried.thresholds == trial.thresholds
+    controller.committed(retried)
+    assert controller.trial is not None and controller.current.active_ramps == trial.active_ramps
+
+
 # ControllerService against a real redis-server: discovery, the consumer group, config writing.
 
 def _register(client: redis.Redis, manifest: Manifest) -> RedisKeys:
