@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds exits stay off after they stopped paying before they are tried again")
     parser.add_argument("--overhead-budget", type=float, default=0.02, help="max ramp overhead vs vanilla latency")
     parser.add_argument("--max-ramps", type=int, default=4, help="max active ramps")
+    parser.add_argument("--consumer", default=None,
+                        help="this controller's name in the feedback consumer group; keep it across restarts "
+                        "(default: the host name)")
+    parser.add_argument("--claim-idle", type=float, default=30.0,
+                        help="seconds before feedback read but never acknowledged (its reader died) is claimed")
     parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -54,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         adjuster=AdjusterSettings(overhead_budget=args.overhead_budget, max_ramps=args.max_ramps),
     )
     client = redis.Redis.from_url(args.redis_url, socket_timeout=5, socket_connect_timeout=2)
-    service = ControllerService(client, settings, prefix=args.prefix, models=args.model)
+    service = ControllerService(client, settings, prefix=args.prefix, models=args.model, consumer=args.consumer,
+                                claim_idle=args.claim_idle)
     try:
         service.run(stop_after=args.duration)
     except KeyboardInterrupt:

@@ -16,9 +16,12 @@ measured saving beats the set it replaced, else rolled back.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
+import math
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -327,13 +330,45 @@ class ModelController:
         return self._publishable(thresholds)
 
 
+class RecentRecords:
+    """Digests of the last ``capacity`` feedback records read, so a record written twice is observed once.
+
+    A backend's XADD pipeline that redis-py retries after a lost reply writes its records again. Every record
+    carries its batch's own timestamp and timings, so two distinct batches never encode to the same bytes: a repeat
+    of a recent record's exact fields is such a copy.
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._order: deque[bytes] = deque()
+        self._seen: set[bytes] = set()
+        self._capacity = capacity
+
+    def first_sighting(self, fields: dict[bytes, bytes]) -> bool:
+        digest = hashlib.blake2b(digest_size=16)
+        for key, value in sorted(fields.items()):
+            for part in (key, value):
+                digest.update(len(part).to_bytes(8, "little") + part)
+        key = digest.digest()
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        self._order.append(key)
+        if len(self._order) > self._capacity:
+            self._seen.discard(self._order.popleft())
+        return True
+
+
 class ControllerService:
     """Args:
     client: Redis client.
     settings: control settings for every model.
     prefix: key namespace.
     models: restrict to these model names (default: every registered model).
-    consumer: consumer name within the group.
+    consumer: this controller's name within the consumer group. It must be the same after a restart (default: the
+        host name, i.e. the pod name on Kubernetes), so the entries it read but had not acknowledged when it died
+        are its own again.
+    claim_idle: seconds an entry may stay read but unacknowledged before it counts as abandoned (its reader died)
+        and is claimed, at start-up and then as often.
     """
 
     def __init__(
@@ -343,15 +378,19 @@ class ControllerService:
         prefix: str = DEFAULT_PREFIX,
         models: list[str] | None = None,
         consumer: str | None = None,
+        claim_idle: float = 30.0,
     ) -> None:
         self.client = client
         self.settings = settings
         self.prefix = prefix
         self.only = set(models) if models else None
-        self.consumer = consumer or f"{socket.gethostname()}-{id(self):x}"
+        self.consumer = consumer or socket.gethostname()
+        self.claim_idle = claim_idle
         self.controllers: dict[str, ModelController] = {}
         self._streams: dict[str, str] = {}  # feedback stream key -> model name
         self._served: dict[str, int] = {}  # model name -> newest configuration version seen in its feedback
+        self._recent = RecentRecords()
+        self._last_claim = -math.inf
 
     def discover(self) -> None:
         """Attach to models that registered a manifest since the last call."""
@@ -371,39 +410,83 @@ class ControllerService:
             if manifest.profile is None or not manifest.ramps:
                 continue
             current = read_config(self.client, keys) or ExitConfig(name, 0, dict(manifest.initial_thresholds))
-            try:
-                self.client.xgroup_create(keys.feedback, GROUP, id="$", mkstream=True)
-            except redis.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+            self._join_group(keys.feedback, start="$")  # a new deployment starts from now, not from old history
             self.controllers[name] = ModelController(manifest, current, self.settings)
             self._streams[keys.feedback] = name
             self._served[name] = 0
             LOGGER.info("controlling %s (%d candidate ramps, config v%d)", name, len(manifest.ramps), current.version)
 
     def poll(self, block_ms: int = 200) -> int:
-        """Read pending feedback of every model, step controllers, publish configurations; returns records read."""
+        """Read feedback of every model (abandoned entries first), step controllers, publish configurations;
+        returns records read."""
         if not self.controllers:
             return 0
-        streams = {RedisKeys(name, self.prefix).feedback: ">" for name in self.controllers}
-        replies = self.client.xreadgroup(GROUP, self.consumer, streams, count=500, block=block_ms) or []
+        try:
+            read = self._claim_abandoned() if time.monotonic() - self._last_claim >= self.claim_idle else 0
+            read += self._read_new(block_ms)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self._rejoin_groups()
+            return 0
+        self._step_models()
+        return read
+
+    def _join_group(self, stream: str, start: str) -> None:
+        try:
+            self.client.xgroup_create(stream, GROUP, id=start, mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _rejoin_groups(self) -> None:
+        """Redis lost the consumer group (a restart without persistence, a flush): create it again on every stream.
+        The models, their windows and the versions in use live on here; whatever the backends wrote since the loss
+        is read (from the start of the new stream), and their re-registered manifests change nothing."""
+        LOGGER.warning("consumer group %r is gone (Redis lost its data?); creating it again", GROUP)
+        for stream in self._streams:
+            self._join_group(stream, start="0")
+
+    def _claim_abandoned(self) -> int:
+        """Take over entries another reader (or a previous run of this one) read but never acknowledged."""
+        self._last_claim = time.monotonic()
         read = 0
-        for stream, entries in replies:
-            name = self._streams[stream.decode()]
-            controller = self.controllers[name]
-            ids = []
-            for entry_id, fields in entries:
-                ids.append(entry_id)
-                try:
-                    record = FeedbackRecord.decode(fields)
-                except EarlyExitError as exc:
-                    LOGGER.warning("%s: skipping feedback %s: %s", name, entry_id, exc)
-                    continue
-                self._served[name] = max(self._served[name], record.config_version)
-                controller.observe(record)
-            if ids:
-                self.client.xack(stream, GROUP, *ids)
-            read += len(ids)
+        for stream in self._streams:
+            cursor: bytes | str = "0-0"
+            while True:
+                cursor, entries, *_ = self.client.xautoclaim(stream, GROUP, self.consumer,
+                                                             min_idle_time=int(1000 * self.claim_idle),
+                                                             start_id=cursor, count=500)
+                read += self._consume(stream, entries)
+                if cursor in (b"0-0", "0-0"):
+                    break
+        if read:
+            LOGGER.info("claimed %d feedback records left unacknowledged by a stopped reader", read)
+        return read
+
+    def _read_new(self, block_ms: int) -> int:
+        streams = {stream: ">" for stream in self._streams}
+        replies = self.client.xreadgroup(GROUP, self.consumer, streams, count=500, block=block_ms) or []
+        return sum(self._consume(stream.decode(), entries) for stream, entries in replies)
+
+    def _consume(self, stream: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
+        """Observe ``entries`` of one model's stream, then acknowledge them; returns how many."""
+        name = self._streams[stream]
+        for entry_id, fields in entries:
+            if not self._recent.first_sighting(fields):
+                continue
+            try:
+                record = FeedbackRecord.decode(fields)
+            except EarlyExitError as exc:
+                LOGGER.warning("%s: skipping feedback %s: %s", name, entry_id, exc)
+                continue
+            self._served[name] = max(self._served[name], record.config_version)
+            self.controllers[name].observe(record)
+        if entries:
+            self.client.xack(stream, GROUP, *(entry_id for entry_id, _ in entries))
+        return len(entries)
+
+    def _step_models(self) -> None:
         for name, controller in self.controllers.items():
             keys = RedisKeys(name, self.prefix)
             stored = read_config(self.client, keys)
@@ -416,7 +499,6 @@ class ControllerService:
             config = controller.step()
             if config is not None:
                 self._publish(name, controller, config.thresholds, config.writer)
-        return read
 
     def _publish(self, name: str, controller: ModelController, thresholds: dict[int, float], writer: str) -> None:
         """Write the next version (above the one in use and above any the backends were seen serving, so none goes

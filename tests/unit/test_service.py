@@ -1,11 +1,13 @@
 """ModelController: tuning from feedback, the accuracy guard, measured savings, switching exits off and back on."""
 
+import time
+
 import numpy as np
 import redis
 
 from controller.config_store import read_config
 from controller.guard import AccuracyGuard
-from controller.service import ControllerService, ControllerSettings, ModelController
+from controller.service import GROUP, ControllerService, ControllerSettings, ModelController
 from controller.tuner import TunerSettings
 from early_exit.exit_config import ExitConfig
 from early_exit.exit_rule import NEVER_EXIT
@@ -253,3 +255,39 @@ def test_a_configuration_lost_with_redis_is_replaced_and_tuning_resumes(client: 
     service.poll(block_ms=10)
     tuned = read_config(client, keys)
     assert tuned is not None and tuned.version == 9 and tuned.thresholds[0] < NEVER_EXIT
+
+
+def test_feedback_is_read_again_after_redis_lost_the_consumer_group(client: redis.Redis) -> None:
+    keys = _register(client, _manifest())
+    service = _service(client)
+    client.flushall()  # Redis restarted without persistence: no group, no stream, no manifest
+    _register(client, _manifest())
+    records = _records(1, 80, ramp_right=True)
+    _send(client, keys, records)
+    assert sum(service.poll(block_ms=10) for _ in range(2)) == len(records)
+
+
+def test_the_consumer_name_survives_a_restart(client: redis.Redis) -> None:
+    assert _service(client).consumer == _service(client).consumer
+
+
+def test_entries_a_crashed_controller_never_acknowledged_are_claimed(client: redis.Redis) -> None:
+    keys = _register(client, _manifest())
+    _service(client)  # creates the group
+    records = _records(1, 80, ramp_right=True)
+    _send(client, keys, records)
+    client.xreadgroup(GROUP, "crashed", {keys.feedback: ">"})  # read, then killed before acknowledging
+    time.sleep(0.05)
+    successor = _service(client, consumer="successor", claim_idle=0.05)
+    assert successor.poll(block_ms=10) == len(records)
+    assert len(successor.controllers["m"].window) == 80
+    assert client.xpending(keys.feedback, GROUP)["pending"] == 0
+
+
+def test_a_record_written_twice_by_a_retried_pipeline_is_observed_once(client: redis.Redis) -> None:
+    keys = _register(client, _manifest())
+    service = _service(client)
+    record = _records(1, 8, ramp_right=True)[0]
+    _send(client, keys, [record, record])
+    service.poll(block_ms=10)
+    assert len(service.controllers["m"].window) == record.batch_size
