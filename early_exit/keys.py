@@ -1,4 +1,9 @@
-"""Redis key layout, in one place, so the backend and the controller can never disagree on names."""
+"""Redis key layout, in one place, so the backend and the controller can never disagree on names.
+
+Keys are only ever built from a model name, never parsed back into one: model names (and prefixes) may contain
+``:``, so whoever needs the model of a key keeps the mapping it built (the controller maps each feedback stream it
+reads to its model).
+"""
 
 from __future__ import annotations
 
