@@ -1,8 +1,15 @@
 """Ship feedback records to the Redis Stream from a background thread.
 
 Inference never waits on Redis: ``offer`` is a non-blocking put into a bounded queue. When the queue is full or Redis
-is unreachable, records are dropped and counted; the thread reconnects with back-off and, on every (re)connection,
-registers the model's manifest so the controller can find it.
+is unreachable, records are dropped and counted; the thread reconnects with back-off.
+
+The model's manifest (and its name in the model set) is how the controller finds the model. It is registered again
+every ``register_every`` seconds and after every failure, not just once: a Redis that restarted without its data is
+often never seen failing, because redis-py's retries hide a short outage. Registering is two idempotent writes, so
+repeating it is cheap. Those retries can also replay a whole XADD pipeline whose reply was lost, writing its records
+twice; rather than give up retries (and lose records on every blip), the controller drops a record that repeats a
+recent one byte for byte. The stream is trimmed on every XADD (``MAXLEN ~``), so Redis memory stays bounded when no
+controller reads it.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 import redis
@@ -25,11 +33,13 @@ class FeedbackPublisher:
     client: Redis client (its own connection pool; socket timeouts keep a dead server from stalling the thread).
     keys: key layout of the model.
     manifest_json: manifest to register on connection.
-    stream_maxlen: approximate cap of the stream length (``XADD MAXLEN ~``).
+    stream_maxlen: approximate cap of the stream length in records (``XADD MAXLEN ~``): minutes of feedback for a
+        controller that is down, tens of MB at most (a record of 32 samples and 8 ramps is about 2.5 KB).
     buffer: queue capacity in records.
     on_published / on_dropped: metric hooks, called with a count.
     flush_interval: seconds to gather records into one round trip; fewer round trips leave more CPU (and the GIL)
         to inference.
+    register_every: seconds between registrations of the manifest while feedback flows.
     """
 
     def __init__(
@@ -37,11 +47,12 @@ class FeedbackPublisher:
         client: redis.Redis,
         keys: RedisKeys,
         manifest_json: str,
-        stream_maxlen: int = 100_000,
+        stream_maxlen: int = 10_000,
         buffer: int = 1024,
         on_published: Callable[[int], None] = lambda n: None,
         on_dropped: Callable[[int], None] = lambda n: None,
         flush_interval: float = 0.25,
+        register_every: float = 10.0,
     ) -> None:
         self._flush_interval = flush_interval
         self._client = client
@@ -51,7 +62,8 @@ class FeedbackPublisher:
         self._queue: queue.Queue[FeedbackRecord | None] = queue.Queue(maxsize=buffer)
         self._on_published = on_published
         self._on_dropped = on_dropped
-        self._registered = False
+        self._register_every = register_every
+        self._register_due = 0.0  # monotonic time of the next registration
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"feedback-{keys.model}", daemon=True)
         self._thread.start()
@@ -76,8 +88,7 @@ class FeedbackPublisher:
         pipe.set(self._keys.manifest, self._manifest_json)
         pipe.sadd(RedisKeys.models(self._keys.prefix), self._keys.model)
         pipe.execute()
-        self._registered = True
-        LOGGER.info("registered manifest of %s in Redis", self._keys.model)
+        self._register_due = time.monotonic() + self._register_every
 
     def _run(self) -> None:
         backoff = 0.1
@@ -97,7 +108,7 @@ class FeedbackPublisher:
                     break
                 batch.append(item)
             try:
-                if not self._registered:
+                if time.monotonic() >= self._register_due:
                     self._register()
                 pipe = self._client.pipeline(transaction=False)
                 for item in batch:
@@ -106,7 +117,7 @@ class FeedbackPublisher:
                 self._on_published(len(batch))
                 backoff = 0.1
             except redis.RedisError as exc:
-                self._registered = False
+                self._register_due = 0.0  # register again as soon as Redis answers
                 self._on_dropped(len(batch))
                 LOGGER.warning("feedback to Redis failed (%s); dropped %d records, retrying in %.1fs",
                                exc, len(batch), backoff)
