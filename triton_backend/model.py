@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ class _Batch:
         self.owner = np.repeat(np.arange(len(requests)), sizes)
         self.pending = np.asarray(sizes, dtype=int)
         self.sent = np.zeros(len(requests), dtype=bool)
+        self.failed_sends = 0
         n = int(self.bounds[-1])
         self.undecided = np.ones(n, dtype=bool)
         self.probs = np.zeros((n, classes), dtype=np.float32)
@@ -77,24 +79,30 @@ class _Batch:
 
     def _send(self, index: int) -> None:
         lo, hi = self.bounds[index], self.bounds[index + 1]
-        response = pb_utils.InferenceResponse(
+        self._deliver(index, lambda: pb_utils.InferenceResponse(
             output_tensors=[
                 pb_utils.Tensor("PROBS", self.probs[lo:hi]),
                 pb_utils.Tensor("LABEL", self.label[lo:hi, None]),
                 pb_utils.Tensor("EXIT", self.exit[lo:hi, None]),
                 pb_utils.Tensor("CONFIDENCE", self.confidence[lo:hi, None]),
             ]
-        )
-        self.sent[index] = True
-        self.senders[index].send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        ))
 
     def fail_unsent(self, message: str) -> None:
         for index in np.flatnonzero(~self.sent):
-            self.sent[index] = True
-            self.senders[index].send(
-                pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
-                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-            )
+            self._deliver(int(index), lambda: pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
+
+    def _deliver(self, index: int, response: Callable[[], Any]) -> None:
+        """Send request ``index`` its one final response. Each request is answered on its own: a response that cannot
+        be built or sent is logged and counted (``failed_sends``) and never fails another request of the batch,
+        decided or not. The request counts as answered either way, since a second send to it would raise."""
+        self.sent[index] = True
+        try:
+            self.senders[index].send(response(), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception:  # noqa: BLE001 - one request's failure must not reach the others
+            self.failed_sends += 1
+            LOGGER.exception("response to request %d of a batch of %d could not be sent (%d such failures in this "
+                             "batch)", index, len(self.requests), self.failed_sends)
 
 
 class TritonPythonModel:
