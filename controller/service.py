@@ -492,9 +492,12 @@ class ControllerService:
             stored = read_config(self.client, keys)
             if stored is not None and stored.version > controller.current.version:
                 controller.adopt(stored)  # someone else (an operator) wrote a newer one: build on it
-            if self._served[name] > controller.current.version:
-                LOGGER.warning("%s: the backends serve v%d, which Redis no longer holds; re-publishing v%d's "
-                               "thresholds above it", name, self._served[name], controller.current.version)
+            in_use = max(controller.current.version, self._served[name])
+            if in_use > (stored.version if stored is not None else 0):
+                # Redis lost the configuration in use (or went back to an older one): write it again, above what
+                # is in use, so replicas that (re)start now load it and the backends accept it.
+                LOGGER.warning("%s: Redis does not hold v%d, which is in use; re-publishing v%d's thresholds above "
+                               "it", name, in_use, controller.current.version)
                 self._publish(name, controller, controller.current.thresholds, f"controller@{self.consumer}")
             config = controller.step()
             if config is not None:

@@ -291,3 +291,17 @@ def test_a_record_written_twice_by_a_retried_pipeline_is_observed_once(client: r
     _send(client, keys, [record, record])
     service.poll(block_ms=10)
     assert len(service.controllers["m"].window) == record.batch_size
+
+
+def test_the_configuration_in_use_is_written_again_after_redis_lost_it(client: redis.Redis) -> None:
+    keys = _register(client, _manifest())
+    service = _service(client)
+    _send(client, keys, _records(1, 400, ramp_right=True))
+    service.poll(block_ms=10)
+    tuned = read_config(client, keys)
+    assert tuned is not None
+    client.flushall()  # nothing served since: no feedback says which version is in use
+    service.poll(block_ms=10)
+    service.poll(block_ms=10)
+    restored = read_config(client, keys)
+    assert restored is not None and restored.version > tuned.version and restored.thresholds == tuned.thresholds
