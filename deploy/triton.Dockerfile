@@ -14,7 +14,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     APPARATE_REDIS_PREFIX=apparate
 
 # The Python backend stub embeds the image's Python 3.10; install into its site-packages.
-# async-timeout: redis-py needs it on Python < 3.11.3; pillow (the image_preprocess model decodes encoded images)
+# async-timeout: redis-py needs it on Python < 3.11.3; pillow (the <name>_preprocess models decode encoded images)
 # is a range because recent releases may have left Python 3.10 behind.
 RUN python3 -m pip install "torch==${TORCH_VERSION}" "numpy==1.26.4" "redis==8.1.0" "async-timeout==5.0.1" \
       "safetensors==0.8.0" "pillow>=11,<14"
@@ -36,9 +36,9 @@ RUN mkdir -p /opt/tritonserver/backends/apparate \
 COPY model_repository/ /models/
 
 EXPOSE 8000 8001 8002
-# Explicit model control, as `make serve`: /models also holds the digits_* ensemble, whose model is only there when
-# `make prepare` ran on the digits fallback. Serving digits_resnet instead: override the command's --load-model list.
+# Explicit model control, as `make serve`: /models may also hold other prepared entries (digits_resnet* when
+# `make prepare` ran on the digits fallback); to serve those, override the command's --load-model list.
 CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=explicit", \
      "--load-model=cifar10_resnet", "--load-model=cifar10_resnet_vanilla", \
-     "--load-model=image_preprocess", "--load-model=cifar10_resnet_pipeline", \
+     "--load-model=cifar10_resnet_preprocess", "--load-model=cifar10_resnet_pipeline", \
      "--http-port=8000", "--grpc-port=8001", "--allow-metrics=true", "--metrics-port=8002"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -29,13 +28,12 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def repository(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Path:
-    """``<MODEL>`` and ``<MODEL>_vanilla`` prepared from a reduced bootstrap set (keeps the suite fast)."""
+    """``<MODEL>``, ``<MODEL>_vanilla`` and the raw-image front (``<MODEL>_preprocess``, ``<MODEL>_pipeline``)
+    prepared from a reduced bootstrap set (keeps the suite fast)."""
     from controller.prepare.__main__ import main as prepare
 
     repo = tmp_path_factory.mktemp("model_repository")
     code = prepare(["--name", MODEL, "--checkpoint", str(checkpoint), "--data", DATASET, "--repository", str(repo),
                     "--limit", "2000", "--max-batch-size", "32"])
     assert code == 0
-    for entry in ("image_preprocess", f"{MODEL}_pipeline"):  # committed entries completing the ensemble
-        shutil.copytree(ROOT / "model_repository" / entry, repo / entry)
     return repo

@@ -10,8 +10,8 @@ from pathlib import Path
 from controller.guard import AccuracyGuard
 from controller.prepare.bootstrap import BUILT_IN, BootstrapOptions, load_bootstrap
 from controller.prepare.pipeline import PrepareSettings, RampReport, prepare
+from controller.prepare.raw_pipeline import servable_image, write_image_pipeline, write_text_pipeline
 from controller.prepare.sources import forward_inputs, load_model, output_classes
-from controller.prepare.text_pipeline import write_text_pipeline
 
 LOGGER = logging.getLogger("controller.prepare")
 
@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         sequence_length = bootstrap.inputs[0].shape[0]  # INPUT_IDS, as prepared (an .npz may set its own)
         entries += write_text_pipeline(args.repository, args.name, source.tokenizer, sequence_length, classes,
                                        args.max_batch_size)
+    elif (image := servable_image(bootstrap.inputs)) is not None:
+        entries += write_image_pipeline(args.repository, args.name, image, classes, args.max_batch_size)
     _print_summary(reports)
     print(f"\nwrote {', '.join(str(args.repository / e) for e in entries)}; "
           f"initial ramps {sorted(manifest.initial_thresholds)}")

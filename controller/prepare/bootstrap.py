@@ -3,7 +3,7 @@
 Ramps are trained on the model's own predictions, so any representative inputs will do. Accepted sources:
 
 - built-in data sets by name: ``cifar10``, ``digits`` (images) and ``sst2`` (text);
-- a folder of JPEG/PNG images (searched recursively), decoded and resized like ``image_preprocess`` does;
+- a folder of JPEG/PNG images (searched recursively), decoded and resized like the served ``<name>_preprocess`` entry does;
 - a text file: ``.txt`` (one input per line) or ``.csv`` / ``.tsv`` / ``.jsonl`` (one input per row, in
   ``text_column``), tokenised with the model's own tokenizer, like its ``<name>_preprocess`` entry does;
 - an ``.npz`` of ready tensors, one array per model input, named like the model's ``forward`` parameters.

@@ -29,7 +29,7 @@ def test_images() -> np.ndarray:
 def stack(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Redis + Triton serving both entries and the ensemble, no controller (tests write configurations themselves)."""
     logs = tmp_path_factory.mktemp("logs")
-    models = [MODEL, f"{MODEL}_vanilla", "image_preprocess", f"{MODEL}_pipeline"]
+    models = [MODEL, f"{MODEL}_vanilla", f"{MODEL}_preprocess", f"{MODEL}_pipeline"]
     with running_stack(repository, models=models, with_controller=False, log_dir=logs) as s:
         yield s
 
