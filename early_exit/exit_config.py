@@ -1,8 +1,9 @@
 """Exit configuration: which ramps are active and at which confidence threshold. Owner of its JSON format.
 
-The controller writes it to Redis with a strictly increasing ``version``; the backend validates it against its
-manifest and swaps it in between batches. What a threshold means is ``early_exit.exit_rule``'s to say; a threshold of
-``NEVER_EXIT`` keeps a ramp reporting feedback without ever answering.
+Every writer (the controller, tools, operators' scripts) stores it through ``controller.config_store``, whose
+compare-and-set keeps ``version`` strictly increasing and one version one document; the backend validates it against
+its manifest and swaps it in between batches. What a threshold means is ``early_exit.exit_rule``'s to say; a threshold
+of ``NEVER_EXIT`` keeps a ramp reporting feedback without ever answering.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """ModelController: tuning from feedback, the accuracy guard, measured savings, switching exits off and back on."""
 
 import time
+from typing import Any
 
 import numpy as np
 import redis
@@ -222,7 +223,7 @@ def _register(client: redis.Redis, manifest: Manifest) -> RedisKeys:
     return keys
 
 
-def _service(client: redis.Redis, **kwargs) -> ControllerService:
+def _service(client: redis.Redis, **kwargs: Any) -> ControllerService:
     settings = ControllerSettings(tuner=TunerSettings(guard=AccuracyGuard(0.01, 0.0)), window=400, min_fresh=200,
                                   adjust_every=0)
     service = ControllerService(client, settings, **kwargs)
