@@ -17,7 +17,9 @@ class WindowView:
 
     Per sample: ``confidence``/``prediction`` ``[R, N]``, ``final``, ``exit`` (ramp id or the final exit),
     ``version`` (configuration it was served under), ``answer_ms`` and, repeated from its batch, ``batch_ms`` and
-    ``overhead_ms``. ``busy`` is the share of wall time the instance spent executing batches over the window.
+    ``overhead_ms``, and ``sequence``, its position in the stream since the window (re)started: stable while the
+    sample stays in the window, so a split by it puts a sample on the same side in every round. ``busy`` is the share
+    of wall time the instance spent executing batches over the window.
     """
 
     ramps: tuple[int, ...]
@@ -29,6 +31,7 @@ class WindowView:
     answer_ms: np.ndarray
     batch_ms: np.ndarray
     overhead_ms: np.ndarray
+    sequence: np.ndarray
     mean_batch_size: float
     busy: float
 
@@ -55,7 +58,7 @@ class WindowView:
         """The samples at ``index`` (same ramps, batch-level figures kept)."""
         return WindowView(self.ramps, self.confidence[:, index], self.prediction[:, index], self.final[index],
                           self.exit[index], self.version[index], self.answer_ms[index], self.batch_ms[index],
-                          self.overhead_ms[index], self.mean_batch_size, self.busy)
+                          self.overhead_ms[index], self.sequence[index], self.mean_batch_size, self.busy)
 
 
 class FeedbackWindow:
@@ -73,6 +76,7 @@ class FeedbackWindow:
         self.ramps: tuple[int, ...] | None = None
         self._records: deque[FeedbackRecord] = deque()
         self._samples = 0
+        self._first = 0  # sequence number of the oldest sample held
         self.fresh = 0
 
     def add(self, record: FeedbackRecord) -> None:
@@ -83,11 +87,14 @@ class FeedbackWindow:
         self._samples += record.batch_size
         self.fresh += record.batch_size
         while self._records and self._samples - self._records[0].batch_size >= self.capacity:
-            self._samples -= self._records.popleft().batch_size
+            dropped = self._records.popleft().batch_size
+            self._samples -= dropped
+            self._first += dropped
 
     def clear(self) -> None:
         self._records.clear()
         self._samples = 0
+        self._first = 0
         self.fresh = 0
 
     def __len__(self) -> int:
@@ -99,7 +106,7 @@ class FeedbackWindow:
         if not records:
             empty = np.zeros(0)
             return WindowView(ramps, np.zeros((len(ramps), 0)), np.zeros((len(ramps), 0), int), empty.astype(int),
-                              empty.astype(int), empty.astype(int), empty, empty, empty, 1.0, 0.0)
+                              empty.astype(int), empty.astype(int), empty, empty, empty, empty.astype(int), 1.0, 0.0)
         sizes = [r.batch_size for r in records]
         busy_ms = sum(r.timing.batch_ms for r in records)
         idle_ms = sum(r.timing.idle_ms for r in records[1:])  # the first record's idle time precedes the window
@@ -113,6 +120,7 @@ class FeedbackWindow:
             np.concatenate([r.timing.answer_ms for r in records]),
             np.repeat([r.timing.batch_ms for r in records], sizes),
             np.repeat([r.timing.overhead_ms for r in records], sizes),
+            np.arange(self._first, self._first + self._samples),
             float(np.mean(sizes)),
             busy_ms / max(busy_ms + idle_ms, 1e-9),
         )

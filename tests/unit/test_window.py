@@ -24,6 +24,20 @@ def test_window_keeps_only_recent_samples_and_restarts_on_new_ramp_set() -> None
     assert len(window) == 3 and window.ramps == (1,)
 
 
+def test_a_sample_keeps_its_sequence_number_while_the_window_slides() -> None:
+    """The controller splits chosen / held-out samples by sequence number: a sample must never change sides."""
+    window = FeedbackWindow(capacity=10)
+    for label in range(5):  # records of 3 samples, finals 3*label .. 3*label + 2: the final tells samples apart
+        record = _record((0,), 3, 1)
+        window.add(FeedbackRecord(record.model, 1, (0,), record.confidence, record.prediction,
+                                  np.arange(3 * label, 3 * label + 3), record.exit, record.timing))
+        view = window.view()
+        np.testing.assert_array_equal(view.sequence, view.final)  # sequence number == position in the stream
+    assert view.sequence[0] > 0  # older records were dropped, numbering went on
+    window.add(_record((1,), 2, 2))
+    np.testing.assert_array_equal(window.view().sequence, [0, 1])  # a new ramp set restarts the window
+
+
 def test_realised_accuracy_uses_the_answering_exit_and_only_the_versions_asked_for() -> None:
     window = FeedbackWindow(capacity=100)
     window.add(FeedbackRecord("m", 1, (0,), np.ones((1, 4), np.float32), np.array([[1, 1, 1, 1]]), np.zeros(4, int),
