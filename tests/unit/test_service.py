@@ -306,3 +306,19 @@ def test_the_configuration_in_use_is_written_again_after_redis_lost_it(client: r
     service.poll(block_ms=10)
     restored = read_config(client, keys)
     assert restored is not None and restored.version > tuned.version and restored.thresholds == tuned.thresholds
+
+
+def test_thresholds_that_fall_short_on_held_out_samples_are_tightened_before_a_clear_breach() -> None:
+    """4 of 400 samples disagree at the loose threshold in use: not a clear breach (the upper bound is above 99 %),
+    but 3 of them fall in the held-out half (odd stream positions), short of the budget there, so a tighter
+    threshold replaces it."""
+    controller = _controller(z=1.0)
+    controller.current = ExitConfig("m", 1, {0: 0.5})
+    records = _records(1, 400, ramp_right=True)
+    for index, sample in ((0, 3), (10, 3), (20, 3), (30, 4)):  # positions 8 * index + sample
+        record = records[index]
+        record.confidence[0, sample] = 0.6
+        record.prediction[0, sample] = (record.final[sample] + 1) % 10
+    assert not controller.guard.breached(396, 400)
+    config = _feed(controller, records)
+    assert config is not None and config.thresholds[0] == float(np.float32(0.97))
