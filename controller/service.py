@@ -245,8 +245,8 @@ class ModelController:
         points less agreement served than expected on ResNet-20). The halves are fixed per sample (by its position in
         the stream), so no round ever chooses thresholds on a sample that later rounds hold out. A
         candidate that saves less than what is in use, i.e. tightens exits, is taken when the thresholds in use fall
-        short of the budget on the held-out half; every exit is closed only when their answers on the whole window
-        clearly breach it, so small or noisy windows never close exits that work. On a breach the thresholds in use
+        short of the budget on the held-out half and it still exits something; every exit is closed only when their
+        answers on the whole window clearly breach it, so small or noisy windows never close exits that work. On a breach the thresholds in use
         first back off as the paper does (each ramp's ``1 - threshold`` scaled down until the guard admits them),
         and the climb starts from there.
         """
@@ -268,7 +268,9 @@ class ModelController:
             candidate = evaluate(thresholds, held_out.confidence, held_out.prediction == held_out.final, exit_ms)
             if self.guard.admits(round(candidate.accuracy * held_out.size), held_out.size):
                 whole = evaluate(thresholds, view.confidence, correct, exit_ms)
-                return thresholds if failing or short or whole.saving_ms >= now.saving_ms else None
+                # Falling short tightens exits but never closes them all: that takes a clear breach.
+                tighter = short and whole.saving_ms > 0
+                return thresholds if failing or tighter or whole.saving_ms >= now.saving_ms else None
             chosen = evaluate(thresholds, picked.confidence, picked.prediction == picked.final, exit_ms).accuracy
             guard = replace(guard, budget=max(0.0, guard.budget - max(chosen - candidate.accuracy, 0.001)))
         return np.full(len(view.ramps), NEVER_EXIT) if failing else None

@@ -322,3 +322,17 @@ def test_thresholds_that_fall_short_on_held_out_samples_are_tightened_before_a_c
     assert not controller.guard.breached(396, 400)
     config = _feed(controller, records)
     assert config is not None and config.thresholds[0] == float(np.float32(0.97))
+
+
+def test_falling_short_on_a_small_window_never_closes_every_exit() -> None:
+    """Short of the budget on the held-out half, but no tighter threshold is admitted on so few samples: the
+    thresholds in use stay (closing every exit takes a clear breach), instead of exits going off."""
+    controller = _controller(z=1.0, min_fresh=64)
+    controller.current = ExitConfig("m", 1, {0: 0.5})
+    records = _records(1, 240, ramp_right=True)
+    for index in (0, 10):  # odd positions 8 * index + 3: both in the held-out half
+        record = records[index]
+        record.prediction[0, 3] = (record.final[3] + 1) % 10
+    assert not controller.guard.breached(238, 240)
+    assert _feed(controller, records) is None
+    assert controller.current.thresholds == {0: 0.5}
