@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,11 +10,12 @@ import numpy as np
 import pytest
 import redis
 
-from controller.config_store import publish_config
+from controller.config_store import publish_config, write_config
 from early_exit.exit_config import ExitConfig
 from early_exit.keys import RedisKeys
 from model_zoo.datasets import load_image_set
 from tests.conftest import DATASET, MODEL
+from workload.metrics import metric
 from workload.stack import Stack, running_stack
 
 pytestmark = pytest.mark.integration
@@ -39,3 +41,12 @@ def publish(stack: Stack, thresholds: dict[int, float]) -> ExitConfig:
     config = publish_config(redis.Redis.from_url(stack.redis_url), RedisKeys(MODEL), thresholds, writer="test")
     assert config is not None  # no ``based_on``: never refused
     return config
+
+
+def apply_config(stack: Stack, model: str, version: int, thresholds: dict[int, float]) -> None:
+    """Write ``thresholds`` as ``version`` of ``model``'s configuration and wait until the server runs it."""
+    write_config(redis.Redis.from_url(stack.redis_url), RedisKeys(model), ExitConfig(model, version, thresholds))
+    deadline = time.monotonic() + 5
+    while metric(stack.metrics_url, "apparate_config_version", model=model) != version:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)

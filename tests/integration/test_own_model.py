@@ -3,22 +3,17 @@ answers raw text through the ``<name>_pipeline`` ensemble that ``prepare`` wrote
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 import torch
 import tritonclient.grpc as grpcclient
 
-from controller.config_store import write_config
 from controller.prepare.sources import load_model
-from early_exit.exit_config import ExitConfig
-from early_exit.keys import RedisKeys
+from tests.integration.conftest import apply_config
 from tests.unit.test_sources import LABELS, WORDS, save_tiny_classifier
-from workload.metrics import metric
 from workload.stack import Stack, running_stack
 
 pytestmark = pytest.mark.integration
@@ -47,14 +42,6 @@ def own_stack(own_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         yield stack
 
 
-def _apply(stack: Stack, version: int, thresholds: dict[int, float]) -> None:
-    write_config(redis.Redis.from_url(stack.redis_url), RedisKeys(NAME), ExitConfig(NAME, version, thresholds))
-    deadline = time.monotonic() + 5
-    while metric(stack.metrics_url, "apparate_config_version", model=NAME) != version:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-
-
 def _infer(client: grpcclient.InferenceServerClient, sentence: str) -> grpcclient.InferResult:
     text = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
     text.set_data_from_numpy(np.array([sentence.encode()], dtype=object).reshape(1, 1))
@@ -69,13 +56,13 @@ def test_pipeline_answers_raw_text_like_the_original_model(own_stack: Stack, own
         expected = source.module(*(torch.from_numpy(tokens[n]) for n in tokens)).softmax(1).numpy()
     client = grpcclient.InferenceServerClient(own_stack.grpc_url)
 
-    _apply(own_stack, 1, {0: 1.0})  # ramp 0 observes only: every answer comes from the final layer
+    apply_config(own_stack, NAME, 1, {0: 1.0})  # ramp 0 observes only: every answer comes from the final layer
     final = [_infer(client, s) for s in SENTENCES]
     assert [int(r.as_numpy("EXIT")[0, 0]) for r in final] == [CUT_POINTS] * len(SENTENCES)
     np.testing.assert_allclose(np.concatenate([r.as_numpy("PROBS") for r in final]), expected, atol=1e-5)
     assert [int(r.as_numpy("LABEL")[0, 0]) for r in final] == expected.argmax(1).tolist()
 
-    _apply(own_stack, 2, {0: 0.0})  # threshold 0: every sample exits at ramp 0
+    apply_config(own_stack, NAME, 2, {0: 0.0})  # threshold 0: every sample exits at ramp 0
     early = [_infer(client, s) for s in SENTENCES]
     assert {int(r.as_numpy("EXIT")[0, 0]) for r in early} == {0}
     assert all(r.as_numpy("PROBS").shape == (1, LABELS) for r in early)

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import redis
 import tritonclient.grpc as grpcclient
 
-from controller.config_store import write_config
-from early_exit.exit_config import ExitConfig
-from early_exit.keys import RedisKeys
 from tests.conftest import ROOT
-from workload.metrics import metric
+from tests.integration.conftest import apply_config
 from workload.stack import Stack, running_stack
 
 pytestmark = pytest.mark.integration
@@ -45,20 +40,12 @@ def _text(sentences: list[str]) -> grpcclient.InferInput:
     return tensor
 
 
-def _apply(stack: Stack, version: int, thresholds: dict[int, float]) -> None:
-    write_config(redis.Redis.from_url(stack.redis_url), RedisKeys(NAME), ExitConfig(NAME, version, thresholds))
-    deadline = time.monotonic() + 5
-    while metric(stack.metrics_url, "apparate_config_version", model=NAME) != version:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-
-
 def test_raw_text_gets_early_answers_through_the_pipeline(text_stack: Stack) -> None:
     client = grpcclient.InferenceServerClient(text_stack.grpc_url)
-    _apply(text_stack, 1, {3: 1.0})  # ramp 3 observes only
+    apply_config(text_stack, NAME, 1, {3: 1.0})  # ramp 3 observes only
     final = [client.infer(f"{NAME}_pipeline", [_text([s])]) for s in SENTENCES]
     assert {int(r.as_numpy("EXIT")[0, 0]) for r in final} == {11}
-    _apply(text_stack, 2, {3: 0.0})  # threshold 0: every sample exits at ramp 3
+    apply_config(text_stack, NAME, 2, {3: 0.0})  # threshold 0: every sample exits at ramp 3
     early = [client.infer(f"{NAME}_pipeline", [_text([s])]) for s in SENTENCES]
     assert {int(r.as_numpy("EXIT")[0, 0]) for r in early} == {3}
     assert all(r.as_numpy("PROBS").shape == (1, 2) for r in early)
