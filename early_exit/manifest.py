@@ -86,7 +86,11 @@ class Profile:
 
 @dataclass(frozen=True)
 class Manifest:
-    """Everything needed to load and reason about one ramp-augmented model."""
+    """Everything needed to load and reason about one ramp-augmented model.
+
+    ``exits_fixed`` marks a deployment whose active ramps cannot change without redeploying it (E3 mode: every
+    block model ends at an exit), so a controller tunes its thresholds but never moves, adds or drops ramps.
+    """
 
     name: str
     classes: int
@@ -97,12 +101,26 @@ class Manifest:
     ramp_weights_sha256: str | None
     initial_thresholds: dict[int, float] = field(default_factory=dict)
     profile: Profile | None = None
+    exits_fixed: bool = False
     schema_version: int = SCHEMA_VERSION
 
     @property
     def final_exit(self) -> int:
         """Exit index reported for samples answered by the original model's last layer."""
         return len(self.ramps)
+
+    def segment_values(self, start: int, end: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """What blocks ``start..end`` (inclusive) consume from outside, and what they produce that is needed
+        afterwards: their last block's primary output first (what a ramp there reads, or the logits), then the side
+        values later blocks consume."""
+        inside = self.blocks[start : end + 1]
+        produced = [name for spec in inside for name in spec.outputs]
+        later = {name for spec in self.blocks[end + 1 :] for name in spec.inputs}
+        primary = self.blocks[end].outputs[0]
+        outputs = (primary, *(name for name in produced if name in later and name != primary))
+        made = set(produced)
+        inputs = tuple(dict.fromkeys(name for spec in inside for name in spec.inputs if name not in made))
+        return inputs, outputs
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -146,6 +164,7 @@ class Manifest:
                     tuple(tuple(row) for row in profile["block_ms"]),
                     tuple(tuple(row) for row in profile["ramp_ms"]),
                 ),
+                exits_fixed=bool(data.get("exits_fixed", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"manifest field missing or malformed: {exc!r}") from exc

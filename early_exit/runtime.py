@@ -10,7 +10,7 @@ import copy
 import os
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -172,17 +172,25 @@ class EarlyExitModel:
         directory: version folder holding ``manifest.json`` and the artifacts.
         device: where weights and activations live; only per-sample confidences and predictions (and the
             probability rows of answered samples) are copied back to the host.
+        blocks: load only these blocks (an E3 block model serves a few); all when ``None``.
+        ramps: load only these candidate ramps; all when ``None``.
     """
 
-    def __init__(self, directory: Path, device: torch.device | str = "cpu") -> None:
+    def __init__(self, directory: Path, device: torch.device | str = "cpu", blocks: range | None = None,
+                 ramps: Collection[int] | None = None) -> None:
         self.device = torch.device(device)
         self.manifest: Manifest = load_manifest(Path(directory))
-        self.blocks = [load_block(Path(directory) / spec.file, self.device) for spec in self.manifest.blocks]
+        wanted = range(len(self.manifest.blocks)) if blocks is None else blocks
+        self.blocks: list[fx.GraphModule | None] = [
+            load_block(Path(directory) / spec.file, self.device) if index in wanted else None
+            for index, spec in enumerate(self.manifest.blocks)
+        ]
         self.ramps: dict[int, torch.nn.Module] = {}
         self._plans: dict[tuple[int, ...], tuple[Segment, ...]] = {}
-        if self.manifest.ramps:
+        specs = [spec for spec in self.manifest.ramps if ramps is None or spec.id in ramps]
+        if specs:
             state = load_file(str(Path(directory) / str(self.manifest.ramp_weights)), device=str(self.device))
-            for spec in self.manifest.ramps:
+            for spec in specs:
                 ramp = build_ramp(spec.arch)
                 prefix = ramp_state_key(spec.id)
                 own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -192,6 +200,16 @@ class EarlyExitModel:
                     raise ArtifactError(f"ramp {spec.id} weights do not match its architecture: {exc}") from exc
                 self.ramps[spec.id] = ramp.to(self.device).eval()
 
+    def segment(self, start: int, end: int, ramp: int | None) -> Segment:
+        """Blocks ``start..end`` fused into one graph, followed by ``ramp`` (``None``: none, or the final layer)."""
+        missing = [index for index in range(start, end + 1) if self.blocks[index] is None]
+        if missing:
+            raise ArtifactError(f"blocks {missing} are not loaded")
+        inputs, outputs = self.manifest.segment_values(start, end)
+        loaded = [block for block in self.blocks[start : end + 1] if block is not None]
+        run = fuse_blocks(loaded, self.manifest.blocks[start : end + 1], outputs)
+        return Segment(run, inputs, outputs, ramp)
+
     def plan(self, active_ramps: Sequence[int]) -> tuple[Segment, ...]:
         """The segments that serve ``active_ramps`` (fused once per ramp set and cached; call it before the first
         batch of a new configuration so the fusion never runs on the request path)."""
@@ -199,20 +217,9 @@ class EarlyExitModel:
         cached = self._plans.get(key)
         if cached is not None:
             return cached
-        specs = self.manifest.blocks
-        ends = [self.manifest.ramps[r].after_block for r in key] + [len(specs) - 1]
-        consumers = [set(name for spec in specs[end + 1 :] for name in spec.inputs) for end in range(len(specs))]
-        segments: list[Segment] = []
-        start = 0
-        for ramp_id, end in zip([*key, None], ends):
-            produced = [name for spec in specs[start : end + 1] for name in spec.outputs]
-            needed = [specs[end].outputs[0]] + [n for n in produced if n in consumers[end] and n != specs[end].outputs[0]]
-            inside = set(produced)
-            inputs = tuple(dict.fromkeys(n for spec in specs[start : end + 1] for n in spec.inputs if n not in inside))
-            run = fuse_blocks(self.blocks[start : end + 1], specs[start : end + 1], needed)
-            segments.append(Segment(run, inputs, tuple(needed), ramp_id))
-            start = end + 1
-        plan = tuple(segments)
+        ends = [self.manifest.ramps[r].after_block for r in key] + [len(self.manifest.blocks) - 1]
+        starts = [0] + [end + 1 for end in ends[:-1]]
+        plan = tuple(self.segment(start, end, ramp) for start, end, ramp in zip(starts, ends, [*key, None]))
         self._plans[key] = plan
         return plan
 

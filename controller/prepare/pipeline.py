@@ -34,6 +34,10 @@ from early_exit.runtime import EarlyExitModel, ramp_state_key, strip_runtime_ass
 
 LOGGER = logging.getLogger(__name__)
 
+#: What every candidate ramp and the final layer said on the validation split (``confidence``, ``prediction``
+#: ``[R, N]``, ``final`` ``[N]``), kept beside the manifest so exits can be planned later without the data (E3).
+VALIDATION_FILE = "validation.npz"
+
 Batches = Callable[[], Iterator[dict[str, torch.Tensor]]]
 
 
@@ -276,6 +280,7 @@ def prepare(
     vanilla_profile = profile_model(EarlyExitModel(vanilla_entry / "1", device), _make_inputs(example), sizes)
     latency = LatencyModel.from_manifest(replace(manifest, profile=profile), settings.reference_batch)
     confidence, prediction, final = _validate_ramps(served, validation_batches)
+    np.savez_compressed(entry / "1" / VALIDATION_FILE, confidence=confidence, prediction=prediction, final=final)
     initial = choose_initial_ramps(latency, confidence, prediction, final, settings)
     manifest = replace(manifest, profile=profile, initial_thresholds=initial)
     (entry / "1" / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from early_exit.manifest import TensorSpec
 
 BACKEND = "apparate"
+ROUTER_BACKEND = "apparate_e3"
+BLOCK_BACKEND = "apparate_e3_block"
 
 InstanceKind = Literal["KIND_CPU", "KIND_GPU"]
 
@@ -24,6 +26,21 @@ def _tensor(name: str, dtype: str, dims: Sequence[int]) -> str:
     return f'  {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(str(d) for d in dims)} ] }}'
 
 
+def _triton_dtype(spec: TensorSpec) -> str:
+    try:
+        return TRITON_DTYPES[spec.dtype]
+    except KeyError:
+        raise ValueError(f"{spec.name}: dtype {spec.dtype} has no Triton type here ({sorted(TRITON_DTYPES)})") from None
+
+
+def _parameters(parameters: Mapping[str, str]) -> str:
+    return "".join(f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
+                   for key, value in parameters.items())
+
+
+VERDICT_TENSORS = {"PROBS": "TYPE_FP32", "LABEL": "TYPE_INT64", "EXIT": "TYPE_INT32", "CONFIDENCE": "TYPE_FP32"}
+
+
 def render_config(
     name: str,
     inputs: Sequence[TensorSpec],
@@ -31,26 +48,22 @@ def render_config(
     max_batch_size: int,
     max_queue_delay_us: int = 2000,
     instance_kind: InstanceKind = "KIND_CPU",
+    backend: str = BACKEND,
+    parameters: Mapping[str, str] | None = None,
 ) -> str:
     """A non-decoupled entry with dynamic batching: early answers go out through each request's response sender.
 
     ``instance_kind`` is the ``instance_group`` kind; with ``KIND_GPU`` Triton gives each instance a GPU and the
-    backend runs the blocks and ramps on it.
+    backend runs the blocks and ramps on it. The E3 router (``backend`` ``apparate_e3``) takes and answers the same
+    tensors, so clients cannot tell the modes apart.
 
     Outputs: ``PROBS`` ``[classes]``, ``LABEL`` ``[1]``, ``EXIT`` ``[1]`` (ramp id; the number of candidate ramps
     means the final layer) and ``CONFIDENCE`` ``[1]``.
     """
-    input_lines = ",\n".join(_tensor(t.name, TRITON_DTYPES[t.dtype], t.shape) for t in inputs)
-    output_lines = ",\n".join(
-        [
-            _tensor("PROBS", "TYPE_FP32", [classes]),
-            _tensor("LABEL", "TYPE_INT64", [1]),
-            _tensor("EXIT", "TYPE_INT32", [1]),
-            _tensor("CONFIDENCE", "TYPE_FP32", [1]),
-        ]
-    )
+    input_lines = ",\n".join(_tensor(t.name, _triton_dtype(t), t.shape) for t in inputs)
+    output_lines = ",\n".join(_tensor(n, dtype, [classes if n == "PROBS" else 1]) for n, dtype in VERDICT_TENSORS.items())
     return f"""name: "{name}"
-backend: "{BACKEND}"
+backend: "{backend}"
 max_batch_size: {max_batch_size}
 input [
 {input_lines}
@@ -62,4 +75,39 @@ dynamic_batching {{
   max_queue_delay_microseconds: {max_queue_delay_us}
 }}
 instance_group [ {{ count: 1 kind: {instance_kind} }} ]
-"""
+{_parameters(parameters or {})}"""
+
+
+def render_block_config(
+    name: str,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    classes: int,
+    max_batch_size: int,
+    preferred_batch_size: int,
+    max_queue_delay_us: int,
+    replicas: int,
+    parameters: Mapping[str, str],
+    instance_kind: InstanceKind = "KIND_CPU",
+) -> str:
+    """An E3 block model: a plain batched model whose batcher waits up to ``max_queue_delay_us`` to gather
+    ``preferred_batch_size`` survivors, replicated ``replicas`` times. Tensor names are the caller's (see
+    ``early_exit.e3_plan.tensor_name``); it also returns its exit's verdict (``PROBS``, ``CONFIDENCE``, ``LABEL``)."""
+    input_lines = ",\n".join(_tensor(t.name, _triton_dtype(t), t.shape) for t in inputs)
+    verdict = [_tensor(n, dtype, [classes if n == "PROBS" else 1]) for n, dtype in VERDICT_TENSORS.items() if n != "EXIT"]
+    output_lines = ",\n".join([*(_tensor(t.name, _triton_dtype(t), t.shape) for t in outputs), *verdict])
+    return f"""name: "{name}"
+backend: "{BLOCK_BACKEND}"
+max_batch_size: {max_batch_size}
+input [
+{input_lines}
+]
+output [
+{output_lines}
+]
+dynamic_batching {{
+  preferred_batch_size: [ {preferred_batch_size} ]
+  max_queue_delay_microseconds: {max_queue_delay_us}
+}}
+instance_group [ {{ count: {replicas} kind: {instance_kind} }} ]
+{_parameters(parameters)}"""

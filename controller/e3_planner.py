@@ -1,0 +1,150 @@
+"""E3 planner: which exits split the model into block models, at which batch size, with how many replicas.
+
+Its cost model is throughput mode's own: what a request *costs in compute*, not how long it waits. A sample that
+reaches block group ``k`` pays that group's per-sample compute at the plan's batch size ``B`` (its blocks plus its
+ramp, from the profile, divided by ``B``) plus one router-to-block hop; exited samples pay nothing further, except the
+traced share that runs on to feed the controller. Capacity is the compute the instances have divided by that cost.
+A plan must also answer within the latency objective: a sample that runs every group waits, per group, for its batch
+to fill (survivors arrive slower deeper in the model) and for its compute.
+
+Thresholds are tuned for each candidate exit set on the validation split with the controller's own tuner and guard,
+with the per-exit compute as its objective, so the plan's exits are ones the controller can keep within the budget.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from controller.tuner import ThresholdTuner, TunerSettings, evaluate
+from early_exit.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class PlannerSettings:
+    """Args:
+    slo_ms: latency objective of a request that runs every block group.
+    instances: model instances the plan may spread over the groups (CPU cores, or GPUs).
+    max_exits: most exits (block boundaries) a plan may have.
+    hop_ms: cost of one router-to-block call per sample (serialising, shared-memory copy, scheduling); measured by
+        ``make bench-e3``.
+    load: share of the plan's capacity it is sized for (queue delays are set for survivors arriving at this load).
+    sample_rate: share of samples traced to the final layer for feedback.
+    tuner: threshold tuning settings (accuracy budget and guard).
+    """
+
+    slo_ms: float
+    instances: int = 2
+    max_exits: int = 3
+    hop_ms: float = 0.5
+    load: float = 0.8
+    sample_rate: float = 0.05
+    tuner: TunerSettings = TunerSettings()
+
+    def __post_init__(self) -> None:
+        if self.slo_ms <= 0 or self.instances < 1 or self.max_exits < 0 or self.hop_ms < 0:
+            raise ValueError("slo_ms > 0, instances >= 1, max_exits >= 0 and hop_ms >= 0 are required")
+        if not 0 < self.load <= 1 or not 0 <= self.sample_rate <= 1:
+            raise ValueError(f"load must be in (0, 1] and sample_rate in [0, 1], got {self.load}, {self.sample_rate}")
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """One block group of a chosen plan."""
+
+    first_block: int
+    last_block: int
+    ramp: int | None
+    survivors: float  # share of requests that reach it (traced samples included)
+    compute_ms: float  # one batch of ``batch_size``
+    queue_delay_us: int
+    replicas: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The chosen exits, thresholds and sizing, with the model's estimates."""
+
+    groups: tuple[GroupPlan, ...]
+    thresholds: dict[int, float]
+    batch_size: int
+    cost_ms: float  # compute per request, all instances together
+    vanilla_cost_ms: float  # the same for the original model at the same batch size
+    latency_ms: float  # a full-depth sample: compute and queueing at every group
+    agreement: float  # with the original model on the validation split
+
+    @property
+    def capacity_gain(self) -> float:
+        """Modelled requests per second against the original model's on the same instances."""
+        return self.vanilla_cost_ms / self.cost_ms
+
+
+def _group_bounds(manifest: Manifest, exits: tuple[int, ...]) -> list[tuple[int, int, int | None]]:
+    ends = [manifest.ramps[r].after_block for r in exits] + [len(manifest.blocks) - 1]
+    starts = [0] + [end + 1 for end in ends[:-1]]
+    return list(zip(starts, ends, [*exits, None]))
+
+
+def make_plan(manifest: Manifest, confidence: np.ndarray, prediction: np.ndarray, final: np.ndarray,
+              settings: PlannerSettings, exits: tuple[int, ...] | None = None) -> Plan:
+    """The cheapest plan per request that meets the latency objective.
+
+    Args:
+        manifest: the source entry's manifest (its profile gives every block's and ramp's latency per batch size).
+        confidence: ``[ramps, N]`` every candidate ramp's confidence on the validation split.
+        prediction: ``[ramps, N]`` their predictions.
+        final: ``[N]`` the original model's predictions.
+        exits: consider only this exit set (ramp ids in depth order); every set of up to ``max_exits`` when
+            ``None``.
+
+    Raises:
+        ValueError: when the manifest has no profile or no plan meets the objective.
+    """
+    if manifest.profile is None:
+        raise ValueError(f"manifest of {manifest.name} has no latency profile")
+    if exits is not None and any(not 0 <= r < len(manifest.ramps) for r in exits):
+        raise ValueError(f"exits {exits} name ramps {manifest.name} does not have")
+    candidates = [tuple(sorted(exits))] if exits is not None else [
+        subset for count in range(min(settings.max_exits, len(manifest.ramps)) + 1)
+        for subset in itertools.combinations(range(len(manifest.ramps)), count)
+    ]
+    best: Plan | None = None
+    for subset in candidates:
+        for batch_size in manifest.profile.batch_sizes:
+            plan = _evaluate(manifest, subset, int(batch_size), confidence, prediction, final, settings)
+            if plan is not None and (best is None or plan.cost_ms < best.cost_ms - 1e-9):
+                best = plan
+    if best is None:
+        raise ValueError(f"no plan of {manifest.name} answers within {settings.slo_ms} ms, even without exits")
+    return best
+
+
+def _evaluate(manifest: Manifest, exits: tuple[int, ...], batch_size: int, confidence: np.ndarray,
+              prediction: np.ndarray, final: np.ndarray, settings: PlannerSettings) -> Plan | None:
+    assert manifest.profile is not None
+    block_ms, ramp_ms = manifest.profile.at(batch_size)
+    bounds = _group_bounds(manifest, exits)
+    compute = np.asarray([block_ms[first : last + 1].sum() + (ramp_ms[ramp] if ramp is not None else 0.0)
+                          for first, last, ramp in bounds])
+    per_sample = compute / batch_size + settings.hop_ms
+    exit_cost = np.cumsum(per_sample)  # compute spent on a sample answered at each exit, then at the final layer
+    rows = list(exits)
+    thresholds = ThresholdTuner(settings.tuner).tune(confidence[rows], prediction[rows], final, exit_cost)
+    evaluation = evaluate(thresholds, confidence[rows], prediction[rows] == final[None, :], exit_cost)
+    reached = 1.0 - np.concatenate([[0.0], np.cumsum(evaluation.exit_rates)[:-1]])
+    reached = reached + settings.sample_rate * (1.0 - reached)
+    cost = float((reached * per_sample).sum())
+    arrivals = settings.load * settings.instances / cost * reached  # samples per ms reaching each group
+    delays = np.minimum(batch_size / np.maximum(arrivals, 1e-9), settings.slo_ms / (2 * len(bounds)))
+    latency = float((compute + delays).sum() + settings.hop_ms * len(bounds))
+    if latency > settings.slo_ms:
+        return None
+    share = reached * compute / batch_size
+    replicas = np.maximum(1, np.round(settings.instances * share / share.sum())).astype(int)
+    vanilla = float(block_ms.sum() / batch_size)  # called directly: no hop
+    groups = tuple(GroupPlan(first, last, ramp, float(r), float(c), int(1000 * d), int(n))
+                   for (first, last, ramp), r, c, d, n in zip(bounds, reached, compute, delays, replicas))
+    return Plan(groups, {r: float(t) for r, t in zip(exits, thresholds)}, batch_size, cost, vanilla, latency,
+                evaluation.accuracy)

@@ -1,0 +1,145 @@
+"""``python -m controller.prepare.e3``: plan an E3 (throughput-mode) deployment of a prepared entry and write it.
+
+Reads ``<repository>/<name>/1`` (manifest with its latency profile, and the validation split's per-ramp verdicts
+that ``prepare`` saved), chooses exits, batch size and replicas with ``controller.e3_planner``, and writes
+``<name>_e3`` (the router clients call, with ``plan.json``) and one ``<name>_e3_b<k>`` block model per group. The
+block models load their blocks from ``<name>``'s version folder, so the Apparate entry must be in the same repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from controller.e3_planner import Plan, PlannerSettings, make_plan
+from controller.guard import AccuracyGuard
+from controller.prepare.pipeline import VALIDATION_FILE
+from controller.prepare.triton_config import ROUTER_BACKEND, InstanceKind, render_block_config, render_config
+from controller.tuner import TunerSettings
+from early_exit.e3_plan import PLAN_FILE, BlockGroup, E3Plan, block_model_name, tensor_name
+from early_exit.manifest import Manifest, TensorSpec
+from early_exit.runtime import EarlyExitModel
+
+LOGGER = logging.getLogger("controller.prepare.e3")
+
+
+@torch.inference_mode()
+def value_specs(model: EarlyExitModel) -> dict[str, TensorSpec]:
+    """Per-sample shape and dtype of every value the blocks exchange, from one run on placeholder inputs (the block
+    models' tensors must have fixed shapes for Triton's batcher to merge them)."""
+    manifest = model.manifest
+    values = {spec.name: torch.ones((2, *spec.shape), dtype=getattr(torch, spec.dtype)) for spec in manifest.inputs}
+    for spec, block in zip(manifest.blocks, model.blocks):
+        assert block is not None
+        outputs = block(*(values[name] for name in spec.inputs))
+        values.update(zip(spec.outputs, (outputs,) if isinstance(outputs, torch.Tensor) else outputs))
+    return {name: TensorSpec(name, str(value.dtype).removeprefix("torch."), tuple(value.shape[1:]))
+            for name, value in values.items()}
+
+
+def block_groups(manifest: Manifest, plan: Plan, specs: dict[str, TensorSpec]) -> tuple[BlockGroup, ...]:
+    groups = []
+    for group in plan.groups:
+        inputs, outputs = manifest.segment_values(group.first_block, group.last_block)
+        side = manifest.ramps[group.ramp].arch.get("inputs", ()) if group.ramp is not None else ()
+        carried = outputs if group.ramp is not None else ()
+        groups.append(BlockGroup(group.first_block, group.last_block, group.ramp,
+                                 tuple(specs[name] for name in dict.fromkeys([*inputs, *side])),
+                                 tuple(specs[name] for name in carried), plan.batch_size, group.queue_delay_us,
+                                 group.replicas))
+    return tuple(groups)
+
+
+def write_e3_entries(repository: Path, source: str, plan: E3Plan, manifest: Manifest, max_batch_size: int,
+                     instance_kind: InstanceKind = "KIND_CPU", hop_timeout_ms: float = 0.0) -> list[str]:
+    """Write the router and its block models (replacing earlier ones); returns the entry names."""
+    name = f"{source}_e3"
+    for stale in repository.glob(f"{name}_b*"):
+        shutil.rmtree(stale)
+    router = repository / name
+    (router / "1").mkdir(parents=True, exist_ok=True)
+    (router / "1" / PLAN_FILE).write_text(plan.to_json(), encoding="utf-8")
+    (router / "config.pbtxt").write_text(render_config(
+        name, manifest.inputs, manifest.classes, max_batch_size, max_queue_delay_us=0, backend=ROUTER_BACKEND,
+        parameters={"hop_timeout_ms": f"{hop_timeout_ms:g}", "max_in_flight": "256"}), encoding="utf-8")
+    entries = [name]
+    for index, group in enumerate(plan.groups):
+        block = block_model_name(name, index)
+        (repository / block / "1").mkdir(parents=True, exist_ok=True)
+        config = render_block_config(
+            block, [replace(s, name=tensor_name(s.name)) for s in group.inputs],
+            [replace(s, name=tensor_name(s.name)) for s in group.outputs], manifest.classes, max_batch_size,
+            group.batch_size, group.queue_delay_us, group.replicas,
+            {"source": source, "first_block": str(group.first_block), "last_block": str(group.last_block),
+             "ramp": "" if group.ramp is None else str(group.ramp)}, instance_kind)
+        (repository / block / "config.pbtxt").write_text(config, encoding="utf-8")
+        entries.append(block)
+    return entries
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m controller.prepare.e3",
+        description="Plan the E3 (throughput-mode) deployment of a prepared entry: choose the exits that split it "
+        "into block models, their batch size and replicas, and write <name>_e3 (router) and <name>_e3_b<k>.",
+    )
+    parser.add_argument("--name", required=True, help="the prepared Apparate entry, e.g. sst2_minilm")
+    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--slo-ms", type=float, default=None,
+                        help="latency objective of a request (default: 3x the original model's batch-1 latency)")
+    parser.add_argument("--instances", type=int, default=2, help="instances to spread over the block models "
+                        "(CPU cores, or GPUs)")
+    parser.add_argument("--max-exits", type=int, default=PlannerSettings.max_exits)
+    parser.add_argument("--exits", default=None,
+                        help="comma-separated ramp ids to split at (default: the planner chooses; '' for none)")
+    parser.add_argument("--hop-ms", type=float, default=PlannerSettings.hop_ms,
+                        help="cost of one router-to-block call per sample (make bench-e3 measures it)")
+    parser.add_argument("--sample-rate", type=float, default=PlannerSettings.sample_rate,
+                        help="share of samples traced to the final layer after exiting, for feedback")
+    parser.add_argument("--accuracy-budget", type=float, default=AccuracyGuard.budget)
+    parser.add_argument("--z", type=float, default=AccuracyGuard.z)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--instance-kind", choices=("cpu", "gpu"), default="cpu")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    directory = args.repository / args.name / "1"
+    model = EarlyExitModel(directory)
+    manifest = model.manifest
+    validation = directory / VALIDATION_FILE
+    if not validation.is_file():
+        parser.error(f"{validation} is missing: prepare the entry again (prepare saves it)")
+    if manifest.profile is None:
+        parser.error(f"{directory} has no latency profile")
+    with np.load(validation) as data:
+        confidence, prediction, final = data["confidence"], data["prediction"], data["final"]
+    slo_ms = args.slo_ms or 3 * float(np.sum(manifest.profile.at(1)[0]))
+    settings = PlannerSettings(slo_ms, args.instances, args.max_exits, args.hop_ms, sample_rate=args.sample_rate,
+                               tuner=TunerSettings(guard=AccuracyGuard(args.accuracy_budget, args.z)))
+    exits = None if args.exits is None else tuple(int(r) for r in args.exits.split(",") if r.strip())
+    plan = make_plan(manifest, confidence, prediction, final, settings, exits)
+    groups = block_groups(manifest, plan, value_specs(model))
+    expected = {"batch_size": plan.batch_size, "cost_ms": plan.cost_ms, "vanilla_cost_ms": plan.vanilla_cost_ms,
+                "capacity_gain": plan.capacity_gain, "latency_ms": plan.latency_ms, "agreement": plan.agreement,
+                "survivors": [g.survivors for g in plan.groups], "hop_ms": args.hop_ms}
+    e3 = E3Plan(args.name, groups, plan.thresholds, args.sample_rate, slo_ms, expected)
+    e3.validate(manifest)
+    kind: InstanceKind = "KIND_GPU" if args.instance_kind == "gpu" else "KIND_CPU"
+    entries = write_e3_entries(args.repository, args.name, e3, manifest, args.max_batch_size, kind, slo_ms)
+    print(f"exits {list(e3.exits)} (thresholds {', '.join(f'{t:.3f}' for t in plan.thresholds.values())}), "
+          f"batch {plan.batch_size}, replicas {[g.replicas for g in plan.groups]}, "
+          f"survivors {', '.join(f'{g.survivors:.0%}' for g in plan.groups)}; modelled compute per request "
+          f"{plan.cost_ms:.3f} ms vs {plan.vanilla_cost_ms:.3f} ms vanilla ({plan.capacity_gain:.2f}x), "
+          f"validation agreement {plan.agreement:.2%}, full-depth latency {plan.latency_ms:.1f} ms of {slo_ms:.1f}")
+    print(f"wrote {', '.join(str(args.repository / e) for e in entries)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

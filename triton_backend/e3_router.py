@@ -1,0 +1,247 @@
+"""Request path of an E3 entry (backend ``apparate_e3``): request in → block models in turn → answer at the first
+confident exit → sampled samples run on to the end → feedback.
+
+The router is the model plain clients call (same inputs and outputs as the Apparate entry, non-decoupled, so unary
+gRPC and HTTP work). ``execute`` is a coroutine that starts one asyncio task per request and returns at once; each
+task calls the block models of the plan through BLS (``async_exec``) and sends its request's single final response
+through the response sender as soon as every sample of the request is decided. One router instance thus keeps many
+requests in flight, and each block model's own dynamic batcher merges the survivors of many requests into full
+batches: exited samples stop computing, later blocks still run full batches.
+
+Feedback without running everything: a share ``sample_rate`` of samples, drawn uniformly before any exit is known,
+keeps running to the final layer after its answer was sent. Only those *traced* samples are reported, with every
+exit's confidence and the original model's prediction, so the controller's window is a uniform sample of the traffic
+and its accuracy estimate is unbiased without weights; it fills ``1 / sample_rate`` times slower than in latency mode.
+
+Every request gets exactly one response: its answer, or an error when a block model fails, times out or is unloaded,
+or when more than ``max_in_flight`` requests are already in flight (back-pressure instead of unbounded queues).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+import triton_python_backend_utils as pb_utils
+
+from early_exit.e3_plan import PLAN_FILE, VERDICT_OUTPUTS, BlockGroup, E3Plan, block_model_name, tensor_name
+from early_exit.errors import ConfigError, EarlyExitError
+from early_exit.exit_config import ExitConfig
+from early_exit.exit_rule import NEVER_EXIT, exits_at
+from early_exit.feedback import BatchTiming, FeedbackRecord
+from early_exit.keys import RedisKeys
+from early_exit.manifest import Manifest, load_manifest
+from triton_backend.config_watcher import ConfigWatcher
+from triton_backend.feedback_publisher import FeedbackPublisher
+from triton_backend.metrics import BackendMetrics
+from triton_backend.stub import configure_logging, model_parameters, redis_target
+
+LOGGER = logging.getLogger("triton_backend.e3_router")
+
+
+class HopError(RuntimeError):
+    """A block model answered with an error (or not at all)."""
+
+
+@dataclass
+class _Traces:
+    """Traced samples gathered into feedback records of up to ``size`` samples under one configuration version."""
+
+    ramps: tuple[int, ...]
+    size: int = 32
+    max_age: float = 1.0
+    version: int = -1
+    started: float = 0.0
+    rows: list[tuple[np.ndarray, np.ndarray, int, int, float]] = field(default_factory=list)
+
+    def add(self, version: int, confidence: np.ndarray, prediction: np.ndarray, final: int, exit_index: int,
+            answer_ms: float) -> list[tuple[int, list[tuple[np.ndarray, np.ndarray, int, int, float]]]]:
+        """Add one sample; returns the batches that are complete (a version change or size or age closes one)."""
+        done = []
+        if self.rows and self.version != version:
+            done.append((self.version, self.rows))
+            self.rows = []
+        if not self.rows:
+            self.version, self.started = version, time.monotonic()
+        self.rows.append((confidence, prediction, final, exit_index, answer_ms))
+        if len(self.rows) >= self.size or time.monotonic() - self.started >= self.max_age:
+            done.append((self.version, self.rows))
+            self.rows = []
+        return done
+
+
+class TritonPythonModel:
+    """Triton entry points for the router instance of an E3 entry."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        configure_logging(LOGGER)
+        parameters = model_parameters(json.loads(args["model_config"]))
+        self.name = args["model_name"]
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        try:
+            self.plan = E3Plan.from_json((version_dir / PLAN_FILE).read_text(encoding="utf-8"))
+            source_dir = Path(args["model_repository"]).parent / self.plan.source / parameters.get("source_version",
+                                                                                                    "1")
+            self.manifest: Manifest = load_manifest(source_dir)
+            self.plan.validate(self.manifest)
+        except (OSError, EarlyExitError) as exc:
+            raise pb_utils.TritonModelException(f"{self.name}: cannot load its plan: {exc}") from exc
+        self.blocks = [block_model_name(self.name, index) for index in range(len(self.plan.groups))]
+        self.max_in_flight = int(parameters.get("max_in_flight", "256"))
+        self.hop_timeout_us = int(float(parameters.get("hop_timeout_ms", "0")) * 1000)
+        self.in_flight = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.rng = np.random.default_rng()
+        self.traces = _Traces(self.plan.exits)
+        self.metrics = BackendMetrics(pb_utils, self.name, self.manifest.final_exit + 1)
+
+        url, prefix = redis_target(parameters)
+        keys = RedisKeys(self.name, prefix)
+        client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=5)
+        initial = ExitConfig(self.name, 0, dict(self.plan.thresholds), writer="plan", written_at=0.0)
+        self.metrics.config_applied(0)
+        self.watcher = ConfigWatcher(client, keys, len(self.manifest.ramps), initial,
+                                     poll_interval=float(parameters.get("config_poll_seconds", "1.0")),
+                                     before_swap=self._check_exits,
+                                     on_applied=lambda config: self.metrics.config_applied(config.version),
+                                     on_rejected=self.metrics.config_rejected)
+        # The controller sees this entry as its own model: the source's ramps and profile, with the exits fixed by
+        # the plan (moving one means re-planning the block models).
+        registered = replace(self.manifest, name=self.name, initial_thresholds=dict(self.plan.thresholds),
+                             exits_fixed=True)
+        self.publisher = FeedbackPublisher(client, keys, registered.to_json(),
+                                           on_published=self.metrics.feedback_published,
+                                           on_dropped=self.metrics.feedback_dropped)
+        LOGGER.info("%s: %d block models %s, exits %s, %.0f%% of samples traced to the end; Redis %s", self.name,
+                    len(self.blocks), self.blocks, self.plan.exits, 100 * self.plan.sample_rate, url)
+
+    def _check_exits(self, config: ExitConfig) -> None:
+        outside = sorted(set(config.active_ramps) - set(self.plan.exits))
+        if outside:
+            raise ConfigError(f"ramps {outside} are not exits of this E3 plan (exits {self.plan.exits}); "
+                              "moving exits takes a new plan")
+
+    async def execute(self, requests: list[Any]) -> None:
+        loop = asyncio.get_running_loop()
+        for request in requests:
+            if self.in_flight >= self.max_in_flight:
+                request.get_response_sender().send(
+                    pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                        f"{self.name}: overloaded, {self.in_flight} requests in flight; retry later")),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
+            self.in_flight += 1
+            task = loop.create_task(self._serve(request))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        return None
+
+    async def _serve(self, request: Any) -> None:
+        started = time.perf_counter()
+        sender = request.get_response_sender()
+        answered = False
+        config = self.watcher.current  # one snapshot per request
+        try:
+            values = {spec.name: pb_utils.get_input_tensor_by_name(request, spec.name).as_numpy()
+                      for spec in self.manifest.inputs}
+            n = values[self.manifest.inputs[0].name].shape[0]
+            probs = np.zeros((n, self.manifest.classes), dtype=np.float32)
+            label = np.zeros(n, dtype=np.int64)
+            confidence = np.zeros(n, dtype=np.float32)
+            exit_index = np.full(n, self.manifest.final_exit, dtype=np.int32)
+            ramp_confidence = np.zeros((len(self.plan.exits), n), dtype=np.float32)
+            ramp_prediction = np.zeros((len(self.plan.exits), n), dtype=np.int32)
+            final = np.zeros(n, dtype=np.int32)
+            undecided = np.ones(n, dtype=bool)
+            traced = self.rng.random(n) < self.plan.sample_rate
+            alive = np.arange(n)  # rows still computing; every array in ``values`` is indexed like it
+            answer_ms = 0.0
+            for position, (group, model) in enumerate(zip(self.plan.groups, self.blocks)):
+                if not alive.size:
+                    break
+                outputs = await self._hop(model, group, values)
+                values.update(outputs)
+                if group.ramp is None:
+                    exiting = undecided[alive]
+                    final[alive] = outputs["LABEL"][:, 0]
+                else:
+                    ramp_confidence[position, alive] = outputs["CONFIDENCE"][:, 0]
+                    ramp_prediction[position, alive] = outputs["LABEL"][:, 0]
+                    threshold = config.thresholds.get(group.ramp, NEVER_EXIT)
+                    exiting = undecided[alive] & exits_at(outputs["CONFIDENCE"][:, 0], threshold)
+                rows = alive[exiting]
+                probs[rows] = outputs["PROBS"][exiting]
+                label[rows] = outputs["LABEL"][exiting, 0]
+                confidence[rows] = outputs["CONFIDENCE"][exiting, 0]
+                exit_index[rows] = self.manifest.final_exit if group.ramp is None else group.ramp
+                undecided[rows] = False
+                if not answered and not undecided.any():
+                    answered = True
+                    answer_ms = 1000.0 * (time.perf_counter() - started)
+                    sender.send(pb_utils.InferenceResponse(output_tensors=[
+                        pb_utils.Tensor("PROBS", probs),
+                        pb_utils.Tensor("LABEL", label[:, None]),
+                        pb_utils.Tensor("EXIT", exit_index[:, None]),
+                        pb_utils.Tensor("CONFIDENCE", confidence[:, None]),
+                    ]), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    self.metrics.count_exits(np.bincount(exit_index, minlength=self.manifest.final_exit + 1))
+                keep = undecided[alive] | traced[alive]
+                alive = alive[keep]
+                values = {name: array[keep] for name, array in values.items() if name not in VERDICT_OUTPUTS}
+            for row in np.flatnonzero(traced):
+                self._trace(config.version, ramp_confidence[:, row], ramp_prediction[:, row], int(final[row]),
+                            int(exit_index[row]), answer_ms)
+        except Exception as exc:  # noqa: BLE001 - every request gets exactly one answer, whatever broke
+            if not answered:
+                LOGGER.warning("%s: request failed: %s", self.name, exc)
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.name}: {exc}")),
+                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            else:
+                LOGGER.warning("%s: traced samples lost after their answer was sent: %s", self.name, exc)
+        finally:
+            self.in_flight -= 1
+
+    async def _hop(self, model: str, group: BlockGroup, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one block model on the rows still computing; its carried values and its exit's verdict."""
+        inputs = [pb_utils.Tensor(tensor_name(spec.name), np.ascontiguousarray(values[spec.name]))
+                  for spec in group.inputs]
+        wanted = [*(spec.name for spec in group.outputs), *VERDICT_OUTPUTS] if group.ramp is not None \
+            else list(VERDICT_OUTPUTS)
+        names = [tensor_name(name) if name not in VERDICT_OUTPUTS else name for name in wanted]
+        options: dict[str, Any] = {"timeout": self.hop_timeout_us} if self.hop_timeout_us else {}
+        request = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=names, **options)
+        response = await request.async_exec()
+        if response.has_error():
+            raise HopError(f"{model}: {response.error().message()}")
+        outputs = {}
+        for name, tensor in zip(wanted, names):
+            output = pb_utils.get_output_tensor_by_name(response, tensor)
+            if output is None:
+                raise HopError(f"{model} did not return {tensor}")
+            outputs[name] = output.as_numpy()
+        return outputs
+
+    def _trace(self, version: int, confidence: np.ndarray, prediction: np.ndarray, final: int, exit_index: int,
+               answer_ms: float) -> None:
+        for record_version, rows in self.traces.add(version, confidence, prediction, final, exit_index, answer_ms):
+            times = np.asarray([row[4] for row in rows], dtype=np.float32)
+            self.publisher.offer(FeedbackRecord(
+                self.name, record_version, self.plan.exits,
+                np.stack([row[0] for row in rows], axis=1), np.stack([row[1] for row in rows], axis=1),
+                np.asarray([row[2] for row in rows], dtype=np.int32), np.asarray([row[3] for row in rows],
+                                                                                dtype=np.int16),
+                # A router has no batch: these timings describe answers only; E3 entries are never judged on them.
+                BatchTiming(float(times.max()), 0.0, 0.0, times),
+            ))
+
+    def finalize(self) -> None:
+        self.watcher.close()
+        self.publisher.close()
+        self.metrics.close()

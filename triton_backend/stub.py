@@ -1,0 +1,49 @@
+"""What every backend of this package reads from Triton the same way: logging, model parameters, device.
+
+Triton hands ``initialize`` the model configuration as JSON and the instance's kind and device id as strings; the
+stub process has no logging configured, so without a handler our logs would vanish.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import torch
+
+from early_exit.keys import DEFAULT_PREFIX
+
+
+def configure_logging(logger: logging.Logger) -> None:
+    """Log ``logger`` to stderr (Triton's log) once per stub process."""
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def model_parameters(model_config: dict[str, Any]) -> dict[str, str]:
+    """The ``parameters`` of a ``config.pbtxt`` as plain strings."""
+    return {key: value.get("string_value", "") for key, value in model_config.get("parameters", {}).items()}
+
+
+def model_device(args: dict[str, str]) -> torch.device:
+    """The instance's device: its GPU for ``KIND_GPU`` (when this torch build has CUDA), else the CPU."""
+    if args["model_instance_kind"] == "GPU" and torch.cuda.is_available():
+        return torch.device(f"cuda:{args['model_instance_device_id']}")
+    return torch.device("cpu")
+
+
+REDIS_URL_ENV = "APPARATE_REDIS_URL"
+REDIS_PREFIX_ENV = "APPARATE_REDIS_PREFIX"
+
+
+def redis_target(parameters: dict[str, str]) -> tuple[str, str]:
+    """Redis URL and key prefix of a model: the environment wins over the model's parameters (one deployment, one
+    Redis), then the defaults of a local set-up."""
+    url = os.environ.get(REDIS_URL_ENV) or parameters.get("redis_url") or "redis://127.0.0.1:6379/0"
+    prefix = os.environ.get(REDIS_PREFIX_ENV) or parameters.get("redis_prefix") or DEFAULT_PREFIX
+    return url, prefix
