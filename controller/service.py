@@ -197,7 +197,8 @@ class ModelController:
         # must settle first. A probe (exits back on after being switched off) is judged as soon as it is measured.
         due = self.rounds % max(self.settings.adjust_every, 1) == 0 or (self.trial is not None and
                                                                         not self.trial.previous)
-        if self.settings.adjust_every and due and not breached:
+        # An E3 deployment's exits are its block boundaries: only a new plan moves them.
+        if self.settings.adjust_every and due and not breached and not self.manifest.exits_fixed:
             proposal = self._judge_ramp_set(view, thresholds, latency)
         saving, measured = realised_saving_ms(view, self.judge_from)
         summary = (f"window {view.size}, served agreement {served:.4f} ({count} answers under "

@@ -1,6 +1,7 @@
 """ModelController: tuning from feedback, the accuracy guard, measured savings, switching exits off and back on."""
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -38,11 +39,13 @@ def _records(version: int, n: int, ramp_right: bool, seed: int = 0, ramps: tuple
     return records
 
 
-def _controller(adjust_every: int = 0, z: float = 0.0, min_fresh: int = 200, clock=None) -> ModelController:
+def _controller(adjust_every: int = 0, z: float = 0.0, min_fresh: int = 200, clock=None,
+                exits_fixed: bool = False) -> ModelController:
     settings = ControllerSettings(tuner=TunerSettings(guard=AccuracyGuard(0.01, z)), window=400,
                                   min_fresh=min_fresh, adjust_every=adjust_every, probe_after=30.0)
     kwargs = {} if clock is None else {"clock": clock}
-    return ModelController(_manifest(), ExitConfig("m", 1, {0: NEVER_EXIT}), settings, **kwargs)
+    manifest = replace(_manifest(), exits_fixed=exits_fixed)
+    return ModelController(manifest, ExitConfig("m", 1, {0: NEVER_EXIT}), settings, **kwargs)
 
 
 def _feed(controller: ModelController, records: list[FeedbackRecord]) -> ExitConfig | None:
@@ -129,6 +132,18 @@ def test_exits_that_do_not_pay_are_switched_off_and_probed_later() -> None:
     assert off_again is not None and off_again.thresholds == {}
     now[0] = 31.0 + 59.0
     assert controller.step() is None
+
+
+def test_fixed_exits_are_tuned_but_never_switched_off_or_moved() -> None:
+    controller = _controller(adjust_every=1, exits_fixed=True)
+    controller.current = ExitConfig("m", 1, {0: 0.9})
+    controller.judge_from = 1
+    # What switches a latency-mode model's exits off (a measured loss) or starts a trial of other ramps.
+    for answer_ms in (12.0, 4.0):
+        config = _feed(controller, _records(controller.current.version, 400, ramp_right=True, exit_value=0,
+                                            answer_ms=answer_ms, overhead_ms=1.0, seed=int(answer_ms)))
+        assert config is None or config.active_ramps == (0,)
+    assert controller.trial is None and not controller.parked and controller.current.active_ramps == (0,)
 
 
 def _trial(controller: ModelController, answer_ms: float) -> ExitConfig | None:
