@@ -8,7 +8,7 @@ who exits.
 
 Parameters (``config.pbtxt``): ``source`` (the Apparate entry in the same repository whose version folder holds the
 artifacts), ``source_version`` (default ``1``), ``first_block``, ``last_block``, ``ramp`` (a ramp id, or empty for
-the final layer).
+the final layer), ``threads`` (torch threads of this instance on a CPU; 0 keeps torch's default).
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ class TritonPythonModel:
             ramp = int(parameters["ramp"]) if parameters.get("ramp", "") != "" else None
         except (KeyError, ValueError) as exc:
             raise pb_utils.TritonModelException(f"{self.name}: bad or missing parameter: {exc!r}") from exc
+        if int(parameters.get("threads", "0")) > 0:  # this process's share of the cores (see controller.prepare.e3)
+            torch.set_num_threads(int(parameters["threads"]))
         directory = Path(args["model_repository"]).parent / source / parameters.get("source_version", "1")
         try:
             self.model = EarlyExitModel(directory, model_device(args), range(first, last + 1),

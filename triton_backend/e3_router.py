@@ -2,11 +2,13 @@
 confident exit → sampled samples run on to the end → feedback.
 
 The router is the model plain clients call (same inputs and outputs as the Apparate entry, non-decoupled, so unary
-gRPC and HTTP work). ``execute`` is a coroutine that starts one asyncio task per request and returns at once; each
-task calls the block models of the plan through BLS (``async_exec``) and sends its request's single final response
-through the response sender as soon as every sample of the request is decided. One router instance thus keeps many
-requests in flight, and each block model's own dynamic batcher merges the survivors of many requests into full
-batches: exited samples stop computing, later blocks still run full batches.
+gRPC and HTTP work). ``execute`` is a coroutine that starts one asyncio task for the batch Triton's batcher gave it and
+returns at once; the task sends the batch's samples through the block models of the plan by BLS (``async_exec``), one
+call per block for all the samples still computing, and answers each request through its response sender as soon as
+its samples are decided. One router instance thus keeps many batches in flight, and each block model's own dynamic
+batcher merges the survivors of many of them into full batches: exited samples stop computing, later blocks still run
+full batches. A call per block and batch, not per request, keeps the router's cost per sample small under load, when
+its batches are large.
 
 Feedback without running everything: a share ``sample_rate`` of samples, drawn uniformly before any exit is known,
 keeps running to the final layer after its answer was sent. Only those *traced* samples are reported, with every
@@ -41,6 +43,7 @@ from early_exit.manifest import Manifest, load_manifest
 from triton_backend.config_watcher import ConfigWatcher
 from triton_backend.feedback_publisher import FeedbackPublisher
 from triton_backend.metrics import BackendMetrics
+from triton_backend.responses import BatchAnswers
 from triton_backend.stub import configure_logging, model_parameters, redis_target
 
 LOGGER = logging.getLogger("triton_backend.e3_router")
@@ -50,31 +53,36 @@ class HopError(RuntimeError):
     """A block model answered with an error (or not at all)."""
 
 
+_Trace = tuple[np.ndarray, np.ndarray, int, int, float]  # ramp confidences, ramp predictions, final, exit, answer ms
+
+
 @dataclass
 class _Traces:
-    """Traced samples gathered into feedback records of up to ``size`` samples under one configuration version."""
+    """Traced samples gathered into feedback records of up to ``size`` samples under one configuration version.
 
-    ramps: tuple[int, ...]
+    A record closes when it is full, older than ``max_age`` seconds, or the configuration changes; the router also
+    drains it whenever no request is in flight, so feedback never waits for traffic that may not come.
+    """
+
     size: int = 32
     max_age: float = 1.0
     version: int = -1
     started: float = 0.0
-    rows: list[tuple[np.ndarray, np.ndarray, int, int, float]] = field(default_factory=list)
+    rows: list[_Trace] = field(default_factory=list)
 
-    def add(self, version: int, confidence: np.ndarray, prediction: np.ndarray, final: int, exit_index: int,
-            answer_ms: float) -> list[tuple[int, list[tuple[np.ndarray, np.ndarray, int, int, float]]]]:
-        """Add one sample; returns the batches that are complete (a version change or size or age closes one)."""
-        done = []
-        if self.rows and self.version != version:
-            done.append((self.version, self.rows))
-            self.rows = []
+    def add(self, version: int, trace: _Trace) -> list[tuple[int, list[_Trace]]]:
+        """Add one sample; returns the records it closed."""
+        closed = self.drain() if self.rows and self.version != version else []
         if not self.rows:
             self.version, self.started = version, time.monotonic()
-        self.rows.append((confidence, prediction, final, exit_index, answer_ms))
+        self.rows.append(trace)
         if len(self.rows) >= self.size or time.monotonic() - self.started >= self.max_age:
-            done.append((self.version, self.rows))
-            self.rows = []
-        return done
+            closed += self.drain()
+        return closed
+
+    def drain(self) -> list[tuple[int, list[_Trace]]]:
+        rows, self.rows = self.rows, []
+        return [(self.version, rows)] if rows else []
 
 
 class TritonPythonModel:
@@ -99,7 +107,7 @@ class TritonPythonModel:
         self.in_flight = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.rng = np.random.default_rng()
-        self.traces = _Traces(self.plan.exits)
+        self.traces = _Traces()
         self.metrics = BackendMetrics(pb_utils, self.name, self.manifest.final_exit + 1)
 
         url, prefix = redis_target(parameters)
@@ -129,7 +137,7 @@ class TritonPythonModel:
                               "moving exits takes a new plan")
 
     async def execute(self, requests: list[Any]) -> None:
-        loop = asyncio.get_running_loop()
+        admitted = []
         for request in requests:
             if self.in_flight >= self.max_in_flight:
                 request.get_response_sender().send(
@@ -138,75 +146,64 @@ class TritonPythonModel:
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
             self.in_flight += 1
-            task = loop.create_task(self._serve(request))
+            admitted.append(request)
+        if admitted:
+            task = asyncio.get_running_loop().create_task(self._route(admitted))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         return None
 
-    async def _serve(self, request: Any) -> None:
+    async def _route(self, requests: list[Any]) -> None:
+        """Send this batch's samples through the block models: all of them to the first, then at each exit only the
+        undecided and the traced ones; each request is answered as soon as its samples are decided."""
         started = time.perf_counter()
-        sender = request.get_response_sender()
-        answered = False
-        config = self.watcher.current  # one snapshot per request
+        config = self.watcher.current  # one snapshot per batch
+        manifest = self.manifest
+        batch: BatchAnswers | None = None
         try:
-            values = {spec.name: pb_utils.get_input_tensor_by_name(request, spec.name).as_numpy()
-                      for spec in self.manifest.inputs}
-            n = values[self.manifest.inputs[0].name].shape[0]
-            probs = np.zeros((n, self.manifest.classes), dtype=np.float32)
-            label = np.zeros(n, dtype=np.int64)
-            confidence = np.zeros(n, dtype=np.float32)
-            exit_index = np.full(n, self.manifest.final_exit, dtype=np.int32)
+            arrays = {spec.name: [pb_utils.get_input_tensor_by_name(request, spec.name).as_numpy()
+                                  for request in requests] for spec in manifest.inputs}
+            batch = BatchAnswers(requests, [a.shape[0] for a in arrays[manifest.inputs[0].name]], manifest.classes,
+                                 manifest.final_exit, started)
+            values = {name: np.concatenate(parts) for name, parts in arrays.items()}
+            n = len(batch.exit)
             ramp_confidence = np.zeros((len(self.plan.exits), n), dtype=np.float32)
             ramp_prediction = np.zeros((len(self.plan.exits), n), dtype=np.int32)
             final = np.zeros(n, dtype=np.int32)
-            undecided = np.ones(n, dtype=bool)
             traced = self.rng.random(n) < self.plan.sample_rate
-            alive = np.arange(n)  # rows still computing; every array in ``values`` is indexed like it
-            answer_ms = 0.0
+            alive = np.arange(n)  # samples still computing; every array in ``values`` is indexed like it
             for position, (group, model) in enumerate(zip(self.plan.groups, self.blocks)):
                 if not alive.size:
                     break
                 outputs = await self._hop(model, group, values)
-                values.update(outputs)
+                confidence, label = outputs["CONFIDENCE"][:, 0], outputs["LABEL"][:, 0]
                 if group.ramp is None:
-                    exiting = undecided[alive]
-                    final[alive] = outputs["LABEL"][:, 0]
+                    exiting, exit_index = batch.undecided[alive], manifest.final_exit
+                    final[alive] = label
                 else:
-                    ramp_confidence[position, alive] = outputs["CONFIDENCE"][:, 0]
-                    ramp_prediction[position, alive] = outputs["LABEL"][:, 0]
+                    ramp_confidence[position, alive], ramp_prediction[position, alive] = confidence, label
                     threshold = config.thresholds.get(group.ramp, NEVER_EXIT)
-                    exiting = undecided[alive] & exits_at(outputs["CONFIDENCE"][:, 0], threshold)
-                rows = alive[exiting]
-                probs[rows] = outputs["PROBS"][exiting]
-                label[rows] = outputs["LABEL"][exiting, 0]
-                confidence[rows] = outputs["CONFIDENCE"][exiting, 0]
-                exit_index[rows] = self.manifest.final_exit if group.ramp is None else group.ramp
-                undecided[rows] = False
-                if not answered and not undecided.any():
-                    answered = True
-                    answer_ms = 1000.0 * (time.perf_counter() - started)
-                    sender.send(pb_utils.InferenceResponse(output_tensors=[
-                        pb_utils.Tensor("PROBS", probs),
-                        pb_utils.Tensor("LABEL", label[:, None]),
-                        pb_utils.Tensor("EXIT", exit_index[:, None]),
-                        pb_utils.Tensor("CONFIDENCE", confidence[:, None]),
-                    ]), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                    self.metrics.count_exits(np.bincount(exit_index, minlength=self.manifest.final_exit + 1))
-                keep = undecided[alive] | traced[alive]
+                    exiting, exit_index = batch.undecided[alive] & exits_at(confidence, threshold), group.ramp
+                if exiting.any():
+                    batch.answer(alive[exiting], exit_index, outputs["PROBS"][exiting], label[exiting],
+                                 confidence[exiting])
+                keep = batch.undecided[alive] | traced[alive]
                 alive = alive[keep]
-                values = {name: array[keep] for name, array in values.items() if name not in VERDICT_OUTPUTS}
+                values.update((spec.name, outputs[spec.name]) for spec in group.outputs)
+                values = {name: array[keep] for name, array in values.items()}
+            self.metrics.count_exits(np.bincount(batch.exit, minlength=manifest.final_exit + 1))
             for row in np.flatnonzero(traced):
-                self._trace(config.version, ramp_confidence[:, row], ramp_prediction[:, row], int(final[row]),
-                            int(exit_index[row]), answer_ms)
+                self._publish(self.traces.add(config.version, (ramp_confidence[:, row], ramp_prediction[:, row],
+                                                                int(final[row]), int(batch.exit[row]),
+                                                                float(batch.answer_ms[row]))))
         except Exception as exc:  # noqa: BLE001 - every request gets exactly one answer, whatever broke
-            if not answered:
-                LOGGER.warning("%s: request failed: %s", self.name, exc)
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.name}: {exc}")),
-                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            else:
-                LOGGER.warning("%s: traced samples lost after their answer was sent: %s", self.name, exc)
+            LOGGER.warning("%s: batch of %d requests failed: %s", self.name, len(requests), exc)
+            batch = batch or BatchAnswers(requests, [0] * len(requests), manifest.classes, manifest.final_exit, started)
+            batch.fail_unsent(f"{self.name}: {exc}")
         finally:
-            self.in_flight -= 1
+            self.in_flight -= len(requests)
+            if not self.in_flight:
+                self._publish(self.traces.drain())
 
     async def _hop(self, model: str, group: BlockGroup, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one block model on the rows still computing; its carried values and its exit's verdict."""
@@ -228,12 +225,11 @@ class TritonPythonModel:
             outputs[name] = output.as_numpy()
         return outputs
 
-    def _trace(self, version: int, confidence: np.ndarray, prediction: np.ndarray, final: int, exit_index: int,
-               answer_ms: float) -> None:
-        for record_version, rows in self.traces.add(version, confidence, prediction, final, exit_index, answer_ms):
+    def _publish(self, records: list[tuple[int, list[_Trace]]]) -> None:
+        for version, rows in records:
             times = np.asarray([row[4] for row in rows], dtype=np.float32)
             self.publisher.offer(FeedbackRecord(
-                self.name, record_version, self.plan.exits,
+                self.name, version, self.plan.exits,
                 np.stack([row[0] for row in rows], axis=1), np.stack([row[1] for row in rows], axis=1),
                 np.asarray([row[2] for row in rows], dtype=np.int32), np.asarray([row[3] for row in rows],
                                                                                 dtype=np.int16),

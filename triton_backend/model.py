@@ -14,7 +14,6 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from early_exit.runtime import EarlyExitModel, Verdict
 from triton_backend.config_watcher import ConfigWatcher
 from triton_backend.feedback_publisher import FeedbackPublisher
 from triton_backend.metrics import BackendMetrics
+from triton_backend.responses import BatchAnswers
 
 LOGGER = logging.getLogger("triton_backend")
 
@@ -43,66 +43,10 @@ def _parameters(model_config: dict[str, Any]) -> dict[str, str]:
     return {key: value.get("string_value", "") for key, value in model_config.get("parameters", {}).items()}
 
 
-class _Batch:
-    """Bookkeeping of one executed batch: which request owns which samples, and what each sample was answered."""
-
-    def __init__(self, requests: list[Any], sizes: list[int], classes: int, final_exit: int, started: float) -> None:
-        self.started = started
-        self.requests = requests
-        self.senders = [request.get_response_sender() for request in requests]
-        self.bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-        self.owner = np.repeat(np.arange(len(requests)), sizes)
-        self.pending = np.asarray(sizes, dtype=int)
-        self.sent = np.zeros(len(requests), dtype=bool)
-        self.failed_sends = 0
-        n = int(self.bounds[-1])
-        self.undecided = np.ones(n, dtype=bool)
-        self.probs = np.zeros((n, classes), dtype=np.float32)
-        self.label = np.zeros(n, dtype=np.int64)
-        self.confidence = np.zeros(n, dtype=np.float32)
-        self.exit = np.full(n, final_exit, dtype=np.int32)
-        self.answer_ms = np.zeros(n, dtype=np.float32)
-
-    def answer(self, samples: np.ndarray, exit_index: int, verdict_probs: torch.Tensor, prediction: np.ndarray,
-               confidence: np.ndarray) -> None:
-        """Record answers for ``samples`` and send every request whose samples are now all decided."""
-        self.probs[samples] = verdict_probs[torch.from_numpy(samples).to(verdict_probs.device)].cpu().numpy()
-        self.label[samples] = prediction[samples]
-        self.confidence[samples] = confidence[samples]
-        self.exit[samples] = exit_index
-        self.undecided[samples] = False
-        self.pending -= np.bincount(self.owner[samples], minlength=len(self.requests))
-        for index in np.flatnonzero((self.pending == 0) & ~self.sent):
-            self._send(int(index))
-            lo, hi = self.bounds[index], self.bounds[index + 1]
-            self.answer_ms[lo:hi] = 1000.0 * (time.perf_counter() - self.started)
-
-    def _send(self, index: int) -> None:
-        lo, hi = self.bounds[index], self.bounds[index + 1]
-        self._deliver(index, lambda: pb_utils.InferenceResponse(
-            output_tensors=[
-                pb_utils.Tensor("PROBS", self.probs[lo:hi]),
-                pb_utils.Tensor("LABEL", self.label[lo:hi, None]),
-                pb_utils.Tensor("EXIT", self.exit[lo:hi, None]),
-                pb_utils.Tensor("CONFIDENCE", self.confidence[lo:hi, None]),
-            ]
-        ))
-
-    def fail_unsent(self, message: str) -> None:
-        for index in np.flatnonzero(~self.sent):
-            self._deliver(int(index), lambda: pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
-
-    def _deliver(self, index: int, response: Callable[[], Any]) -> None:
-        """Send request ``index`` its one final response. Each request is answered on its own: a response that cannot
-        be built or sent is logged and counted (``failed_sends``) and never fails another request of the batch,
-        decided or not. The request counts as answered either way, since a second send to it would raise."""
-        self.sent[index] = True
-        try:
-            self.senders[index].send(response(), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        except Exception:  # noqa: BLE001 - one request's failure must not reach the others
-            self.failed_sends += 1
-            LOGGER.exception("response to request %d of a batch of %d could not be sent (%d such failures in this "
-                             "batch)", index, len(self.requests), self.failed_sends)
+def _answer(batch: BatchAnswers, samples: np.ndarray, verdict: Verdict) -> None:
+    """Answer ``samples`` with ``verdict``: only their probability rows leave the model's device."""
+    rows = verdict.probs[torch.from_numpy(samples).to(verdict.probs.device)].cpu().numpy()
+    batch.answer(samples, verdict.exit, rows, verdict.prediction[samples], verdict.confidence[samples])
 
 
 class TritonPythonModel:
@@ -168,7 +112,7 @@ class TritonPythonModel:
             for name in self.input_names
         }
         sizes = [array.shape[0] for array in inputs[self.input_names[0]]]
-        batch = _Batch(requests, sizes, manifest.classes, manifest.final_exit, started)
+        batch = BatchAnswers(requests, sizes, manifest.classes, manifest.final_exit, started)
         tensors = {name: torch.from_numpy(np.concatenate(arrays)) for name, arrays in inputs.items()}
         ramp_verdicts: list[Verdict] = []
         final: Verdict | None = None
@@ -180,14 +124,14 @@ class TritonPythonModel:
                         final = verdict
                         samples = np.flatnonzero(batch.undecided)
                         if samples.size:
-                            batch.answer(samples, verdict.exit, verdict.probs, verdict.prediction, verdict.confidence)
+                            _answer(batch, samples, verdict)
                         continue
                     decided = time.perf_counter()
                     ramp_verdicts.append(verdict)
                     exiting = batch.undecided & exits_at(verdict.confidence, config.thresholds[verdict.exit])
                     samples = np.flatnonzero(exiting)
                     if samples.size:
-                        batch.answer(samples, verdict.exit, verdict.probs, verdict.prediction, verdict.confidence)
+                        _answer(batch, samples, verdict)
                     overhead_ms += verdict.cost_ms + 1000.0 * (time.perf_counter() - decided)
         except Exception as exc:  # answer every request, whatever broke; Triton keeps serving
             LOGGER.exception("%s: batch of %d failed", self.name, len(requests))

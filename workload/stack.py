@@ -182,9 +182,21 @@ def servable_models(repository: Path) -> list[str]:
     """Entries of ``repository`` that can load: early-exit and vanilla entries whose artifacts are built, models of
     other backends (pre-processing), and ensembles whose every step is servable."""
     entries = {path.parent.name: path.read_text() for path in sorted(repository.glob("*/config.pbtxt"))}
+
+    def built(name: str) -> bool:
+        return (repository / name / "1" / "manifest.json").is_file()
+
+    def sources(config: str) -> list[str]:  # the entry whose artifacts an E3 block model serves
+        return re.findall(r'key:\s*"source"\s*value:\s*\{\s*string_value:\s*"([^"]+)"', config)
+
     ready = {name for name, config in entries.items()
              if 'platform: "ensemble"' not in config
-             and ('backend: "apparate"' not in config or (repository / name / "1" / "manifest.json").is_file())}
+             and ('backend: "apparate"' not in config or built(name))
+             and ('backend: "apparate_e3"' not in config or (repository / name / "1" / "plan.json").is_file())
+             and all(built(source) for source in sources(config))}
+    # An E3 router serves only with every block model of its plan.
+    ready -= {name for name, config in entries.items() if 'backend: "apparate_e3"' in config
+              and not all(block in ready for block in entries if re.fullmatch(rf"{re.escape(name)}_b\d+", block))}
     for name, config in entries.items():
         steps = re.findall(r'model_name:\s*"([^"]+)"', config)
         if 'platform: "ensemble"' in config and steps and all(step in ready for step in steps):

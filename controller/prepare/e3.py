@@ -59,26 +59,37 @@ def block_groups(manifest: Manifest, plan: Plan, specs: dict[str, TensorSpec]) -
 
 def write_e3_entries(repository: Path, source: str, plan: E3Plan, manifest: Manifest, max_batch_size: int,
                      instance_kind: InstanceKind = "KIND_CPU", hop_timeout_ms: float = 0.0) -> list[str]:
-    """Write the router and its block models (replacing earlier ones); returns the entry names."""
+    """Write the router and its block models (replacing earlier ones); returns the entry names.
+
+    The router's own batcher gathers the first group's batch (so one BLS call carries many samples and the router's
+    per-call cost is shared); the first block model then runs what it is sent without waiting. On CPUs each instance
+    gets an equal share of the cores as torch threads: instances that each spawn a thread per core oversubscribe
+    them as soon as several blocks run at once.
+    """
     name = f"{source}_e3"
     for stale in repository.glob(f"{name}_b*"):
         shutil.rmtree(stale)
     router = repository / name
     (router / "1").mkdir(parents=True, exist_ok=True)
     (router / "1" / PLAN_FILE).write_text(plan.to_json(), encoding="utf-8")
+    first = plan.groups[0]
     (router / "config.pbtxt").write_text(render_config(
-        name, manifest.inputs, manifest.classes, max_batch_size, max_queue_delay_us=0, backend=ROUTER_BACKEND,
-        parameters={"hop_timeout_ms": f"{hop_timeout_ms:g}", "max_in_flight": "256"}), encoding="utf-8")
+        name, manifest.inputs, manifest.classes, max_batch_size, max_queue_delay_us=first.queue_delay_us,
+        backend=ROUTER_BACKEND, parameters={"hop_timeout_ms": f"{hop_timeout_ms:g}", "max_in_flight": "256"},
+        preferred_batch_size=first.batch_size), encoding="utf-8")
+    threads = max(1, int(plan.expected.get("instances", 1)) // sum(g.replicas for g in plan.groups))
     entries = [name]
     for index, group in enumerate(plan.groups):
         block = block_model_name(name, index)
         (repository / block / "1").mkdir(parents=True, exist_ok=True)
+        parameters = {"source": source, "first_block": str(group.first_block), "last_block": str(group.last_block),
+                      "ramp": "" if group.ramp is None else str(group.ramp)}
+        if instance_kind == "KIND_CPU":
+            parameters["threads"] = str(threads)
         config = render_block_config(
             block, [replace(s, name=tensor_name(s.name)) for s in group.inputs],
             [replace(s, name=tensor_name(s.name)) for s in group.outputs], manifest.classes, max_batch_size,
-            group.batch_size, group.queue_delay_us, group.replicas,
-            {"source": source, "first_block": str(group.first_block), "last_block": str(group.last_block),
-             "ramp": "" if group.ramp is None else str(group.ramp)}, instance_kind)
+            group.batch_size, 0 if index == 0 else group.queue_delay_us, group.replicas, parameters, instance_kind)
         (repository / block / "config.pbtxt").write_text(config, encoding="utf-8")
         entries.append(block)
     return entries
@@ -92,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--name", required=True, help="the prepared Apparate entry, e.g. sst2_minilm")
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
-    parser.add_argument("--slo-ms", type=float, default=None,
-                        help="latency objective of a request (default: 3x the original model's batch-1 latency)")
+    parser.add_argument("--slo-ms", type=float, default=100.0,
+                        help="latency objective of a request, serving overheads included (make bench-e3 uses 3x the "
+                        "original model's unloaded median)")
     parser.add_argument("--instances", type=int, default=2, help="instances to spread over the block models "
                         "(CPU cores, or GPUs)")
     parser.add_argument("--max-exits", type=int, default=PlannerSettings.max_exits)
@@ -119,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{directory} has no latency profile")
     with np.load(validation) as data:
         confidence, prediction, final = data["confidence"], data["prediction"], data["final"]
-    slo_ms = args.slo_ms or 3 * float(np.sum(manifest.profile.at(1)[0]))
+    slo_ms = args.slo_ms
     settings = PlannerSettings(slo_ms, args.instances, args.max_exits, args.hop_ms, sample_rate=args.sample_rate,
                                tuner=TunerSettings(guard=AccuracyGuard(args.accuracy_budget, args.z)))
     exits = None if args.exits is None else tuple(int(r) for r in args.exits.split(",") if r.strip())
@@ -127,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     groups = block_groups(manifest, plan, value_specs(model))
     expected = {"batch_size": plan.batch_size, "cost_ms": plan.cost_ms, "vanilla_cost_ms": plan.vanilla_cost_ms,
                 "capacity_gain": plan.capacity_gain, "latency_ms": plan.latency_ms, "agreement": plan.agreement,
-                "survivors": [g.survivors for g in plan.groups], "hop_ms": args.hop_ms}
+                "survivors": [g.survivors for g in plan.groups], "hop_ms": args.hop_ms,
+                "instances": args.instances}
     e3 = E3Plan(args.name, groups, plan.thresholds, args.sample_rate, slo_ms, expected)
     e3.validate(manifest)
     kind: InstanceKind = "KIND_GPU" if args.instance_kind == "gpu" else "KIND_CPU"

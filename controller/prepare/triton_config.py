@@ -38,6 +38,10 @@ def _parameters(parameters: Mapping[str, str]) -> str:
                    for key, value in parameters.items())
 
 
+def _preferred(batch_size: int | None) -> str:
+    return f"  preferred_batch_size: [ {batch_size} ]\n" if batch_size else ""
+
+
 VERDICT_TENSORS = {"PROBS": "TYPE_FP32", "LABEL": "TYPE_INT64", "EXIT": "TYPE_INT32", "CONFIDENCE": "TYPE_FP32"}
 
 
@@ -50,6 +54,7 @@ def render_config(
     instance_kind: InstanceKind = "KIND_CPU",
     backend: str = BACKEND,
     parameters: Mapping[str, str] | None = None,
+    preferred_batch_size: int | None = None,
 ) -> str:
     """A non-decoupled entry with dynamic batching: early answers go out through each request's response sender.
 
@@ -72,7 +77,7 @@ output [
 {output_lines}
 ]
 dynamic_batching {{
-  max_queue_delay_microseconds: {max_queue_delay_us}
+{_preferred(preferred_batch_size)}  max_queue_delay_microseconds: {max_queue_delay_us}
 }}
 instance_group [ {{ count: 1 kind: {instance_kind} }} ]
 {_parameters(parameters or {})}"""
@@ -106,8 +111,7 @@ output [
 {output_lines}
 ]
 dynamic_batching {{
-  preferred_batch_size: [ {preferred_batch_size} ]
-  max_queue_delay_microseconds: {max_queue_delay_us}
+{_preferred(preferred_batch_size)}  max_queue_delay_microseconds: {max_queue_delay_us}
 }}
 instance_group [ {{ count: {replicas} kind: {instance_kind} }} ]
 {_parameters(parameters)}"""

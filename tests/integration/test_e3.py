@@ -1,0 +1,168 @@
+"""E3 mode on a real Triton + Redis: the router answers plain unary calls like the Apparate entry, exited samples
+stop computing (bar the traced share), later blocks batch survivors of many requests, and a block model unloaded
+mid-traffic costs errors, never hangs."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import torch
+import tritonclient.http as httpclient
+
+from controller.config_store import write_config
+from controller.prepare.e3 import main as plan_e3
+from early_exit.e3_plan import PLAN_FILE, E3Plan, block_model_name
+from early_exit.exit_config import ExitConfig
+from early_exit.feedback import FeedbackRecord
+from early_exit.keys import RedisKeys
+from early_exit.manifest import load_manifest
+from early_exit.runtime import EarlyExitModel
+from tests.conftest import MODEL
+from tests.integration.conftest import apply_config
+from workload.client import Answer, replay
+from workload.metrics import metric
+from workload.stack import Stack, running_stack
+
+pytestmark = pytest.mark.integration
+E3 = f"{MODEL}_e3"
+SAMPLE_RATE = 0.2
+
+
+@pytest.fixture(scope="module")
+def plan(repository: Path) -> E3Plan:
+    """Two exits, a quarter and two thirds of the way in, traced at ``SAMPLE_RATE``."""
+    ramps = len(load_manifest(repository / MODEL / "1").ramps)
+    exits = f"{ramps // 4},{2 * ramps // 3}"
+    assert plan_e3(["--name", MODEL, "--repository", str(repository), "--exits", exits, "--slo-ms", "2000",
+                    "--sample-rate", str(SAMPLE_RATE)]) == 0
+    return E3Plan.from_json((repository / E3 / "1" / PLAN_FILE).read_text())
+
+
+@pytest.fixture(scope="module")
+def e3_stack(repository: Path, plan: E3Plan, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    blocks = [block_model_name(E3, k) for k in range(len(plan.groups))]
+    with running_stack(repository, models=[MODEL, E3, *blocks], with_controller=False,
+                       log_dir=tmp_path_factory.mktemp("e3_logs")) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def thresholds(repository: Path, plan: E3Plan, test_images: np.ndarray) -> dict[int, float]:
+    """Thresholds at which about a fifth of the test images exit at each exit."""
+    model = EarlyExitModel(repository / MODEL / "1")
+    with torch.inference_mode():
+        verdicts = list(model.stages({"IMAGE": torch.from_numpy(test_images[:500])}, plan.exits))
+    return {ramp: float(np.quantile(v.confidence, 0.8)) for ramp, v in zip(plan.exits, verdicts)}
+
+
+def _configure(stack: Stack, thresholds: dict[int, float], version: int) -> None:
+    for model in (MODEL, E3):
+        apply_config(stack, model, version, thresholds)
+
+
+def _block_counts(stack: Stack, blocks: list[str]) -> np.ndarray:
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{stack.ports.http}")
+    stats = {m["name"]: m for m in client.get_inference_statistics()["model_stats"]}
+    return np.asarray([[int(stats[b]["inference_count"]), int(stats[b]["execution_count"])] for b in blocks])
+
+
+def _feedback(stack: Stack) -> list[FeedbackRecord]:
+    client = redis.Redis.from_url(stack.redis_url)
+    return [FeedbackRecord.decode(fields) for _, fields in client.xrange(RedisKeys(E3).feedback)]
+
+
+def test_the_router_answers_unary_grpc_and_http_calls_like_the_apparate_entry(
+    e3_stack: Stack, thresholds: dict[int, float], test_images: np.ndarray
+) -> None:
+    _configure(e3_stack, thresholds, 1)
+    images = {"IMAGE": test_images[:200]}
+    arrivals = np.arange(200) * 0.01
+    e3 = replay(e3_stack.grpc_url, E3, images, arrivals)
+    apparate = replay(e3_stack.grpc_url, MODEL, images, arrivals)
+    assert not [a.error for a in e3 if a.error]
+    assert [(a.label, a.exit) for a in e3] == [(a.label, a.exit) for a in apparate]
+    assert len({a.exit for a in e3}) == 3  # both exits and the final layer answered some
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{e3_stack.ports.http}")
+    for index in range(5):
+        tensor = httpclient.InferInput("IMAGE", [1, *test_images.shape[1:]], "UINT8")
+        tensor.set_data_from_numpy(test_images[index : index + 1])
+        result = client.infer(E3, [tensor])
+        assert int(result.as_numpy("LABEL")[0, 0]) == apparate[index].label
+        assert int(result.as_numpy("EXIT")[0, 0]) == apparate[index].exit
+
+
+def test_exited_samples_reach_later_blocks_only_when_traced(
+    e3_stack: Stack, plan: E3Plan, thresholds: dict[int, float], test_images: np.ndarray
+) -> None:
+    _configure(e3_stack, thresholds, 2)
+    time.sleep(1.0)  # feedback of earlier requests is on its way (the publisher ships every 0.25 s)
+    blocks = [block_model_name(E3, k) for k in range(len(plan.groups))]
+    before, traced_before = _block_counts(e3_stack, blocks), len(_feedback(e3_stack))
+    answers = replay(e3_stack.grpc_url, E3, {"IMAGE": test_images[200:600]}, np.arange(400) * 0.005)
+    assert not [a.error for a in answers if a.error]
+    time.sleep(1.0)  # the publisher ships feedback every 0.25 s
+    reached = (_block_counts(e3_stack, blocks) - before)[:, 0]
+    exits = np.asarray([plan.exits.index(a.exit) if a.exit in plan.exits else len(plan.exits) for a in answers])
+    traces = _feedback(e3_stack)[traced_before:]
+    traced_exits = np.concatenate([r.exit for r in traces])
+    traced_at = np.asarray([plan.exits.index(e) if e in plan.exits else len(plan.exits) for e in traced_exits])
+    for k in range(len(blocks)):
+        # Block k sees the samples that did not exit before it, plus the traced ones that did.
+        assert reached[k] == (exits >= k).sum() + (traced_at < k).sum()
+    assert 0 < len(traced_exits) < 400 * SAMPLE_RATE * 2  # a sampled share, not everything
+    assert all(r.ramps == plan.exits for r in traces)
+
+
+def test_later_blocks_batch_the_survivors_of_many_requests(
+    e3_stack: Stack, plan: E3Plan, thresholds: dict[int, float], test_images: np.ndarray
+) -> None:
+    _configure(e3_stack, thresholds, 3)
+    blocks = [block_model_name(E3, k) for k in range(len(plan.groups))]
+    before = _block_counts(e3_stack, blocks)
+    replay(e3_stack.grpc_url, E3, {"IMAGE": test_images[:256]}, np.zeros(256))
+    (first, first_runs), (last, last_runs) = (_block_counts(e3_stack, blocks) - before)[[0, -1]]
+    assert last < first  # samples exited on the way
+    # In place, the last block would run the first block's batches shrunk to the share that survives.
+    in_place = first / first_runs * last / first
+    assert last / last_runs > in_place
+
+
+def test_a_block_model_unloaded_mid_traffic_costs_errors_not_hangs(
+    e3_stack: Stack, plan: E3Plan, test_images: np.ndarray
+) -> None:
+    middle = block_model_name(E3, 1)
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{e3_stack.ports.http}")
+    answers: list[Answer] = []
+    traffic = threading.Thread(target=replay, args=(e3_stack.grpc_url, E3, {"IMAGE": test_images[:600]},
+                                                    np.arange(600) * 0.005), kwargs={"answers": answers})
+    traffic.start()
+    time.sleep(1.0)
+    client.unload_model(middle)
+    traffic.join(timeout=120)
+    assert not traffic.is_alive()  # replay raises (and the thread ends) only once every answer came back
+    assert len(answers) == 600 and all(a.done == a.done for a in answers)  # each answered: no NaN completion
+    failed = [a for a in answers if a.error]
+    assert failed and all(middle in a.error or "unavailable" in a.error.lower() for a in failed)
+    client.load_model(middle)
+    assert not replay(e3_stack.grpc_url, E3, {"IMAGE": test_images[:20]}, np.zeros(20))[0].error
+
+
+def test_a_configuration_naming_a_ramp_that_is_not_an_exit_is_rejected(
+    e3_stack: Stack, plan: E3Plan, thresholds: dict[int, float]
+) -> None:
+    rejected = metric(e3_stack.metrics_url, "apparate_config_rejections_total", model=E3)
+    version = metric(e3_stack.metrics_url, "apparate_config_version", model=E3)
+    outsider = next(r for r in range(100) if r not in plan.exits)
+    client = redis.Redis.from_url(e3_stack.redis_url)
+    write_config(client, RedisKeys(E3), ExitConfig(E3, int(version) + 1, {**thresholds, outsider: 0.5}))
+    deadline = time.monotonic() + 5
+    while metric(e3_stack.metrics_url, "apparate_config_rejections_total", model=E3) == rejected:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert metric(e3_stack.metrics_url, "apparate_config_version", model=E3) == version
