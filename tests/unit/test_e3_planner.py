@@ -1,0 +1,81 @@
+"""E3 planner: exits that save compute are chosen, ones that do not are not, and the SLO bounds the batch size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from controller.e3_planner import PlannerSettings, make_plan
+from controller.guard import AccuracyGuard
+from controller.tuner import TunerSettings
+from early_exit.manifest import BlockSpec, Manifest, Profile, RampSpec, TensorSpec
+
+SIZES = (1, 8, 32)
+
+
+def _manifest(block_ms: tuple[float, float, float] = (1.0, 4.0, 16.0)) -> Manifest:
+    """Four blocks, ramps after the first three; block latency grows linearly with the batch (per-sample cost
+    falls with batching: a fixed 25 % of the batch-1 time)."""
+    blocks = tuple(BlockSpec(f"b{i}", ("x",) if i == 0 else (f"v{i - 1}",), (f"v{i}",), "") for i in range(4))
+    ramps = tuple(RampSpec(i, i, {"kind": "linear", "features": 4, "classes": 2}) for i in range(3))
+    rows = tuple(tuple(ms * (0.25 + 0.75 * b) for b in SIZES) for ms in (*block_ms, 1.0))
+    profile = Profile("cpu", SIZES, rows, ((0.01, 0.02, 0.05),) * 3)
+    return Manifest("m", 2, (TensorSpec("x", "float32", (4,)),), blocks, ramps, "r", "", {}, profile)
+
+
+def _window(n: int = 4000, easy_at_first_ramp: float = 0.6, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Ramp 0 is confident and right on an ``easy`` share of samples; ramps 1 and 2 are never confident."""
+    rng = np.random.default_rng(seed)
+    final = rng.integers(0, 2, n)
+    easy = rng.random(n) < easy_at_first_ramp
+    confidence = np.full((3, n), 0.55, dtype=np.float32)
+    confidence[0, easy] = 0.99
+    prediction = np.stack([np.where(easy, final, 1 - final), 1 - final, 1 - final])
+    return confidence, prediction, final
+
+
+def _settings(**overrides: object) -> PlannerSettings:
+    base = {"slo_ms": 500.0, "hop_ms": 0.01, "tuner": TunerSettings(guard=AccuracyGuard(0.01, 0.0))}
+    return PlannerSettings(**{**base, **overrides})
+
+
+def test_a_confident_early_ramp_becomes_an_exit_and_saves_compute() -> None:
+    plan = make_plan(_manifest(), *_window(), _settings())
+    assert plan.thresholds and plan.thresholds[0] <= float(np.float32(0.99))
+    assert plan.groups[0].ramp == 0 and plan.groups[-1].ramp is None
+    assert plan.groups[1].survivors == pytest.approx(0.4 + 0.05 * 0.6, abs=0.03)  # survivors plus the traced share
+    assert plan.capacity_gain > 1.5 and plan.agreement >= 0.99
+
+
+def test_useless_ramps_are_not_exits() -> None:
+    plan = make_plan(_manifest(), *_window(), _settings())
+    assert set(plan.thresholds) == {0}
+
+
+def test_exits_are_not_worth_a_hop_that_costs_more_than_they_save() -> None:
+    plan = make_plan(_manifest(), *_window(easy_at_first_ramp=0.05), _settings(hop_ms=5.0))
+    assert plan.thresholds == {} and len(plan.groups) == 1
+
+
+def test_the_slo_bounds_the_batch_size() -> None:
+    relaxed = make_plan(_manifest(), *_window(), _settings(slo_ms=5000.0))
+    tight = make_plan(_manifest(), *_window(), _settings(slo_ms=100.0))
+    assert relaxed.batch_size == 32 and tight.batch_size < 32 and tight.latency_ms <= 100.0
+
+
+def test_an_objective_nothing_meets_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no plan"):
+        make_plan(_manifest(), *_window(), _settings(slo_ms=1.0))
+
+
+def test_forced_exits_are_planned_as_given() -> None:
+    plan = make_plan(_manifest(), *_window(), _settings(), exits=(1, 2))
+    assert [g.ramp for g in plan.groups] == [1, 2, None]
+    with pytest.raises(ValueError, match="ramps"):
+        make_plan(_manifest(), *_window(), _settings(), exits=(7,))
+
+
+def test_replicas_follow_the_compute_each_group_carries() -> None:
+    plan = make_plan(_manifest((1.0, 1.0, 30.0)), *_window(easy_at_first_ramp=0.0), _settings(instances=8),
+                     exits=(1,))
+    assert plan.groups[-1].replicas > plan.groups[0].replicas >= 1
