@@ -7,6 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SETUP_STAMP := $(VENV)/.setup-done
+# checkov (policy scan of deploy/, run by tests/unit/test_deploy.py) pins packaging<24, pytest needs >=24: own venv.
+CHECKOV_VENV := build/tools/checkov
 BACKENDS := build/triton/backends
 REPO := model_repository
 DATA_DIR ?= ../shared/data/cifar10
@@ -40,6 +42,11 @@ $(SETUP_STAMP): requirements.txt pyproject.toml
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q --no-deps -e .
+	@touch $@
+
+$(CHECKOV_VENV)/.setup-done: requirements-checkov.txt | $(SETUP_STAMP)
+	@[ -x $(CHECKOV_VENV)/bin/python ] || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q -r requirements-checkov.txt
 	@touch $@
 
 setup: $(SETUP_STAMP)  ## venv with pinned dependencies, redis-server, Triton backend directory
@@ -90,7 +97,7 @@ stop:  ## stop what `make serve` started
 demo: setup $(REPO)/$(NLP_MODEL)/1/manifest.json  ## the whole loop live on MiniLM SST-2: vanilla vs early exits
 	$(PY) -m workload.demo --model $(NLP_MODEL) --dataset sst2 --data-dir $(SST2_DIR)
 
-test: setup  ## unit and integration tests (real tritonserver and redis-server)
+test: setup $(CHECKOV_VENV)/.setup-done  ## unit and integration tests (real tritonserver and redis-server)
 	$(PY) -m pytest -q tests
 
 bench: reference-models  ## side-by-side benchmark of every reference model (bench_results/<model>/report.md, plots)

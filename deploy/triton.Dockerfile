@@ -26,7 +26,7 @@ COPY triton_backend/ triton_backend/
 COPY controller/ controller/
 COPY model_zoo/ model_zoo/
 COPY workload/ workload/
-RUN python3 -m pip install --no-deps . && rm -rf build *.egg-info
+RUN python3 -m pip install --no-deps . && rm -rf build ./*.egg-info
 
 # Backend shim: Triton loads <backends>/apparate/model.py (same import as triton_backend.server._SHIM).
 RUN mkdir -p /opt/tritonserver/backends/apparate \
@@ -35,7 +35,14 @@ RUN mkdir -p /opt/tritonserver/backends/apparate \
 
 COPY model_repository/ /models/
 
+# Triton needs no root: it only reads /opt/tritonserver and /models, and writes /dev/shm and /tmp.
+RUN useradd --system --uid 10001 --no-create-home apparate
+USER 10001
+
 EXPOSE 8000 8001 8002
+# Healthy once every loaded model is ready, as the Kubernetes readiness probe; start-period covers model loading.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
+  CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://localhost:8000/v2/health/ready', timeout=2)"]
 # Explicit model control, as `make serve`: /models may also hold other prepared entries (digits_resnet* when
 # `make prepare` ran on the digits fallback); to serve those, override the command's --load-model list.
 CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=explicit", \
