@@ -28,10 +28,9 @@ COPY model_zoo/ model_zoo/
 COPY workload/ workload/
 RUN python3 -m pip install --no-deps . && rm -rf build ./*.egg-info
 
-# Backend shim: Triton loads <backends>/apparate/model.py (same import as triton_backend.server._SHIM).
-RUN mkdir -p /opt/tritonserver/backends/apparate \
- && printf '%s\n' 'from triton_backend.model import TritonPythonModel  # noqa: F401' \
-      > /opt/tritonserver/backends/apparate/model.py
+# Backend entry points: Triton loads <backends>/<name>/model.py for apparate (latency mode), apparate_e3 (E3 router)
+# and apparate_e3_block (E3 block models); the image's own Python backend runs them.
+RUN python3 -m triton_backend.server shims --out /opt/tritonserver/backends
 
 COPY model_repository/ /models/
 

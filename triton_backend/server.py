@@ -32,7 +32,6 @@ BACKENDS = {
     "apparate_e3": "triton_backend.e3_router",
     "apparate_e3_block": "triton_backend.e3_block",
 }
-_SHIM = _shim(BACKEND_NAME, BACKENDS[BACKEND_NAME])
 
 
 def _triton_root() -> Path:
@@ -63,6 +62,12 @@ def assemble_backends(destination: Path) -> Path:
     if not stub.is_file():
         raise FileNotFoundError(f"the Triton wheel has no Python backend stub for Python {version}")
     _install(stub, python_dir / "triton_python_backend_stub")
+    return write_shims(destination)
+
+
+def write_shims(destination: Path) -> Path:
+    """Write ``destination/<backend>/model.py`` for every backend of ``BACKENDS`` (an NGC Triton image already has
+    the Python backend itself); idempotent. Returns ``destination``."""
     for backend, module in BACKENDS.items():
         (destination / backend).mkdir(parents=True, exist_ok=True)
         (destination / backend / "model.py").write_text(_shim(backend, module), encoding="utf-8")
@@ -113,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     assemble = sub.add_parser("assemble", help="build the backend directory")
     assemble.add_argument("--out", type=Path, default=Path("build/triton/backends"))
+    shims = sub.add_parser("shims", help="write only this package's backend entry points (for a Triton image)")
+    shims.add_argument("--out", type=Path, default=Path("/opt/tritonserver/backends"))
     run = sub.add_parser("run", help="exec tritonserver in the foreground")
     run.add_argument("--repository", type=Path, default=Path("model_repository"))
     run.add_argument("--backends", type=Path, default=Path("build/triton/backends"))
@@ -122,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--redis-url", default=None, help="overrides each model's redis_url parameter")
     run.add_argument("--model", action="append", default=None, help="load only these models (repeatable)")
     args = parser.parse_args(argv)
-    if args.command == "assemble":
-        print(assemble_backends(args.out))
+    if args.command in ("assemble", "shims"):
+        print((assemble_backends if args.command == "assemble" else write_shims)(args.out))
         return 0
     assemble_backends(args.backends)
     command = server_command(

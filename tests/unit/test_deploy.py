@@ -17,14 +17,12 @@ import pytest
 import tomllib
 import yaml
 
-from triton_backend.server import _SHIM
+from triton_backend.server import BACKENDS, write_shims
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 DOCKERFILES = sorted(DEPLOY.glob("*.Dockerfile"))
-SHIM_PATH = "/opt/tritonserver/backends/apparate/model.py"
-SHIM_IMPORT = next(line for line in _SHIM.splitlines() if line.startswith("from triton_backend.model import"))
 TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 # The oldest Kubernetes release the manifests promise to work on (deploy/README.md) and the newest whose schemas
@@ -430,10 +428,17 @@ def test_dockerfile_base_is_pinned_and_copies_exist(dockerfile: Path) -> None:
     assert {pattern.rstrip("*") for pattern in packages["find"]["include"]} | {"pyproject.toml"} <= copied
 
 
+def test_every_backend_gets_an_entry_point_importing_its_module(tmp_path: Path) -> None:
+    write_shims(tmp_path)
+    for backend, module in BACKENDS.items():
+        assert f"from {module} import TritonPythonModel" in (tmp_path / backend / "model.py").read_text()
+        assert (ROOT / (module.replace(".", "/") + ".py")).is_file()
+
+
 def test_triton_dockerfile_installs_the_backend_shim_and_the_repository() -> None:
     instructions = _instructions(DEPLOY / "triton.Dockerfile")
     runs = " ".join(args for op, args in instructions if op == "RUN")
-    assert SHIM_IMPORT in runs and SHIM_PATH in runs
+    assert "python3 -m triton_backend.server shims --out /opt/tritonserver/backends" in runs
     assert ("COPY", "model_repository/ /models/") in instructions
     (cmd,) = [args for op, args in instructions if op == "CMD"]
     argv = yaml.safe_load(cmd)  # exec form is a JSON array
