@@ -28,7 +28,7 @@ SST2_DIR ?= ../shared/data/sst2
 NLP_MODEL := sst2_minilm
 NLP_CHECKPOINT := models/$(NLP_MODEL).safetensors
 
-.PHONY: help setup model model-deep prepare reference-models serve stop demo test bench bench-controller profile lint clean
+.PHONY: help setup model model-deep prepare reference-models serve stop demo test bench bench-e3 bench-controller profile lint clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
@@ -81,11 +81,15 @@ $(REPO)/$(NLP_MODEL)/1/manifest.json: $(NLP_CHECKPOINT) | $(SETUP_STAMP)
 	$(PY) -m controller.prepare --model model_zoo.minilm_sst2:factory --checkpoint $(NLP_CHECKPOINT) \
 	  --name $(NLP_MODEL) --data sst2 --data-dir $(SST2_DIR) --repository $(REPO)
 
-# The deep CIFAR entry joins when its (committed) checkpoint exists.
-REFERENCE_ENTRIES := $(REPO)/$(MODEL)/1/manifest.json $(REPO)/$(NLP_MODEL)/1/manifest.json \
-  $(if $(wildcard $(DEEP_CHECKPOINT)),$(REPO)/$(DEEP_MODEL)/1/manifest.json)
+# E3 (throughput mode): the router <name>_e3 and its block models, planned from the prepared entry's profile.
+$(REPO)/%_e3/1/plan.json: $(REPO)/%/1/manifest.json | $(SETUP_STAMP)
+	$(PY) -m controller.prepare.e3 --name $* --repository $(REPO)
 
-reference-models: setup $(REFERENCE_ENTRIES)  ## every reference entry: CIFAR ResNets and MiniLM SST-2 (~15 min on CPU)
+# The deep CIFAR entry joins when its (committed) checkpoint exists.
+REFERENCE_MODELS := $(MODEL) $(NLP_MODEL) $(if $(wildcard $(DEEP_CHECKPOINT)),$(DEEP_MODEL))
+REFERENCE_ENTRIES := $(foreach m,$(REFERENCE_MODELS),$(REPO)/$(m)/1/manifest.json $(REPO)/$(m)_e3/1/plan.json)
+
+reference-models: setup $(REFERENCE_ENTRIES)  ## every reference entry (Apparate, vanilla, E3): CIFAR ResNets, MiniLM SST-2
 
 serve: prepare  ## every built entry of model_repository/ (or MODELS="a b"), Redis and the controller, in the background
 	$(PY) -m workload.stack up --redis-port $(REDIS_PORT) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
@@ -106,6 +110,11 @@ bench: reference-models  ## side-by-side benchmark of every reference model (ben
 	$(if $(wildcard $(DEEP_CHECKPOINT)),$(PY) -m workload.bench --model $(DEEP_MODEL) --dataset $(DATASET) \
 	  --data-dir $(DATA_DIR) --requests 4000)
 
+bench-e3: reference-models  ## goodput of vanilla, Apparate and E3 modes under an SLO (bench_results/<model>/e3_report.md)
+	$(PY) -m workload.bench_e3 --model $(NLP_MODEL) --dataset sst2 --data-dir $(SST2_DIR)
+	$(if $(wildcard $(DEEP_CHECKPOINT)),$(PY) -m workload.bench_e3 --model $(DEEP_MODEL) --dataset $(DATASET) \
+	  --data-dir $(DATA_DIR))
+
 bench-controller: reference-models  ## the controller's CPU share at 200 feedback samples/s (bench_results/controller_load.md)
 	@mkdir -p bench_results
 	$(PY) -m workload.controller_load --entry $(REPO)/$(NLP_MODEL)/1 --rate 200 --out bench_results/controller_load.md
@@ -119,4 +128,5 @@ lint: setup  ## ruff (style and bug checks configured in pyproject.toml)
 	$(PY) -m ruff check early_exit triton_backend controller workload model_zoo tests
 
 clean:  ## remove build outputs (keeps the venv and the committed checkpoint)
-	rm -rf build bench_results $(REPO)/*/1/*.pt2 $(REPO)/*/1/*.safetensors $(REPO)/*/1/manifest.json
+	rm -rf build bench_results $(REPO)/*/1/*.pt2 $(REPO)/*/1/*.safetensors $(REPO)/*/1/manifest.json \
+	  $(REPO)/*/1/validation.npz $(REPO)/*_e3 $(REPO)/*_e3_b*
