@@ -25,7 +25,7 @@ import triton_python_backend_utils as pb_utils
 from early_exit.e3_plan import tensor_name
 from early_exit.errors import EarlyExitError
 from early_exit.runtime import EarlyExitModel
-from triton_backend.stub import configure_logging, model_device, model_parameters
+from triton_backend.stub import configure_logging, model_device, model_parameters, share_cores
 
 LOGGER = logging.getLogger("triton_backend.e3_block")
 
@@ -43,8 +43,7 @@ class TritonPythonModel:
             ramp = int(parameters["ramp"]) if parameters.get("ramp", "") != "" else None
         except (KeyError, ValueError) as exc:
             raise pb_utils.TritonModelException(f"{self.name}: bad or missing parameter: {exc!r}") from exc
-        if int(parameters.get("threads", "0")) > 0:  # this process's share of the cores (see controller.prepare.e3)
-            torch.set_num_threads(int(parameters["threads"]))
+        share_cores(parameters)
         directory = Path(args["model_repository"]).parent / source / parameters.get("source_version", "1")
         try:
             self.model = EarlyExitModel(directory, model_device(args), range(first, last + 1),

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,21 +24,15 @@ from early_exit.errors import EarlyExitError
 from early_exit.exit_config import ExitConfig
 from early_exit.exit_rule import exits_at
 from early_exit.feedback import BatchTiming, FeedbackRecord
-from early_exit.keys import DEFAULT_PREFIX, RedisKeys
+from early_exit.keys import RedisKeys
 from early_exit.runtime import EarlyExitModel, Verdict
 from triton_backend.config_watcher import ConfigWatcher
 from triton_backend.feedback_publisher import FeedbackPublisher
 from triton_backend.metrics import BackendMetrics
 from triton_backend.responses import BatchAnswers
+from triton_backend.stub import configure_logging, model_device, model_parameters, redis_target, share_cores
 
 LOGGER = logging.getLogger("triton_backend")
-
-REDIS_URL_ENV = "APPARATE_REDIS_URL"
-REDIS_PREFIX_ENV = "APPARATE_REDIS_PREFIX"
-
-
-def _parameters(model_config: dict[str, Any]) -> dict[str, str]:
-    return {key: value.get("string_value", "") for key, value in model_config.get("parameters", {}).items()}
 
 
 def _answer(batch: BatchAnswers, samples: np.ndarray, verdict: Verdict) -> None:
@@ -53,16 +45,11 @@ class TritonPythonModel:
     """Triton entry points for one model instance."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        if not LOGGER.handlers:
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-            LOGGER.addHandler(handler)
-            LOGGER.setLevel(logging.INFO)
-        model_config = json.loads(args["model_config"])
-        parameters = _parameters(model_config)
+        configure_logging(LOGGER)
+        parameters = model_parameters(json.loads(args["model_config"]))
+        share_cores(parameters)
         self.name = args["model_name"]
-        use_gpu = args["model_instance_kind"] == "GPU" and torch.cuda.is_available()
-        device = torch.device(f"cuda:{args['model_instance_device_id']}" if use_gpu else "cpu")
+        device = model_device(args)
         version_dir = Path(args["model_repository"]) / args["model_version"]
         try:
             self.model = EarlyExitModel(version_dir, device)
@@ -72,8 +59,7 @@ class TritonPythonModel:
         self.input_names = [spec.name for spec in manifest.inputs]
         self.metrics = BackendMetrics(pb_utils, self.name, manifest.final_exit + 1)
 
-        url = os.environ.get(REDIS_URL_ENV) or parameters.get("redis_url") or "redis://127.0.0.1:6379/0"
-        prefix = os.environ.get(REDIS_PREFIX_ENV) or parameters.get("redis_prefix") or DEFAULT_PREFIX
+        url, prefix = redis_target(parameters)
         keys = RedisKeys(self.name, prefix)
         client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=5)
         initial = ExitConfig(self.name, 0, dict(manifest.initial_thresholds), writer="manifest", written_at=0.0)
