@@ -5,7 +5,9 @@ reaches block group ``k`` pays that group's per-sample compute at the plan's bat
 ramp, from the profile, divided by ``B``) plus one router-to-block hop; exited samples pay nothing further, except the
 traced share that runs on to feed the controller. Capacity is the compute the instances have divided by that cost.
 A plan must also answer within the latency objective: a sample that runs every group waits, per group, for its batch
-to fill (survivors arrive slower deeper in the model) and for its compute.
+to fill (survivors arrive slower deeper in the model), for one hop, and for its compute, which is slower when an
+instance gets fewer threads than the profile had (measured in ``make bench-e3``: a four-group MiniLM plan whose
+latency ignored both served its p99 beyond the SLO even at a quarter of its capacity).
 
 Thresholds are tuned for each candidate exit set on the validation split with the controller's own tuner and guard,
 with the per-exit compute as its objective, so the plan's exits are ones the controller can keep within the budget.
@@ -28,8 +30,12 @@ class PlannerSettings:
     slo_ms: latency objective of a request that runs every block group.
     instances: model instances the plan may spread over the groups (CPU cores, or GPUs).
     max_exits: most exits (block boundaries) a plan may have.
-    hop_ms: cost of one router-to-block call per sample (serialising, shared-memory copy, scheduling); measured by
+    hop_ms: compute one router-to-block call costs per sample (serialising, shared-memory copies); measured by
         ``make bench-e3``.
+    hop_latency_ms: time one hop adds to a request beyond compute (inter-process messages, scheduling).
+    queueing_share: share of the SLO that the batchers of all groups together may spend waiting to fill batches.
+    profile_threads: threads per process when the profile was taken (``prepare`` profiles with torch's default, one
+        per core); a block instance given fewer threads computes proportionally slower (the conservative bound).
     load: share of the plan's capacity it is sized for (queue delays are set for survivors arriving at this load).
     sample_rate: share of samples traced to the final layer for feedback.
     tuner: threshold tuning settings (accuracy budget and guard).
@@ -39,6 +45,9 @@ class PlannerSettings:
     instances: int = 2
     max_exits: int = 3
     hop_ms: float = 0.5
+    hop_latency_ms: float = 2.0
+    queueing_share: float = 0.25
+    profile_threads: int = 2
     load: float = 0.8
     sample_rate: float = 0.05
     tuner: TunerSettings = TunerSettings()
@@ -136,13 +145,15 @@ def _evaluate(manifest: Manifest, exits: tuple[int, ...], batch_size: int, confi
     reached = 1.0 - np.concatenate([[0.0], np.cumsum(evaluation.exit_rates)[:-1]])
     reached = reached + settings.sample_rate * (1.0 - reached)
     cost = float((reached * per_sample).sum())
-    arrivals = settings.load * settings.instances / cost * reached  # samples per ms reaching each group
-    delays = np.minimum(batch_size / np.maximum(arrivals, 1e-9), settings.slo_ms / (2 * len(bounds)))
-    latency = float((compute + delays).sum() + settings.hop_ms * len(bounds))
-    if latency > settings.slo_ms:
-        return None
     share = reached * compute / batch_size
     replicas = np.maximum(1, np.round(settings.instances * share / share.sum())).astype(int)
+    threads = max(1, settings.instances // int(replicas.sum()))
+    slowdown = max(1.0, settings.profile_threads / threads)
+    arrivals = settings.load * settings.instances / cost * reached  # samples per ms reaching each group
+    delays = np.minimum(batch_size / np.maximum(arrivals, 1e-9), settings.queueing_share * settings.slo_ms / len(bounds))
+    latency = float((compute * slowdown + delays).sum() + settings.hop_latency_ms * len(bounds))
+    if latency > settings.slo_ms:
+        return None
     vanilla = float(block_ms.sum() / batch_size)  # called directly: no hop
     groups = tuple(GroupPlan(first, last, ramp, float(r), float(c), int(1000 * d), int(n))
                    for (first, last, ramp), r, c, d, n in zip(bounds, reached, compute, delays, replicas))

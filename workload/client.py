@@ -97,9 +97,11 @@ def replay(
 
 
 def measure_capacity(url: str, model: str, inputs: dict[str, np.ndarray]) -> float:
-    """Completed requests per second when the client sends as fast as it can (saturation)."""
+    """Requests answered without error per second when the client sends them all at once (saturation); refusals
+    (an overloaded E3 router answers at once) count as time spent, not as answers."""
     answers = replay(url, model, inputs, np.zeros(len(next(iter(inputs.values())))), outputs=("LABEL",))
-    return len(answers) / (max(a.done for a in answers) - min(a.sent for a in answers))
+    served = sum(a.error is None for a in answers)
+    return served / (max(a.done for a in answers) - min(a.sent for a in answers))
 
 
 def _triton_dtype(dtype: np.dtype) -> str:

@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     with np.load(validation) as data:
         confidence, prediction, final = data["confidence"], data["prediction"], data["final"]
     slo_ms = args.slo_ms
-    settings = PlannerSettings(slo_ms, args.instances, args.max_exits, args.hop_ms, sample_rate=args.sample_rate,
+    settings = PlannerSettings(slo_ms, args.instances, args.max_exits, args.hop_ms, profile_threads=torch.get_num_threads(),
+                               sample_rate=args.sample_rate,
                                tuner=TunerSettings(guard=AccuracyGuard(args.accuracy_budget, args.z)))
     exits = None if args.exits is None else tuple(int(r) for r in args.exits.split(",") if r.strip())
     plan = make_plan(manifest, confidence, prediction, final, settings, exits)

@@ -79,3 +79,11 @@ def test_replicas_follow_the_compute_each_group_carries() -> None:
     plan = make_plan(_manifest((1.0, 1.0, 30.0)), *_window(easy_at_first_ramp=0.0), _settings(instances=8),
                      exits=(1,))
     assert plan.groups[-1].replicas > plan.groups[0].replicas >= 1
+
+
+def test_latency_counts_the_slower_compute_of_instances_with_fewer_threads_and_each_hop() -> None:
+    settings = _settings(slo_ms=5000.0, hop_latency_ms=3.0, queueing_share=0.0, profile_threads=2, instances=2)
+    plan = make_plan(_manifest(), *_window(), settings, exits=(0, 1))
+    compute = sum(g.compute_ms for g in plan.groups)
+    # three single-instance groups on two cores: one thread each, half the profile's two
+    assert plan.latency_ms == pytest.approx(2 * compute + 3 * 3.0)
