@@ -65,22 +65,9 @@ def render_config(
     Outputs: ``PROBS`` ``[classes]``, ``LABEL`` ``[1]``, ``EXIT`` ``[1]`` (ramp id; the number of candidate ramps
     means the final layer) and ``CONFIDENCE`` ``[1]``.
     """
-    input_lines = ",\n".join(_tensor(t.name, _triton_dtype(t), t.shape) for t in inputs)
-    output_lines = ",\n".join(_tensor(n, dtype, [classes if n == "PROBS" else 1]) for n, dtype in VERDICT_TENSORS.items())
-    return f"""name: "{name}"
-backend: "{backend}"
-max_batch_size: {max_batch_size}
-input [
-{input_lines}
-]
-output [
-{output_lines}
-]
-dynamic_batching {{
-{_preferred(preferred_batch_size)}  max_queue_delay_microseconds: {max_queue_delay_us}
-}}
-instance_group [ {{ count: 1 kind: {instance_kind} }} ]
-{_parameters(parameters or {})}"""
+    verdict = [_tensor(n, dtype, [classes if n == "PROBS" else 1]) for n, dtype in VERDICT_TENSORS.items()]
+    return _entry(name, backend, max_batch_size, inputs, verdict, preferred_batch_size, max_queue_delay_us, 1,
+                  instance_kind, parameters or {})
 
 
 def render_block_config(
@@ -98,20 +85,28 @@ def render_block_config(
     """An E3 block model: a plain batched model whose batcher waits up to ``max_queue_delay_us`` to gather
     ``preferred_batch_size`` survivors, replicated ``replicas`` times. Tensor names are the caller's (see
     ``early_exit.e3_plan.tensor_name``); it also returns its exit's verdict (``PROBS``, ``CONFIDENCE``, ``LABEL``)."""
-    input_lines = ",\n".join(_tensor(t.name, _triton_dtype(t), t.shape) for t in inputs)
     verdict = [_tensor(n, dtype, [classes if n == "PROBS" else 1]) for n, dtype in VERDICT_TENSORS.items() if n != "EXIT"]
-    output_lines = ",\n".join([*(_tensor(t.name, _triton_dtype(t), t.shape) for t in outputs), *verdict])
+    carried = [_tensor(t.name, _triton_dtype(t), t.shape) for t in outputs]
+    return _entry(name, BLOCK_BACKEND, max_batch_size, inputs, [*carried, *verdict], preferred_batch_size,
+                  max_queue_delay_us, replicas, instance_kind, parameters)
+
+
+def _entry(name: str, backend: str, max_batch_size: int, inputs: Sequence[TensorSpec], output_lines: list[str],
+           preferred_batch_size: int | None, max_queue_delay_us: int, count: int, instance_kind: InstanceKind,
+           parameters: Mapping[str, str]) -> str:
+    input_lines = ",\n".join(_tensor(t.name, _triton_dtype(t), t.shape) for t in inputs)
+    outputs = ",\n".join(output_lines)
     return f"""name: "{name}"
-backend: "{BLOCK_BACKEND}"
+backend: "{backend}"
 max_batch_size: {max_batch_size}
 input [
 {input_lines}
 ]
 output [
-{output_lines}
+{outputs}
 ]
 dynamic_batching {{
 {_preferred(preferred_batch_size)}  max_queue_delay_microseconds: {max_queue_delay_us}
 }}
-instance_group [ {{ count: {replicas} kind: {instance_kind} }} ]
+instance_group [ {{ count: {count} kind: {instance_kind} }} ]
 {_parameters(parameters)}"""
