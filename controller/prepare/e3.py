@@ -61,8 +61,10 @@ def write_e3_entries(repository: Path, source: str, plan: E3Plan, manifest: Mani
                      instance_kind: InstanceKind = "KIND_CPU", hop_timeout_ms: float = 0.0) -> list[str]:
     """Write the router and its block models (replacing earlier ones); returns the entry names.
 
-    The router's own batcher gathers the first group's batch (so one BLS call carries many samples and the router's
-    per-call cost is shared); the first block model then runs what it is sent without waiting. On CPUs each instance
+    The router's own batcher gathers the first group's batch, B samples (so one BLS call carries many samples and
+    the router's per-call cost is shared; a client's own batch may still be as large as the Apparate entry takes); the first block model then runs what it is sent without waiting. Later
+    block models gather survivors up to twice B within their queue delay, so the survivors of several upstream
+    batches merge (a preferred size of B would dispatch each just-under-B chunk alone). On CPUs each instance
     gets an equal share of the cores as torch threads: instances that each spawn a thread per core oversubscribe
     them as soon as several blocks run at once.
     """
@@ -88,8 +90,9 @@ def write_e3_entries(repository: Path, source: str, plan: E3Plan, manifest: Mani
             parameters["threads"] = str(threads)
         config = render_block_config(
             block, [replace(s, name=tensor_name(s.name)) for s in group.inputs],
-            [replace(s, name=tensor_name(s.name)) for s in group.outputs], manifest.classes, max_batch_size,
-            group.batch_size, 0 if index == 0 else group.queue_delay_us, group.replicas, parameters, instance_kind)
+            [replace(s, name=tensor_name(s.name)) for s in group.outputs], manifest.classes,
+            max(max_batch_size, 2 * group.batch_size),
+            0 if index == 0 else group.queue_delay_us, group.replicas, parameters, instance_kind)
         (repository / block / "config.pbtxt").write_text(config, encoding="utf-8")
         entries.append(block)
     return entries

@@ -76,18 +76,18 @@ def render_block_config(
     outputs: Sequence[TensorSpec],
     classes: int,
     max_batch_size: int,
-    preferred_batch_size: int,
     max_queue_delay_us: int,
     replicas: int,
     parameters: Mapping[str, str],
     instance_kind: InstanceKind = "KIND_CPU",
 ) -> str:
-    """An E3 block model: a plain batched model whose batcher waits up to ``max_queue_delay_us`` to gather
-    ``preferred_batch_size`` survivors, replicated ``replicas`` times. Tensor names are the caller's (see
+    """An E3 block model: a plain batched model whose batcher waits up to ``max_queue_delay_us`` to gather up to
+    ``max_batch_size`` survivors, replicated ``replicas`` times. No preferred size: requests are the survivors of
+    upstream batches, whole and of any size, and a preferred size would dispatch one alone rather than exceed it. Tensor names are the caller's (see
     ``early_exit.e3_plan.tensor_name``); it also returns its exit's verdict (``PROBS``, ``CONFIDENCE``, ``LABEL``)."""
     verdict = [_tensor(n, dtype, [classes if n == "PROBS" else 1]) for n, dtype in VERDICT_TENSORS.items() if n != "EXIT"]
     carried = [_tensor(t.name, _triton_dtype(t), t.shape) for t in outputs]
-    return _entry(name, BLOCK_BACKEND, max_batch_size, inputs, [*carried, *verdict], preferred_batch_size,
+    return _entry(name, BLOCK_BACKEND, max_batch_size, inputs, [*carried, *verdict], None,
                   max_queue_delay_us, replicas, instance_kind, parameters)
 
 

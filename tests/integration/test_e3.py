@@ -123,13 +123,13 @@ def test_later_blocks_batch_the_survivors_of_many_requests(
     e3_stack: Stack, plan: E3Plan, thresholds: dict[int, float], test_images: np.ndarray
 ) -> None:
     _configure(e3_stack, thresholds, 3)
-    blocks = [block_model_name(E3, k) for k in range(len(plan.groups))]
-    before = _block_counts(e3_stack, blocks)
+    models = [E3, *(block_model_name(E3, k) for k in range(len(plan.groups)))]
+    before = _block_counts(e3_stack, models)
     replay(e3_stack.grpc_url, E3, {"IMAGE": test_images[:256]}, np.zeros(256))
-    (first, first_runs), (last, last_runs) = (_block_counts(e3_stack, blocks) - before)[[0, -1]]
-    assert last < first  # samples exited on the way
-    # In place, the last block would run the first block's batches shrunk to the share that survives.
-    in_place = first / first_runs * last / first
+    (routed, batches), (last, last_runs) = (_block_counts(e3_stack, models) - before)[[0, -1]]
+    assert last < routed  # samples exited on the way
+    # In place, the last block would run the batches the requests arrived in, shrunk to the share that survives.
+    in_place = routed / batches * last / routed
     assert last / last_runs > in_place
 
 
