@@ -70,24 +70,46 @@ class ExitConfig:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ExitConfig:
-        """Parse without validating against a model (see ``validate``); raises ``ConfigError`` when malformed."""
+        """Parse without validating against a model (see ``validate``); raises ``ConfigError`` when malformed.
+
+        Types are checked, not coerced: a version written as ``"3"`` or ``3.7``, a ramp id ``true`` or a threshold
+        ``"0.9"`` is a writer's bug, and accepting it would publish something other than what was meant.
+        """
         try:
             data: Any = json.loads(text)
-            thresholds: dict[int, float] = {}
-            for entry in data["ramps"]:
-                ramp_id = int(entry["id"])
-                if ramp_id in thresholds:
-                    raise ConfigError(f"ramp {ramp_id} is listed twice")
-                thresholds[ramp_id] = float(entry["threshold"])
-            return cls(
-                model=str(data["model"]),
-                version=int(data["version"]),
-                thresholds=thresholds,
-                writer=str(data.get("writer", "")),
-                written_at=float(data.get("written_at", 0.0)),
-                schema_version=int(data["schema_version"]),
-            )
-        except ConfigError:
-            raise
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"malformed exit configuration: {exc!r}") from exc
+        except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested documents
+            raise ConfigError(f"exit configuration is not JSON: {exc!r}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"exit configuration must be a JSON object, got {type(data).__name__}")
+        ramps = _field(data, "ramps", list)
+        thresholds: dict[int, float] = {}
+        for entry in ramps:
+            if not isinstance(entry, dict):
+                raise ConfigError(f"each of ramps must be an object with id and threshold, got {entry!r}")
+            ramp_id = _field(entry, "id", int)
+            if ramp_id in thresholds:
+                raise ConfigError(f"ramp {ramp_id} is listed twice")
+            thresholds[ramp_id] = float(_field(entry, "threshold", float))
+        return cls(
+            model=_field(data, "model", str),
+            version=_field(data, "version", int),
+            thresholds=thresholds,
+            writer=_field(data, "writer", str, default=""),
+            written_at=float(_field(data, "written_at", float, default=0.0)),
+            schema_version=_field(data, "schema_version", int),
+        )
+
+
+_JSON_TYPES: dict[type, tuple[type, ...]] = {int: (int,), float: (int, float), str: (str,), list: (list,)}
+
+
+def _field(document: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
+    """``document[name]`` if it has JSON type ``kind`` (bools are not numbers); ``default`` when absent and given."""
+    if name not in document:
+        if default is None:
+            raise ConfigError(f"malformed exit configuration: {name!r} is missing")
+        return default
+    value = document[name]
+    if isinstance(value, bool) or not isinstance(value, _JSON_TYPES[kind]):
+        raise ConfigError(f"malformed exit configuration: {name!r} must be {kind.__name__}, got {value!r}")
+    return value

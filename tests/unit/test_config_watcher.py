@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from controller.config_store import publish_config
 from early_exit.exit_config import ExitConfig
 from early_exit.keys import RedisKeys
+from tests.unit.test_exit_config import SHARED_CPU, malformed_documents
 from triton_backend.config_watcher import ConfigWatcher
 
 KEYS = RedisKeys("m")
@@ -66,3 +71,42 @@ def test_a_failing_rejected_hook_keeps_the_last_good_configuration_and_watching(
         assert _eventually(lambda: watcher.current == later), "the watcher stopped after a hook failed"
     finally:
         watcher.close()
+
+
+@settings(SHARED_CPU, max_examples=25)
+@given(st.lists(malformed_documents(), min_size=1, max_size=12))
+def test_every_malformed_document_is_rejected_counted_and_logged_and_the_good_one_stays(
+    redis_port: int, documents: list[str]
+) -> None:
+    """What a buggy writer stores or publishes (hypothesis draws it) never replaces the configuration in use."""
+    with redis.Redis(port=redis_port) as client:
+        client.flushall()
+        rejected: list[int] = []
+        watcher = _watcher(client, on_rejected=lambda: rejected.append(1))
+        try:
+            good = publish_config(client, KEYS, {0: 0.9}, writer="test")
+            assert _eventually(lambda: watcher.current == good)
+            previous = None
+            for document in documents:
+                with _logged_warnings() as warnings:
+                    assert not watcher.offer(document.encode())
+                assert watcher.current == good
+                repeated = document == previous  # the same bad document read again is not a new rejection
+                assert len(warnings) == (0 if repeated else 1), "a rejection was not logged once"
+                previous = document
+            assert len(rejected) == sum(d != p for d, p in zip(documents, [None, *documents])), "not counted"
+        finally:
+            watcher.close()
+
+
+@contextlib.contextmanager
+def _logged_warnings() -> Iterator[list[logging.LogRecord]]:
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("triton_backend.config_watcher")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
