@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: the host name)")
     parser.add_argument("--claim-idle", type=float, default=30.0,
                         help="seconds before feedback read but never acknowledged (its reader died) is claimed")
+    parser.add_argument("--lease-ttl", type=float, default=5.0,
+                        help="seconds of the Redis lease that makes one of several controllers the active one; the "
+                        "others stand by, retry every third of it, and take over once a dead holder's lease lapsed")
     parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     client = redis.Redis.from_url(args.redis_url, socket_timeout=5, socket_connect_timeout=2)
     service = ControllerService(client, settings, prefix=args.prefix, models=args.model, consumer=args.consumer,
-                                claim_idle=args.claim_idle)
+                                claim_idle=args.claim_idle, lease_ttl=args.lease_ttl)
     try:
         service.run(stop_after=args.duration)
     except KeyboardInterrupt:

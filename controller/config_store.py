@@ -8,6 +8,11 @@ followed by a blind write. ``WATCH`` rather than a Lua script keeps the document
 A stored key is not the only evidence of the version in use: after Redis lost its data the key is gone while the
 backends still run their last configuration. Writers therefore pass the highest version they know to be in use
 (``floor``), and the next version is above both.
+
+A controller that holds the controller lease (``controller.lease``) passes it along: the same transaction then also
+watches the lease and checks that it is still held under the same epoch, so a controller that lost the lease (it
+stalled past the lease's time to live and a stand-by took over) can never publish, even one version, after the new
+holder started. A plain compare-and-set would let it: its version would still be above the stored one.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections.abc import Callable
 
 import redis
 
+from controller.lease import Lease
 from early_exit.errors import ConfigError
 from early_exit.exit_config import ExitConfig
 from early_exit.keys import RedisKeys
@@ -31,13 +37,15 @@ def read_config(client: redis.Redis, keys: RedisKeys) -> ExitConfig | None:
 
 
 def publish_config(client: redis.Redis, keys: RedisKeys, thresholds: dict[int, float], writer: str,
-                   based_on: int | None = None, floor: int = 0) -> ExitConfig | None:
+                   based_on: int | None = None, floor: int = 0, lease: Lease | None = None) -> ExitConfig | None:
     """Store ``thresholds`` as the next version and notify subscribers; returns what was written.
 
     Args:
         based_on: the version the thresholds were derived from: when the stored one is newer, another writer's
             decision is in use and nothing is written (``None``). ``None`` writes above whatever is stored.
         floor: the highest version known to be in use (e.g. seen in feedback), which the new one must exceed.
+        lease: the controller lease the writer acts under: nothing is written unless Redis says it is still held
+            (``LeaseLostError`` otherwise). ``None`` for writers outside the controller (operators, tools).
     """
 
     def next_config(stored: ExitConfig | None) -> ExitConfig | None:
@@ -47,7 +55,7 @@ def publish_config(client: redis.Redis, keys: RedisKeys, thresholds: dict[int, f
         version = max(stored_version, based_on or 0, floor) + 1
         return ExitConfig(keys.model, version, dict(thresholds), writer=writer)
 
-    return _compare_and_set(client, keys, next_config)
+    return _compare_and_set(client, keys, next_config, lease)
 
 
 def write_config(client: redis.Redis, keys: RedisKeys, config: ExitConfig) -> None:
@@ -70,17 +78,21 @@ def _parse(raw: bytes | None) -> ExitConfig | None:
         return None
 
 
-def _compare_and_set(client: redis.Redis, keys: RedisKeys,
-                     decide: Callable[[ExitConfig | None], ExitConfig | None]) -> ExitConfig | None:
-    """Write ``decide(stored)`` (unless ``None``) and its notification only if the key did not change meanwhile.
+def _compare_and_set(client: redis.Redis, keys: RedisKeys, decide: Callable[[ExitConfig | None], ExitConfig | None],
+                     lease: Lease | None = None) -> ExitConfig | None:
+    """Write ``decide(stored)`` (unless ``None``) and its notification only if the key (and ``lease``, when given)
+    did not change meanwhile and, with a lease, only while it is ours.
 
-    A lost race means another writer succeeded, so retrying until this one wins always makes progress; a dead
-    connection surfaces as ``WatchError`` once and then as the ``ConnectionError`` of the next ``WATCH``.
+    A lost race means another writer succeeded (or the lease was renewed), so retrying until this one wins
+    always makes progress; a dead connection surfaces as ``WatchError`` once and then as the ``ConnectionError`` of
+    the next ``WATCH``.
     """
     with client.pipeline() as pipe:
         while True:
             try:
-                pipe.watch(keys.config)
+                pipe.watch(keys.config, *(lease.keys if lease is not None else ()))
+                if lease is not None:
+                    lease.verify(pipe)
                 config = decide(_parse(pipe.get(keys.config)))
                 if config is None:
                     return None

@@ -11,14 +11,22 @@ budget. Every ``adjust_every`` rounds the *measured* saving of the active ramp s
 save latency at the current load is switched off (the model then runs its fused vanilla graph) and probed again
 later with exponential back-off; a ramp-set change proposed by the adjuster is an experiment, kept only if its
 measured saving beats the set it replaced, else rolled back.
+
+Several controllers may run at once (a stand-by, a rolling update): a lease in Redis (``controller.lease``) makes one
+of them active, and only that one reads feedback, tunes and publishes, every write fenced by the lease. The others
+stand by and take the lease when it lapses. A controller that takes over starts from what Redis holds (the stored
+configurations) and first claims every entry the consumer group delivered but nobody acknowledged: its old holder
+read them and died (or is fenced) before acknowledging, so no feedback is lost with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
 import math
+import secrets
 import socket
 import time
 from collections import deque
@@ -32,6 +40,7 @@ from controller.adjuster import AdjusterSettings, RampAdjuster
 from controller.config_store import publish_config, read_config
 from controller.guard import AccuracyGuard
 from controller.latency import LatencyModel, realised_saving_ms
+from controller.lease import Lease, LeaseLostError
 from controller.tuner import ThresholdTuner, TunerSettings, evaluate
 from controller.window import FeedbackWindow, WindowView
 from early_exit.errors import EarlyExitError
@@ -379,6 +388,11 @@ class ControllerService:
         are its own again.
     claim_idle: seconds an entry may stay read but unacknowledged before it counts as abandoned (its reader died)
         and is claimed, at start-up and then as often.
+    lease_ttl: seconds of the controller lease (``None``: no lease, for a controller known to run alone, and for
+        tests that drive ``poll`` themselves). With a lease, ``run`` acts only while holding it, renews it every
+        third of it, and stands by (retrying as often) while another controller holds it; a lone controller takes
+        it at once. A dead holder's successor takes over at most about four thirds of it later (the lapse, then one
+        retry interval).
     """
 
     def __init__(
@@ -389,6 +403,7 @@ class ControllerService:
         models: list[str] | None = None,
         consumer: str | None = None,
         claim_idle: float = 30.0,
+        lease_ttl: float | None = None,
     ) -> None:
         self.client = client
         self.settings = settings
@@ -401,6 +416,12 @@ class ControllerService:
         self._served: dict[str, int] = {}  # model name -> newest configuration version seen in its feedback
         self._recent = RecentRecords()
         self._last_claim = -math.inf
+        # The holder name is unique per process: two processes under one consumer name must not share a lease.
+        self.lease = None if lease_ttl is None else Lease(client, RedisKeys.controller_lease(prefix),
+                                                          f"{self.consumer}:{secrets.token_hex(4)}", lease_ttl)
+        self._active_epoch: int | None = None  # the lease epoch this controller took over under (None: standing by)
+        self._renewed = -math.inf  # when the lease was last renewed (or its renewal tried)
+        self._told_standby = False  # whether the log says this controller stands by
 
     def discover(self) -> None:
         """Attach to models that registered a manifest since the last call."""
@@ -431,6 +452,8 @@ class ControllerService:
         returns records read."""
         if not self.controllers:
             return 0
+        if self.lease is not None and not self.lease.held:
+            raise LeaseLostError("the controller lease lapsed: not reading feedback")  # a stand-by may hold it now
         try:
             read = self._claim_abandoned() if time.monotonic() - self._last_claim >= self.claim_idle else 0
             read += self._read_new(block_ms)
@@ -457,15 +480,17 @@ class ControllerService:
         for stream in self._streams:
             self._join_group(stream, start="0")
 
-    def _claim_abandoned(self) -> int:
-        """Take over entries another reader (or a previous run of this one) read but never acknowledged."""
+    def _claim_abandoned(self, min_idle: float | None = None) -> int:
+        """Take over entries another reader (or a previous run of this one) read but never acknowledged, once idle
+        for ``min_idle`` seconds (default ``claim_idle``)."""
         self._last_claim = time.monotonic()
+        idle = self.claim_idle if min_idle is None else min_idle
         read = 0
         for stream in self._streams:
             cursor: bytes | str = "0-0"
             while True:
                 cursor, entries, *_ = self.client.xautoclaim(stream, GROUP, self.consumer,
-                                                             min_idle_time=int(1000 * self.claim_idle),
+                                                             min_idle_time=int(1000 * idle),
                                                              start_id=cursor, count=500)
                 read += self._consume(stream, entries)
                 if cursor in (b"0-0", "0-0"):
@@ -515,28 +540,93 @@ class ControllerService:
 
     def _publish(self, name: str, controller: ModelController, thresholds: dict[int, float], writer: str) -> None:
         """Write the next version (above the one in use and above any the backends were seen serving, so none goes
-        backwards even after Redis lost the key); a newer configuration from another writer wins instead."""
+        backwards even after Redis lost the key); a newer configuration from another writer wins instead. Raises
+        ``LeaseLostError`` when this controller no longer holds the lease (nothing is written then)."""
         written = publish_config(self.client, RedisKeys(name, self.prefix), thresholds, writer,
-                                 based_on=controller.current.version, floor=self._served[name])
+                                 based_on=controller.current.version, floor=self._served[name], lease=self.lease)
         if written is not None:
             controller.committed(written)
 
     def run(self, stop_after: float | None = None) -> None:
-        """Loop until interrupted (or for ``stop_after`` seconds), riding out Redis outages."""
+        """Loop until interrupted (or for ``stop_after`` seconds), riding out Redis outages; with a lease, act only
+        while holding it, and give it up on the way out so a stand-by need not wait for it to lapse."""
         deadline = None if stop_after is None else time.monotonic() + stop_after
         backoff = 0.5
         last_discovery = 0.0
-        while deadline is None or time.monotonic() < deadline:
-            try:
-                if time.monotonic() - last_discovery > 2.0:
-                    self.discover()
-                    last_discovery = time.monotonic()
-                if not self.controllers:
-                    time.sleep(0.2)
-                    continue
-                self.poll()
-                backoff = 0.5
-            except redis.RedisError as exc:
-                LOGGER.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+        block_ms = 200 if self.lease is None else max(1, min(200, int(1000 * self.lease.ttl_s / 6)))
+        try:
+            while deadline is None or time.monotonic() < deadline:
+                try:
+                    if not self._lead():
+                        assert self.lease is not None
+                        pause = self.lease.ttl_s / 3
+                        time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
+                        continue
+                    if time.monotonic() - last_discovery > 2.0:
+                        self.discover()
+                        last_discovery = time.monotonic()
+                    if not self.controllers:
+                        time.sleep(0.2 if self.lease is None else min(0.2, self.lease.ttl_s / 6))
+                        continue
+                    self.poll(block_ms)
+                    backoff = 0.5
+                except LeaseLostError as exc:
+                    self._step_down(str(exc))
+                except redis.RedisError as exc:
+                    LOGGER.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 10.0)
+        finally:
+            if self.lease is not None and self._active_epoch is not None:
+                with contextlib.suppress(redis.RedisError):
+                    self.lease.release()
+                    LOGGER.info("released the controller lease")
+
+    def _lead(self) -> bool:
+        """Whether this controller is the active one: renews the lease every third of its time to live (or takes it
+        when free), and takes over when it holds the lease under an epoch it has not acted under yet."""
+        if self.lease is None:
+            return True
+        if not self.lease.held or time.monotonic() - self._renewed >= self.lease.ttl_s / 3:
+            self._renewed = time.monotonic()
+            if not self.lease.acquire_or_renew():
+                if self._active_epoch is not None or not self._told_standby:
+                    holder = self.client.get(self.lease.key)
+                    name = holder.decode(errors="replace") if isinstance(holder, bytes) else holder
+                    self._step_down(f"the controller lease is held by {name or 'nobody'}")
+                return False
+        if self.lease.epoch != self._active_epoch:
+            self._take_over()
+        return True
+
+    def _take_over(self) -> None:
+        """Become the active controller under the lease's current epoch.
+
+        Whatever this process knew from an earlier hold may be stale (another controller may have published since),
+        so every model starts again from Redis: its stored configuration is adopted, its window refilled from
+        feedback. Entries the group delivered to anyone but never acknowledged are claimed at once, not after
+        ``claim_idle``: whoever read them held the lease before us, and since its lease lapsed it is dead or fenced,
+        so nobody else will acknowledge them.
+        """
+        assert self.lease is not None and self.lease.epoch is not None
+        epoch = self.lease.epoch
+        LOGGER.info("holding the controller lease as %s (epoch %d): active", self.lease.holder, epoch)
+        self._forget_models()
+        self.discover()
+        self._claim_abandoned(min_idle=0.0)
+        self._active_epoch = epoch  # only now: a take-over cut short by a Redis error is done again
+        self._told_standby = False
+
+    def _step_down(self, reason: str) -> None:
+        """Stop acting (no more reads, no more writes) and stand by; what the models' controllers knew is dropped, a
+        later take-over starts again from Redis."""
+        LOGGER.log(logging.WARNING if self._active_epoch is not None else logging.INFO, "standing by: %s", reason)
+        self._told_standby = True
+        self._active_epoch = None
+        self._renewed = -math.inf
+        self._forget_models()
+
+    def _forget_models(self) -> None:
+        self.controllers.clear()
+        self._streams.clear()
+        self._served.clear()

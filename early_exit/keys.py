@@ -48,3 +48,9 @@ class RedisKeys:
     def models(prefix: str = DEFAULT_PREFIX) -> str:
         """Set of model names that registered a manifest."""
         return f"{prefix}:models"
+
+    @staticmethod
+    def controller_lease(prefix: str = DEFAULT_PREFIX) -> str:
+        """Lease naming the one active controller of a deployment (holder name, with a time to live); its fencing
+        epoch counter is this key with ``:epoch`` appended (``controller.lease``). Neither ends like a model's keys."""
+        return f"{prefix}:controller:lease"
