@@ -6,13 +6,12 @@ import argparse
 import logging
 import sys
 
-import redis
-
 from controller.adjuster import AdjusterSettings
 from controller.guard import AccuracyGuard
 from controller.service import ControllerService, ControllerSettings
 from controller.tuner import TunerSettings
 from early_exit.keys import DEFAULT_PREFIX
+from early_exit.redis_connection import redis_client
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         max_probe_after=max(args.probe_after, ControllerSettings.max_probe_after),
         adjuster=AdjusterSettings(overhead_budget=args.overhead_budget, max_ramps=args.max_ramps),
     )
-    client = redis.Redis.from_url(args.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    client = redis_client(args.redis_url, socket_timeout=5, socket_connect_timeout=2)
     service = ControllerService(client, settings, prefix=args.prefix, models=args.model, consumer=args.consumer,
                                 claim_idle=args.claim_idle, lease_ttl=args.lease_ttl)
     try:

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import redis
 import triton_python_backend_utils as pb_utils
 
 from early_exit.e3_plan import PLAN_FILE, VERDICT_OUTPUTS, BlockGroup, E3Plan, block_model_name, tensor_name
@@ -40,6 +39,7 @@ from early_exit.exit_rule import NEVER_EXIT, exits_at
 from early_exit.feedback import BatchTiming, FeedbackRecord
 from early_exit.keys import RedisKeys
 from early_exit.manifest import Manifest, load_manifest
+from early_exit.redis_connection import redact, redis_client
 from triton_backend.config_watcher import ConfigWatcher
 from triton_backend.feedback_publisher import FeedbackPublisher
 from triton_backend.metrics import BackendMetrics
@@ -112,7 +112,7 @@ class TritonPythonModel:
 
         url, prefix = redis_target(parameters)
         keys = RedisKeys(self.name, prefix)
-        client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=5)
+        client = redis_client(url, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=5)
         initial = ExitConfig(self.name, 0, dict(self.plan.thresholds), writer="plan", written_at=0.0)
         self.metrics.config_applied(0)
         self.watcher = ConfigWatcher(client, keys, len(self.manifest.ramps), initial,
@@ -128,7 +128,7 @@ class TritonPythonModel:
                                            on_published=self.metrics.feedback_published,
                                            on_dropped=self.metrics.feedback_dropped)
         LOGGER.info("%s: %d block models %s, exits %s, %.0f%% of samples traced to the end; Redis %s", self.name,
-                    len(self.blocks), self.blocks, self.plan.exits, 100 * self.plan.sample_rate, url)
+                    len(self.blocks), self.blocks, self.plan.exits, 100 * self.plan.sample_rate, redact(url))
 
     def _check_exits(self, config: ExitConfig) -> None:
         outside = sorted(set(config.active_ramps) - set(self.plan.exits))

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import redis
 import torch
 import triton_python_backend_utils as pb_utils
 
@@ -25,6 +24,7 @@ from early_exit.exit_config import ExitConfig
 from early_exit.exit_rule import exits_at
 from early_exit.feedback import BatchTiming, FeedbackRecord
 from early_exit.keys import RedisKeys
+from early_exit.redis_connection import redact, redis_client
 from early_exit.runtime import EarlyExitModel, Verdict
 from triton_backend.config_watcher import ConfigWatcher
 from triton_backend.feedback_publisher import FeedbackPublisher
@@ -61,7 +61,7 @@ class TritonPythonModel:
 
         url, prefix = redis_target(parameters)
         keys = RedisKeys(self.name, prefix)
-        client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=5)
+        client = redis_client(url, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=5)
         initial = ExitConfig(self.name, 0, dict(manifest.initial_thresholds), writer="manifest", written_at=0.0)
         self.model.plan(initial.active_ramps)
         self._last_end = 0.0
@@ -86,7 +86,7 @@ class TritonPythonModel:
                 on_dropped=self.metrics.feedback_dropped,
             )
         LOGGER.info("%s: loaded %d blocks, %d candidate ramps on %s; Redis %s", self.name, len(manifest.blocks),
-                    len(manifest.ramps), device, url)
+                    len(manifest.ramps), device, redact(url))
 
     def execute(self, requests: list[Any]) -> None:
         started = time.perf_counter()

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from early_exit.keys import DEFAULT_PREFIX
+from early_exit.redis_connection import DEFAULT_REDIS_URL, REDIS_PREFIX_ENV, REDIS_URL_ENV
 
 
 def configure_logging(logger: logging.Logger) -> None:
@@ -46,13 +47,10 @@ def model_device(args: dict[str, str]) -> torch.device:
     return torch.device("cpu")
 
 
-REDIS_URL_ENV = "APPARATE_REDIS_URL"
-REDIS_PREFIX_ENV = "APPARATE_REDIS_PREFIX"
-
-
 def redis_target(parameters: dict[str, str]) -> tuple[str, str]:
     """Redis URL and key prefix of a model: the environment wins over the model's parameters (one deployment, one
-    Redis), then the defaults of a local set-up."""
-    url = os.environ.get(REDIS_URL_ENV) or parameters.get("redis_url") or "redis://127.0.0.1:6379/0"
+    Redis), then the defaults of a local set-up. Keep credentials out of ``redis_url``: anyone who can read the model
+    repository reads its parameters; ``early_exit.redis_connection`` takes them from the environment."""
+    url = os.environ.get(REDIS_URL_ENV) or parameters.get("redis_url") or DEFAULT_REDIS_URL
     prefix = os.environ.get(REDIS_PREFIX_ENV) or parameters.get("redis_prefix") or DEFAULT_PREFIX
     return url, prefix
