@@ -100,28 +100,10 @@ class TritonPythonModel:
         sizes = [array.shape[0] for array in inputs[self.input_names[0]]]
         batch = BatchAnswers(requests, sizes, manifest.classes, manifest.final_exit, started)
         tensors = {name: torch.from_numpy(np.concatenate(arrays)) for name, arrays in inputs.items()}
-        ramp_verdicts: list[Verdict] = []
-        final: Verdict | None = None
-        overhead_ms = 0.0  # work a vanilla model does not do: ramps, their verdicts, early sends
         try:
-            with torch.inference_mode():
-                for verdict in self.model.stages(tensors, config.active_ramps):
-                    if verdict.exit == manifest.final_exit:
-                        final = verdict
-                        samples = np.flatnonzero(batch.undecided)
-                        if samples.size:
-                            _answer(batch, samples, verdict)
-                        continue
-                    decided = time.perf_counter()
-                    ramp_verdicts.append(verdict)
-                    exiting = batch.undecided & exits_at(verdict.confidence, config.thresholds[verdict.exit])
-                    samples = np.flatnonzero(exiting)
-                    if samples.size:
-                        _answer(batch, samples, verdict)
-                    overhead_ms += verdict.cost_ms + 1000.0 * (time.perf_counter() - decided)
+            ramp_verdicts, final, overhead_ms = self._run(batch, tensors, config)
         except Exception as exc:  # answer every request, whatever broke; Triton keeps serving
-            LOGGER.exception("%s: batch of %d failed", self.name, len(requests))
-            batch.fail_unsent(f"{self.name}: inference failed: {exc}")
+            self._isolate(batch, inputs, config, exc)
             self._last_end = time.perf_counter()
             return None
         self.metrics.count_exits(np.bincount(batch.exit, minlength=manifest.final_exit + 1))
@@ -137,6 +119,50 @@ class TritonPythonModel:
                                                 final.prediction, batch.exit, timing))
         self._last_end = time.perf_counter()
         return None
+
+    def _run(self, batch: BatchAnswers, tensors: dict[str, torch.Tensor], config: ExitConfig
+             ) -> tuple[list[Verdict], Verdict | None, float]:
+        """Run ``batch`` through the active ramps to the end, answering samples as they are decided; returns the
+        ramps' verdicts, the final verdict and the early-exit overhead in ms (work a vanilla model does not do)."""
+        manifest = self.model.manifest
+        ramp_verdicts: list[Verdict] = []
+        final: Verdict | None = None
+        overhead_ms = 0.0
+        with torch.inference_mode():
+            for verdict in self.model.stages(tensors, config.active_ramps):
+                if verdict.exit == manifest.final_exit:
+                    final = verdict
+                    samples = np.flatnonzero(batch.undecided)
+                    if samples.size:
+                        _answer(batch, samples, verdict)
+                    continue
+                decided = time.perf_counter()
+                ramp_verdicts.append(verdict)
+                exiting = batch.undecided & exits_at(verdict.confidence, config.thresholds[verdict.exit])
+                samples = np.flatnonzero(exiting)
+                if samples.size:
+                    _answer(batch, samples, verdict)
+                overhead_ms += verdict.cost_ms + 1000.0 * (time.perf_counter() - decided)
+        return ramp_verdicts, final, overhead_ms
+
+    def _isolate(self, batch: BatchAnswers, inputs: dict[str, list[np.ndarray]], config: ExitConfig,
+                 error: Exception) -> None:
+        """The batch failed: run each request it had not answered on its own, so that a request whose data broke it
+        (a token id the embedding does not have, say) fails alone and the others are answered. This costs one pass
+        per request, only after a failure; those passes publish no feedback."""
+        if len(batch.requests) == 1:
+            LOGGER.warning("%s: request failed: %r", self.name, error)
+            batch.fail_unsent(f"{self.name}: inference failed: {error}")
+            return
+        unanswered = np.flatnonzero(~batch.sent)
+        LOGGER.warning("%s: batch of %d failed (%r); running its %d unanswered requests one by one", self.name,
+                       len(batch.requests), error, len(unanswered))
+        for index in unanswered:
+            alone = batch.split(int(index))
+            try:
+                self._run(alone, {name: torch.from_numpy(arrays[index]) for name, arrays in inputs.items()}, config)
+            except Exception as exc:  # this request's own failure: its error goes to its client only
+                alone.fail_unsent(f"{self.name}: inference failed: {exc}")
 
     def finalize(self) -> None:
         self.watcher.close()

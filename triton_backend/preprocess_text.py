@@ -2,7 +2,9 @@
 
 The tokenizer is the model's own ``tokenizer.json`` in this entry's version folder (``prepare`` copies it there);
 the sequence length is the output shape in the model config (served tensors have fixed shapes; longer text is
-truncated) and the pad id is the config parameter ``pad_id``. Undecodable bytes fail only their own request.
+truncated) and the pad id is the config parameter ``pad_id``. Undecodable bytes, and texts longer than the
+parameter ``max_text_bytes`` (default 64 KiB: tokenising a huge text costs time even though it is truncated), fail only
+their own request.
 """
 
 from __future__ import annotations
@@ -30,13 +32,19 @@ class TritonPythonModel:
         pad_id = int(config["parameters"]["pad_id"]["string_value"])
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.encoder = TextEncoder.from_file(self.tokenizer_file(version_dir), int(output["dims"][0]), pad_id)
+        self.max_text_bytes = int(config["parameters"].get("max_text_bytes", {}).get("string_value") or 65536)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses = []
         for request in requests:
-            raw = pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)
+            raw = [bytes(item) for item in pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)]
+            too_long = max((len(item) for item in raw), default=0)
+            if too_long > self.max_text_bytes:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    f"TEXT of {too_long} bytes is longer than the {self.max_text_bytes} bytes accepted")))
+                continue
             try:
-                texts = [bytes(item).decode("utf-8") for item in raw]
+                texts = [item.decode("utf-8") for item in raw]
             except UnicodeDecodeError as exc:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"TEXT is not UTF-8: {exc}")))
                 continue

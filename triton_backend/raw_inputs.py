@@ -12,25 +12,34 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tokenizers import Tokenizer
 
 IMAGE_INPUT = "IMAGE"
 TEXT_INPUTS = ("INPUT_IDS", "ATTENTION_MASK")
 TOKENIZER_FILE = "tokenizer.json"  # a text preprocessing entry's tokenizer, in its version folder
+# Largest image decoded (pixels): a few KB of PNG can declare billions of pixels, and decoding one would take the
+# stub's memory and the batch's time. 40 megapixels is above any camera a classifier is fed from.
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 def decode_image(data: bytes, height: int, width: int) -> np.ndarray:
     """Decode to RGB uint8 ``[height, width, 3]``, resizing (bilinear) when the image has another size.
 
     Raises:
-        ValueError: when ``data`` is not a decodable image.
+        ValueError: when ``data`` is not a decodable image or has more than ``MAX_IMAGE_PIXELS`` pixels.
     """
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            width_in, height_in = image.size
+            if width_in * height_in > MAX_IMAGE_PIXELS:
+                raise ValueError(f"image of {width_in}x{height_in} pixels is larger than the {MAX_IMAGE_PIXELS} "
+                                 "pixels accepted")
             rgb = image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"not a decodable image ({len(data)} bytes): {exc}") from exc
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decoder failure on untrusted bytes means "not an image"
+        raise ValueError(f"not a decodable image ({len(data)} bytes): {exc!r}") from exc
     if rgb.size != (width, height):
         rgb = rgb.resize((width, height), Image.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8)

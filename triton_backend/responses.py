@@ -26,12 +26,15 @@ class BatchAnswers:
     classes: width of the ``PROBS`` output.
     final_exit: exit index of the original model's last layer (reported until a sample is answered elsewhere).
     started: ``time.perf_counter()`` when the batch started; ``answer_ms`` counts from there.
+    senders: the requests' response senders (default: taken from the requests; each request has one owner).
     """
 
-    def __init__(self, requests: list[Any], sizes: list[int], classes: int, final_exit: int, started: float) -> None:
+    def __init__(self, requests: list[Any], sizes: list[int], classes: int, final_exit: int, started: float,
+                 senders: list[Any] | None = None) -> None:
         self.started = started
         self.requests = requests
-        self.senders = [request.get_response_sender() for request in requests]
+        self.final_exit = final_exit
+        self.senders = senders if senders is not None else [request.get_response_sender() for request in requests]
         self.bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
         self.owner = np.repeat(np.arange(len(requests)), sizes)
         self.pending = np.asarray(sizes, dtype=int)
@@ -59,6 +62,14 @@ class BatchAnswers:
             self._send(int(index))
             lo, hi = self.bounds[index], self.bounds[index + 1]
             self.answer_ms[lo:hi] = 1000.0 * (time.perf_counter() - self.started)
+
+    def split(self, index: int) -> BatchAnswers:
+        """Hand request ``index`` over to a batch of its own (to run it alone); this batch no longer answers it."""
+        lo, hi = self.bounds[index], self.bounds[index + 1]
+        alone = BatchAnswers([self.requests[index]], [int(hi - lo)], self.probs.shape[1], self.final_exit,
+                             self.started, senders=[self.senders[index]])
+        self.sent[index] = True
+        return alone
 
     def _send(self, index: int) -> None:
         lo, hi = self.bounds[index], self.bounds[index + 1]

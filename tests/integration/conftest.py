@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+import tritonclient.grpc as grpcclient
 
 from controller.config_store import publish_config, write_config
 from early_exit.exit_config import ExitConfig
@@ -50,3 +53,31 @@ def apply_config(stack: Stack, model: str, version: int, thresholds: dict[int, f
     while metric(stack.metrics_url, "apparate_config_version", model=model) != version:
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+def burst(url: str, model: str, requests: list[list[grpcclient.InferInput]], timeout: float = 60.0
+          ) -> list[grpcclient.InferResult | grpcclient.InferenceServerException]:
+    """Send every request at once (asynchronously, so the dynamic batcher merges them) and return each one's result
+    or error, in order."""
+    client = grpcclient.InferenceServerClient(url)
+    results: list[grpcclient.InferResult | grpcclient.InferenceServerException | None] = [None] * len(requests)
+    done = threading.Semaphore(0)
+
+    def callback(index: int, result: grpcclient.InferResult | None,
+                 error: grpcclient.InferenceServerException | None) -> None:
+        results[index] = result if error is None else error
+        done.release()
+
+    for index, inputs in enumerate(requests):
+        client.async_infer(model, inputs, functools.partial(callback, index))
+    for _ in requests:
+        assert done.acquire(timeout=timeout), "a request was never answered"
+    client.close()
+    return [r for r in results if r is not None]
+
+
+def batches_executed(url: str, model: str) -> tuple[int, int]:
+    """(inferences, executions) of ``model`` so far, from Triton's statistics: fewer executions than inferences means
+    requests shared batches."""
+    stats = grpcclient.InferenceServerClient(url).get_inference_statistics(model, as_json=True)["model_stats"][0]
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import struct
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from PIL import Image
 
 from early_exit.runtime import EarlyExitModel
 from tests.conftest import MODEL
-from tests.integration.conftest import publish
+from tests.integration.conftest import burst, publish
 from workload.metrics import metric
 from workload.stack import Stack
 
@@ -72,3 +74,64 @@ def test_pipeline_rejects_undecodable_bytes_without_hurting_other_requests(stack
         client.infer(f"{MODEL}_pipeline", [_request([b"definitely not an image"])])
     ok = client.infer(f"{MODEL}_pipeline", [_request([_jpeg(test_images[0])])])
     assert ok.as_numpy("LABEL").shape == (1, 1)
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A few hundred bytes of PNG whose header declares ``width`` x ``height`` pixels (a decompression bomb)."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR width and height, then its CRC over type + fields
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def test_bad_bytes_in_a_batch_fail_alone_and_the_others_are_answered(stack: Stack, test_images: np.ndarray) -> None:
+    """Garbage, empty, truncated and decompression-bomb images, each sent in the same burst as good JPEGs: only the
+    bad ones fail, each with a clear reason; the good answers equal the direct model's."""
+    good = [_jpeg(image) for image in test_images[:6]]
+    bad = [b"definitely not an image", b"", good[0][: len(good[0]) // 2], _png_declaring(100_000, 100_000)]
+    payloads = [item for pair in zip(good, [*bad, *bad]) for item in pair]
+    results = burst(stack.grpc_url, f"{MODEL}_pipeline", [[_request([p])] for p in payloads])
+    client = grpcclient.InferenceServerClient(stack.grpc_url)
+    for index, (payload, result) in enumerate(zip(payloads, results)):
+        if index % 2:
+            assert isinstance(result, grpcclient.InferenceServerException), f"bad payload {index} was answered"
+            assert "image" in result.message()
+            continue
+        assert not isinstance(result, Exception), f"a good request failed beside a bad one: {result}"
+        direct_input = grpcclient.InferInput("IMAGE", [1, *test_images.shape[1:]], "UINT8")
+        direct_input.set_data_from_numpy(_decoded(payload))
+        direct = client.infer(MODEL, [direct_input])
+        assert result.as_numpy("LABEL")[0, 0] == direct.as_numpy("LABEL")[0, 0]
+
+
+def test_requests_the_model_cannot_take_get_clear_errors_and_serving_goes_on(stack: Stack, test_images: np.ndarray):
+    """Wrong dtype, wrong shape, a batch over the maximum and an empty batch are refused by Triton for that request
+    only, with a message naming what is wrong."""
+    def image_input(array: np.ndarray, dtype: str = "UINT8") -> list[grpcclient.InferInput]:
+        tensor = grpcclient.InferInput("IMAGE", list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        return [tensor]
+
+    image = test_images[:1]
+    max_batch = grpcclient.InferenceServerClient(stack.grpc_url).get_model_config(MODEL, as_json=True)[
+        "config"]["max_batch_size"]
+    cases = {
+        "dtype": (image_input(image.astype(np.float32), "FP32"), "FP32"),
+        "shape": (image_input(image[:, :-1]), "shape"),
+        "batch": (image_input(np.repeat(image, max_batch + 1, axis=0)), "batch"),
+    }
+    requests = [image_input(image)]
+    for inputs, _ in cases.values():
+        requests += [inputs, image_input(image)]
+    results = burst(stack.grpc_url, MODEL, requests)
+    for index, result in enumerate(results):
+        if index % 2:
+            name, (_, expected) = list(cases.items())[index // 2]
+            assert isinstance(result, grpcclient.InferenceServerException), f"{name} was accepted"
+            assert expected.lower() in result.message().lower(), result.message()
+        else:
+            assert not isinstance(result, Exception), result
+    empty = burst(stack.grpc_url, MODEL, [image_input(image[:0])])[0]
+    assert isinstance(empty, grpcclient.InferenceServerException) or empty.as_numpy("LABEL").shape == (0, 1)

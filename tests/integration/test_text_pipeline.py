@@ -10,7 +10,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from tests.conftest import ROOT
-from tests.integration.conftest import apply_config
+from tests.integration.conftest import apply_config, batches_executed, burst
 from workload.stack import Stack, running_stack
 
 pytestmark = pytest.mark.integration
@@ -58,3 +58,47 @@ def test_invalid_utf8_fails_only_its_request(text_stack: Stack) -> None:
     with pytest.raises(grpcclient.InferenceServerException, match="not UTF-8"):
         client.infer(f"{NAME}_pipeline", [bad])
     assert client.infer(f"{NAME}_pipeline", [_text(["still serving"])]).as_numpy("LABEL").shape == (1, 1)
+
+
+def _tokens(ids: np.ndarray) -> list[grpcclient.InferInput]:
+    tensors = []
+    for name, value in (("INPUT_IDS", ids), ("ATTENTION_MASK", np.ones_like(ids))):
+        tensor = grpcclient.InferInput(name, list(value.shape), "INT64")
+        tensor.set_data_from_numpy(value)
+        tensors.append(tensor)
+    return tensors
+
+
+def test_bad_requests_in_a_batch_fail_alone_and_the_others_are_answered(text_stack: Stack) -> None:
+    """Token ids the embedding does not have (direct calls), invalid UTF-8 and oversized text (through the
+    pipeline), each sent in the same burst as good requests: only the bad ones fail, each with its own reason."""
+    client = grpcclient.InferenceServerClient(text_stack.grpc_url)
+    length = client.get_model_metadata(NAME, as_json=True)["inputs"][0]["shape"][-1]
+    good_ids = _tokens(np.full((1, int(length)), 1000, dtype=np.int64))
+    bad_ids = _tokens(np.full((1, int(length)), 10**9, dtype=np.int64))
+    before = batches_executed(text_stack.grpc_url, NAME)
+    results = burst(text_stack.grpc_url, NAME, [good_ids, bad_ids] * 4 + [good_ids] * 4)
+    inferences, executions = np.subtract(batches_executed(text_stack.grpc_url, NAME), before)
+    assert executions < inferences, "the burst was not batched: the test proves nothing"
+    for index, result in enumerate(results):
+        if index < 8 and index % 2:
+            assert isinstance(result, grpcclient.InferenceServerException), "an impossible token id was answered"
+        else:
+            assert not isinstance(result, Exception), f"a good request failed beside a bad one: {result}"
+            assert result.as_numpy("LABEL").shape == (1, 1)
+
+    invalid = _raw_text([b"\xff\xfe bad"])
+    oversized = _raw_text([b"word " * 100_000])
+    results = burst(text_stack.grpc_url, f"{NAME}_pipeline", [[_text(["fine film"])], [invalid], [oversized]] * 3)
+    for index, result in enumerate(results):
+        if index % 3 == 0:
+            assert not isinstance(result, Exception), f"a good request failed beside a bad one: {result}"
+        else:
+            assert isinstance(result, grpcclient.InferenceServerException)
+            assert ("not UTF-8" if index % 3 == 1 else "bytes") in result.message()
+
+
+def _raw_text(values: list[bytes]) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput("TEXT", [len(values), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array(values, dtype=object).reshape(-1, 1))
+    return tensor
