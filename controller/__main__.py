@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from controller.adjuster import AdjusterSettings
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     client = redis_client(args.redis_url, socket_timeout=5, socket_connect_timeout=2)
     service = ControllerService(client, settings, prefix=args.prefix, models=args.model, consumer=args.consumer,
                                 claim_idle=args.claim_idle, lease_ttl=args.lease_ttl)
+    # Kubernetes stops a pod with SIGTERM: stop as on Ctrl-C, so the lease is released and the stand-by takes over
+    # at once instead of after the lease time.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         service.run(stop_after=args.duration)
     except KeyboardInterrupt:

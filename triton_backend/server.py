@@ -92,13 +92,22 @@ def server_environment(redis_url: str | None = None, base: dict[str, str] | None
 
 
 def server_command(
-    repository: Path, backends: Path, ports: ServerPorts, models: list[str] | None = None, log_verbose: int = 0
+    repository: Path, backends: Path, ports: ServerPorts, models: list[str] | None = None, log_verbose: int = 0,
+    address: str = "127.0.0.1",
 ) -> list[str]:
-    """``tritonserver`` command line; ``models`` restricts loading to those names (explicit control mode)."""
+    """``tritonserver`` command line; ``models`` restricts loading to those names (explicit control mode).
+
+    Every endpoint binds to ``address``, loopback by default: Triton's endpoints have no authentication, and in
+    explicit control mode anyone who reaches them can load and unload models. Containers pass ``0.0.0.0`` and rely on
+    the cluster's network policy instead.
+    """
     command = [
         str(_triton_root() / "bin" / "tritonserver"),
         f"--model-repository={repository}",
         f"--backend-directory={backends}",
+        f"--http-address={address}",
+        f"--grpc-address={address}",
+        f"--metrics-address={address}",
         f"--http-port={ports.http}",
         f"--grpc-port={ports.grpc}",
         f"--metrics-port={ports.metrics}",
@@ -126,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--http-port", type=int, default=8000)
     run.add_argument("--grpc-port", type=int, default=8001)
     run.add_argument("--metrics-port", type=int, default=8002)
+    run.add_argument("--address", default="127.0.0.1",
+                     help="interface every endpoint binds to (0.0.0.0: all; Triton's endpoints have no authentication)")
     run.add_argument("--redis-url", default=None, help="overrides each model's redis_url parameter")
     run.add_argument("--model", action="append", default=None, help="load only these models (repeatable)")
     args = parser.parse_args(argv)
@@ -135,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     assemble_backends(args.backends)
     command = server_command(
         args.repository.resolve(), args.backends.resolve(), ServerPorts(args.http_port, args.grpc_port,
-                                                                         args.metrics_port), args.model
+                                                                         args.metrics_port), args.model,
+        address=args.address,
     )
     os.execve(command[0], command, server_environment(args.redis_url))
     return 1  # unreachable

@@ -66,7 +66,7 @@ class Process:
         """Stop gracefully, then make sure nothing it started outlives it (Triton's Python stubs are its children
         and would otherwise keep running, and keep the stub binary busy, after a killed server)."""
         if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGINT if self.name == "controller" else signal.SIGTERM)
+            self.popen.send_signal(signal.SIGTERM)  # what Kubernetes sends, so tests stop processes the same way
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -159,3 +159,19 @@ def test_redis_outage_loses_no_request_and_feedback_resumes(stack: Stack, test_i
     replay(stack.grpc_url, MODEL, {"IMAGE": images[:64]}, poisson_arrivals(64, 200))
     _wait_for(lambda: client.xlen(RedisKeys(MODEL).feedback) > 0, 10, interval=0.1)
     assert client.get(RedisKeys(MODEL).manifest) is not None  # re-registered after the restart
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """IPv4 addresses with a socket listening on ``port`` (from the kernel's table; state 0A is LISTEN)."""
+    addresses = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        host, port_hex = local.split(":")
+        if state == "0A" and int(port_hex, 16) == port:
+            addresses.add(".".join(str(b) for b in reversed(bytes.fromhex(host))))
+    return addresses
+
+
+def test_every_triton_endpoint_listens_on_loopback_only(stack: Stack) -> None:
+    for port in (stack.ports.http, stack.ports.grpc, stack.ports.metrics):
+        assert _listening_addresses(port) == {"127.0.0.1"}, f"port {port} is reachable from other hosts"
