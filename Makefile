@@ -28,7 +28,7 @@ SST2_DIR ?= ../shared/data/sst2
 NLP_MODEL := sst2_minilm
 NLP_CHECKPOINT := models/$(NLP_MODEL).safetensors
 
-.PHONY: help setup model model-deep prepare reference-models serve stop demo test bench bench-e3 bench-controller profile lint clean
+.PHONY: help setup model model-deep prepare reference-models serve stop demo test bench bench-e3 bench-controller profile soak lint clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
@@ -119,6 +119,9 @@ bench-controller: reference-models  ## the controller's CPU share at 200 feedbac
 	@mkdir -p bench_results
 	$(PY) -m workload.controller_load --entry $(REPO)/$(NLP_MODEL)/1 --rate 200 --out bench_results/controller_load.md
 	$(PY) -m workload.controller_load --entry $(REPO)/$(MODEL)/1 --rate 200 --out bench_results/controller_load.md
+
+soak: prepare  ## the whole stack at 80 % of capacity for 10 minutes: failures, p99, RSS per process (docs/benchmarks/soak.md)
+	$(PY) -m workload.soak --model $(MODEL) --dataset $(DATASET) --data-dir $(DATA_DIR) --minutes 10
 
 profile: reference-models  ## where a request's time goes, early exit vs vanilla (bench_results/<model>/overhead.md)
 	$(PY) -m workload.overhead --model $(NLP_MODEL) --dataset sst2 --data-dir $(SST2_DIR)
