@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -16,7 +18,7 @@ from early_exit.keys import RedisKeys
 from early_exit.manifest import load_manifest
 from tests.conftest import MODEL
 from tests.integration.conftest import publish
-from workload.client import Answer, poisson_arrivals, replay
+from workload.client import Answer, measure_capacity, poisson_arrivals, replay
 from workload.metrics import metric
 from workload.stack import running_stack
 
@@ -68,3 +70,47 @@ def test_redis_losing_its_data_under_load_fails_no_request_and_control_resumes(
         controller_log = stack.process("controller").log.read_text(errors="replace")
     assert len(answers) == len(images) and all(a.error is None for a in answers)
     assert "NOGROUP" not in controller_log, controller_log[-3000:]  # the lost group was recreated, not retried
+
+
+def test_redis_frozen_for_10s_under_load_fails_and_delays_nothing_and_control_resumes(
+    repository: Path, test_images: np.ndarray, tmp_path: Path
+) -> None:
+    """SIGSTOP on Redis for 10 s (a stalled node: connections stay open, nothing answers) while Triton serves at a
+    steady rate and the controller tunes: no request fails or waits on Redis, the configuration in use stays, and
+    once Redis wakes up the controller reads feedback again."""
+    keys = RedisKeys(MODEL)
+    controller_args = ["--min-fresh", "200", "--window", "1000", "--adjust-every", "0"]
+    with running_stack(repository, models=[MODEL], controller_args=controller_args, log_dir=tmp_path) as stack:
+        client = redis.Redis.from_url(stack.redis_url)
+        # A third of what the server takes on this machine now: the freeze, not a queue, must be what is measured.
+        rate = 0.3 * measure_capacity(stack.grpc_url, MODEL, {"IMAGE": test_images[:400]})
+        images = test_images[: int(20 * rate)]  # about 20 s: the freeze starts once feedback is read, lasts 10 s
+        arrivals = poisson_arrivals(len(images), rate)
+        answers: list[Answer] = []
+        traffic = threading.Thread(target=replay, args=(stack.grpc_url, MODEL, {"IMAGE": images}, arrivals),
+                                   kwargs={"answers": answers})
+        redis_pid = stack.process("redis").popen.pid
+        traffic.start()
+        try:
+            _eventually(lambda: _group_reads(client, keys.feedback) > 0, 30, "the controller reading feedback")
+            version = metric(stack.metrics_url, "apparate_config_version", model=MODEL)
+            os.kill(redis_pid, signal.SIGSTOP)
+            frozen = time.perf_counter()
+            try:
+                time.sleep(10)
+                assert metric(stack.metrics_url, "apparate_config_version", model=MODEL) == version
+            finally:
+                os.kill(redis_pid, signal.SIGCONT)
+            woke = time.perf_counter()
+            reads = _group_reads(client, keys.feedback)
+            _eventually(lambda: _group_reads(client, keys.feedback) > reads, 30, "feedback read again after the freeze")
+        finally:
+            traffic.join()
+    assert len(answers) == len(images) and all(a.error is None for a in answers)
+    latency = np.array([a.latency_ms for a in answers])
+    sent = np.array([a.sent for a in answers])
+    during, before = latency[(sent >= frozen) & (sent < woke)], latency[sent < frozen]
+    assert during.size > 5 * rate and before.size > 0.5 * rate
+    # Nothing on the request path talks to Redis: the freeze must not show in latency beyond the machine's noise.
+    assert np.percentile(during, 99) <= 3 * np.percentile(before, 99) + 20.0, (
+        f"p99 {np.percentile(during, 99):.1f} ms during the freeze vs {np.percentile(before, 99):.1f} ms before")
