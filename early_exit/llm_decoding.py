@@ -1,0 +1,283 @@
+"""Greedy decoding of a causal LM (``model_zoo.llama``) with per-token early exits that keep every KV cache exact.
+
+A ramp is the model's own final norm + LM head on the hidden state after decoder layer ``l`` (1-based); its
+confidence is top-1 minus top-2 probability. A token exits at the first ramp whose confidence clears that ramp's
+threshold (``early_exit.exit_rule.exits_at``), at most ``max_consecutive`` times in a row; otherwise it runs to the
+final layer.
+
+**Parking.** An exited position has run only ``l`` layers, so layers ``l+1 ..`` lack its keys and values. Its hidden
+state is parked and joins the next step's computation at layer ``l+1``: the next token runs layers ``1 .. l`` alone,
+then the parked position and the new one run the remaining layers together as one chunk (causal attention inside the
+chunk). Every position therefore eventually passes every layer with its real inputs, and every layer's cache holds
+exactly what the original model would hold. Parked depths never increase with position (a later position that
+exits deeper takes the earlier ones along), so each layer's cache is always a prefix of the sequence and a chunk is
+always a run of consecutive positions.
+
+**Verification.** When a parked position reaches the final layer, the original model's token for it is known: the
+token it exited with either agrees or not. The default mode streams exited tokens at once and only counts agreement.
+``faithful`` mode holds exited tokens back as drafts until they are verified (self-speculative decoding with the ramps
+as drafter): the first draft that disagrees is replaced by the original model's token and everything computed after
+it is rolled back, so the stream is greedy decoding of the original model (up to floating-point differences between
+running a position alone or within a chunk).
+
+Nothing here knows about Triton: ``triton_backend.llm`` drives one ``Row`` per request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from early_exit.exit_rule import exits_at
+from model_zoo.llama import KVCache, Llama
+
+
+@dataclass(frozen=True)
+class ExitPolicy:
+    """Where tokens may exit and how.
+
+    Args:
+        thresholds: decoder layer (1 .. num_layers - 1) -> confidence threshold (top-1 minus top-2 probability);
+            empty: the vanilla model.
+        max_consecutive: exits allowed in a row before a token must run to the final layer.
+        faithful: hold exited tokens until the original model confirms them (the stream equals greedy decoding).
+    """
+
+    thresholds: dict[int, float] = field(default_factory=dict)
+    max_consecutive: int = 3
+    faithful: bool = False
+
+    def validate(self, num_layers: int) -> None:
+        bad = [layer for layer in self.thresholds if not 1 <= layer < num_layers]
+        if bad:
+            raise ValueError(f"exit layers {sorted(bad)} outside 1..{num_layers - 1}")
+        if self.max_consecutive < 0:
+            raise ValueError(f"max_consecutive must be >= 0, got {self.max_consecutive}")
+
+
+@dataclass(frozen=True)
+class Token:
+    """One generated token: its id, the layer that produced it (num_layers = the final layer) and that layer's
+    confidence (top-1 minus top-2 probability)."""
+
+    id: int
+    exit: int
+    confidence: float
+
+
+@dataclass
+class _Parked:
+    """A position that ran ``depth`` layers: its hidden state and the token it exited with."""
+
+    hidden: torch.Tensor  # [hidden]
+    depth: int
+    draft: Token
+
+
+@dataclass
+class DecodeStats:
+    """Exited tokens compared with the original model (``agreed + disagreed``) per row."""
+
+    exited: int = 0
+    agreed: int = 0
+    disagreed: int = 0
+
+
+@dataclass
+class Row:
+    """One sequence being generated; its KV cache is freed with it."""
+
+    prompt: list[int]
+    max_tokens: int
+    eos_token_id: int | None = None
+    cache: KVCache | None = None
+    parked: list[_Parked] = field(default_factory=list)
+    streamed: list[Token] = field(default_factory=list)
+    next_input: int | None = None
+    consecutive: int = 0
+    stats: DecodeStats = field(default_factory=DecodeStats)
+    finished: bool = False
+
+    def release(self) -> None:
+        """Free the KV cache and parked states."""
+        self.cache = None
+        self.parked = []
+
+
+@dataclass
+class _Outcome:
+    """What one pass computed: the verdicts on parked positions that reached the final layer (draft, original
+    model's token) in position order, and the new position's token (None for a flush) with whether it exited."""
+
+    verdicts: list[tuple[Token, Token]]
+    token: Token | None
+    exited: bool
+
+
+def _confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Argmax and top-1 minus top-2 probability over the last dimension."""
+    top = torch.softmax(logits.float(), dim=-1).topk(2, dim=-1)
+    return top.indices[..., 0], top.values[..., 0] - top.values[..., 1]
+
+
+class Decoder:
+    """Greedy decoding with ``policy``'s exits on ``model`` (which it never modifies)."""
+
+    def __init__(self, model: Llama, policy: ExitPolicy | None = None) -> None:
+        self.model = model
+        self.policy = policy or ExitPolicy()
+        self.policy.validate(model.config.num_layers)
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_layers
+
+    def start(self, prompt: list[int], max_tokens: int, eos_token_id: int | None = None) -> Row:
+        if not prompt:
+            raise ValueError("the prompt has no tokens")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        limit = self.model.config.max_positions
+        if len(prompt) + max_tokens > limit:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceed the model's "
+                             f"{limit} positions")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt token ids must be in 0..{vocab - 1}")
+        return Row(list(prompt), max_tokens, eos_token_id)
+
+    # --- the request-level loop ----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, row: Row, policy: ExitPolicy | None = None) -> list[Token]:
+        """Advance ``row`` by one pass and return the tokens to stream now (none, one, or several verified drafts).
+
+        ``policy`` overrides the decoder's for this step (a hot-reloaded configuration); ``faithful`` and
+        ``max_consecutive`` always come from it too. After the row finishes, parked positions are flushed once so
+        that their drafts are counted (``row.stats``); ``row.finished`` then stays true.
+        """
+        policy = policy or self.policy
+        if row.finished:
+            return []
+        if row.cache is None:  # prefill: the whole prompt, full depth
+            row.cache = self.model.new_cache()
+            out = self._pass(row, row.prompt, {})
+            return self._accept(row, out, policy)
+        drafts = [p.draft for p in row.parked] if policy.faithful else []  # held back, not streamed yet
+        if drafts and (len(row.streamed) + len(drafts) >= row.max_tokens or drafts[-1].id == row.eos_token_id):
+            return self._accept(row, self._pass(row, None, {}), policy)  # verify the drafts before going on
+        allowed = policy.thresholds if row.consecutive < policy.max_consecutive else {}
+        out = self._pass(row, [row.next_input], allowed)
+        return self._accept(row, out, policy)
+
+    def _accept(self, row: Row, out: _Outcome, policy: ExitPolicy) -> list[Token]:
+        """Apply one pass's outcome to ``row``; returns what to stream now."""
+        stream: list[Token] = []
+        for index, (draft, original) in enumerate(out.verdicts):
+            if draft.id == original.id:
+                row.stats.agreed += 1
+                if policy.faithful:
+                    stream.append(draft)
+                continue
+            row.stats.disagreed += 1
+            if policy.faithful:
+                stream.append(original)
+                # Everything computed after this position followed a wrong draft: drop it from every layer (a pass
+                # that verifies ran to the final layer, so every layer holds the same positions).
+                later = len(out.verdicts) - index - 1 + (out.token is not None)
+                self._truncate(row, self._cache_length(row, 0) - later)
+                row.parked = []
+                row.next_input = original.id
+                row.consecutive = 0
+                return self._emit(row, stream)
+        if out.token is not None:
+            row.next_input = out.token.id
+            if out.exited:
+                row.stats.exited += 1
+                row.consecutive += 1
+            if not (out.exited and policy.faithful):  # a faithful draft streams once verified
+                stream.append(out.token)
+        if not out.exited:
+            row.consecutive = 0
+        return self._emit(row, stream)
+
+    def _emit(self, row: Row, stream: list[Token]) -> list[Token]:
+        row.streamed += stream
+        streamed = row.streamed
+        if len(streamed) >= row.max_tokens or (streamed and streamed[-1].id == row.eos_token_id):
+            self._finish(row)
+        return stream
+
+    def _finish(self, row: Row) -> None:
+        """End ``row``: parked positions still run to the final layer once so their drafts are counted."""
+        if row.parked and row.cache is not None:
+            for draft, original in self._pass(row, None, {}).verdicts:
+                if draft.id == original.id:
+                    row.stats.agreed += 1
+                else:
+                    row.stats.disagreed += 1
+        row.finished = True
+        row.release()
+
+    # --- one pass over the layers --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _cache_length(row: Row, layer: int) -> int:
+        keys = row.cache.keys[layer]
+        return 0 if keys is None else keys.shape[2]
+
+    @staticmethod
+    def _truncate(row: Row, length: int) -> None:
+        cache = row.cache
+        for layer in range(len(cache.keys)):
+            if cache.keys[layer] is not None:
+                cache.keys[layer] = cache.keys[layer][:, :, :length]
+                cache.values[layer] = cache.values[layer][:, :, :length]
+
+    def _pass(self, row: Row, new_ids: list[int] | None, thresholds: dict[int, float]) -> _Outcome:
+        """Run ``new_ids`` (None: no new position, a flush) through the layers, taking parked positions along from
+        the layer after their depth; stop at the first ramp of ``thresholds`` that the last position clears."""
+        model = self.model
+        device = model.embed_tokens.weight.device
+        x = None if new_ids is None else model.embed_tokens(torch.tensor([new_ids], device=device))
+        remaining = list(row.parked)
+        joined: list[_Parked] = []
+        for index, layer in enumerate(model.layers):
+            joining = []
+            while remaining and remaining[-1].depth <= index:
+                joining.insert(0, remaining.pop())
+            if joining:
+                states = torch.stack([p.hidden for p in joining])[None]
+                x = states if x is None else torch.cat((states, x), dim=1)
+                joined = joining + joined
+            if x is None:
+                continue
+            start = self._cache_length(row, index)
+            cos, sin = model._rope(start, x.shape[1], device)
+            x = layer(x, cos, sin, row.cache, index)
+            depth = index + 1
+            if new_ids is not None and depth in thresholds and depth < self.num_layers:
+                token_id, confidence = _confidence(model.exit_logits(x[0, -1]))
+                if bool(exits_at(np.float32(confidence.item()), thresholds[depth])):
+                    draft = Token(int(token_id), depth, float(confidence))
+                    positions = x.shape[1]
+                    drafts = [p.draft for p in joined] + [draft]
+                    row.parked = remaining + [_Parked(x[0, j], depth, drafts[j]) for j in range(positions)]
+                    return _Outcome([], draft, True)
+        row.parked = []
+        token_ids, confidence = _confidence(model.exit_logits(x[0]))
+        originals = [Token(int(t), self.num_layers, float(c)) for t, c in zip(token_ids, confidence)]
+        verdicts = [(p.draft, originals[j]) for j, p in enumerate(joined)]
+        token = originals[-1] if new_ids is not None else None
+        return _Outcome(verdicts, token, False)
+
+    # --- whole sequences (tests, tools) ---------------------------------------------------------------------------
+
+    def generate(self, prompt: list[int], max_tokens: int, eos_token_id: int | None = None) -> Row:
+        """Run one row to the end; returns it (``streamed`` tokens, ``stats``)."""
+        row = self.start(prompt, max_tokens, eos_token_id)
+        while not row.finished:
+            self.step(row)
+        return row

@@ -1,0 +1,169 @@
+"""Early-exit greedy decoding (early_exit.llm_decoding) on the tiny random Llama: exits, parking, verification."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from early_exit.llm_decoding import Decoder, ExitPolicy
+from model_zoo.llama import Llama, init_random, tiny_config
+
+LAYERS = tiny_config().num_layers
+ALWAYS = {1: 0.0, 2: 0.0}  # every ramp clears a threshold of 0: tokens exit whenever the cap allows
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Llama:
+    return init_random(Llama(tiny_config()), seed=0)
+
+
+@pytest.fixture(scope="module")
+def shallow_equals_deep() -> Llama:
+    """A tiny model whose last layer adds nothing (zero output projections): the ramp after layer 2 is the model's
+    own head, so every draft exited there agrees with the original model."""
+    model = init_random(Llama(tiny_config()), seed=3)
+    with torch.no_grad():
+        model.layers[-1].self_attn.o_proj.weight.zero_()
+        model.layers[-1].mlp.down_proj.weight.zero_()
+    return model
+
+
+def _prompts(count: int = 4, length: int = 5) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(7)
+    return [torch.randint(0, tiny_config().vocab_size, (length,), generator=generator).tolist() for _ in range(count)]
+
+
+def _greedy(model: Llama, prompt: list[int], tokens: int) -> list[int]:
+    return model.generate(torch.tensor([prompt]), tokens)
+
+
+def _cache_matches_full_forward(model: Llama, decoder: Decoder, prompt: list[int], tokens: int) -> None:
+    """Run a row, snapshotting its KV cache whenever nothing is parked: it must equal a fresh forward pass over the
+    same sequence (every layer computed every position with its real inputs)."""
+    row = decoder.start(prompt, tokens)
+    checked = 0
+    while not row.finished:
+        decoder.step(row)
+        if row.finished or row.parked:
+            continue
+        sequence = row.prompt + [t.id for t in row.streamed][:-1]
+        reference = model.new_cache()
+        with torch.inference_mode():
+            model(torch.tensor([sequence]), reference)
+        for layer in range(LAYERS):
+            assert row.cache.keys[layer].shape == reference.keys[layer].shape
+            torch.testing.assert_close(row.cache.keys[layer], reference.keys[layer], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(row.cache.values[layer], reference.values[layer], rtol=1e-4, atol=1e-5)
+        checked += 1
+    assert checked >= 2
+
+
+def test_vanilla_decoder_is_greedy_decoding(tiny: Llama) -> None:
+    decoder = Decoder(tiny)
+    for prompt in _prompts():
+        row = decoder.generate(prompt, 12)
+        assert [t.id for t in row.streamed] == _greedy(tiny, prompt, 12)
+        assert all(t.exit == LAYERS and 0.0 <= t.confidence <= 1.0 for t in row.streamed)
+        assert row.stats.exited == 0 and row.cache is None  # finished rows free their cache
+
+
+def test_default_mode_exits_stream_at_once_and_count_agreement(tiny: Llama) -> None:
+    decoder = Decoder(tiny, ExitPolicy(ALWAYS, max_consecutive=3))
+    row = decoder.generate(_prompts()[0], 16)
+    exits = [t.exit for t in row.streamed]
+    assert len(exits) == 16
+    assert exits[0] == LAYERS  # the prefill runs full depth
+    assert exits.count(1) > 0  # threshold 0: the first ramp always answers when allowed
+    # at most three exits in a row, then a full-depth token
+    run = 0
+    for layer in exits:
+        run = run + 1 if layer < LAYERS else 0
+        assert run <= 3
+    # every exited token is eventually compared with the original model (the last ones by a final flush)
+    assert row.stats.exited == exits.count(1) + exits.count(2)
+    assert row.stats.agreed + row.stats.disagreed == row.stats.exited
+
+
+@pytest.mark.parametrize("cap", [1, 3])
+def test_parked_positions_leave_every_kv_cache_exact(tiny: Llama, cap: int) -> None:
+    """Thresholds at two depths: parked positions of different depths join the next pass at the right layer."""
+    _cache_matches_full_forward(tiny, Decoder(tiny, ExitPolicy({1: 0.3, 2: 0.0}, max_consecutive=cap)),
+                                _prompts()[1], 14)
+
+
+def test_default_mode_continues_its_own_sequence_exactly(tiny: Llama) -> None:
+    """Whatever the ramps say, the streamed sequence is what the original model computes on it: each full-depth
+    token is the original model's greedy choice after the (possibly exited) tokens before it."""
+    decoder = Decoder(tiny, ExitPolicy({1: 0.2, 2: 0.0}, max_consecutive=2))
+    prompt = _prompts()[2]
+    row = decoder.generate(prompt, 15)
+    ids = [t.id for t in row.streamed]
+    with torch.inference_mode():
+        logits = tiny(torch.tensor([prompt + ids[:-1]])).logits[0, len(prompt) - 1:]
+    for position, token in enumerate(row.streamed):
+        if token.exit == LAYERS:
+            assert int(logits[position].argmax()) == token.id
+
+
+@pytest.mark.parametrize("thresholds", [ALWAYS, {2: 0.0}, {1: 0.5, 2: 0.1}])
+@pytest.mark.parametrize("cap", [1, 3])
+def test_faithful_mode_streams_exactly_greedy_decoding(tiny: Llama, thresholds: dict[int, float], cap: int) -> None:
+    decoder = Decoder(tiny, ExitPolicy(thresholds, max_consecutive=cap, faithful=True))
+    disagreed = 0
+    for prompt in _prompts():
+        row = decoder.generate(prompt, 12)
+        assert [t.id for t in row.streamed] == _greedy(tiny, prompt, 12)
+        disagreed += row.stats.disagreed
+        assert row.stats.agreed == sum(t.exit < LAYERS for t in row.streamed)  # streamed exits are verified ones
+    if thresholds is ALWAYS:
+        assert disagreed > 0  # the random model's ramps are often wrong: the rollback path ran
+
+
+def test_faithful_rollback_leaves_the_cache_exact(tiny: Llama) -> None:
+    _cache_matches_full_forward(tiny, Decoder(tiny, ExitPolicy(ALWAYS, max_consecutive=3, faithful=True)),
+                                _prompts()[3], 12)
+
+
+def test_faithful_mode_streams_verified_exits(shallow_equals_deep: Llama) -> None:
+    model = shallow_equals_deep
+    decoder = Decoder(model, ExitPolicy({2: 0.0}, max_consecutive=3, faithful=True))
+    prompt = _prompts()[0]
+    row = decoder.generate(prompt, 13)
+    assert [t.id for t in row.streamed] == _greedy(model, prompt, 13)
+    exits = [t.exit for t in row.streamed]
+    assert exits == [3] + [2, 2, 2, 3] * 3  # prefill, then three drafts and the verifying full-depth token
+    assert row.stats.disagreed == 0 and row.stats.agreed == 9
+
+
+def test_eos_stops_the_row(tiny: Llama) -> None:
+    prompt = _prompts()[0]
+    tokens = _greedy(tiny, prompt, 8)
+    eos = tokens[4]
+    stop = tokens.index(eos) + 1
+    for policy in (ExitPolicy(), ExitPolicy(ALWAYS, faithful=True)):
+        row = Decoder(tiny, policy).generate(prompt, 8, eos_token_id=eos)
+        assert [t.id for t in row.streamed] == tokens[:stop]
+
+
+def test_requests_are_validated(tiny: Llama) -> None:
+    decoder = Decoder(tiny)
+    with pytest.raises(ValueError, match="positions"):
+        decoder.start([1, 2, 3], tiny.config.max_positions)
+    with pytest.raises(ValueError, match="token ids"):
+        decoder.start([tiny.config.vocab_size], 4)
+    with pytest.raises(ValueError):
+        decoder.start([], 4)
+    with pytest.raises(ValueError, match="exit layers"):
+        Decoder(tiny, ExitPolicy({LAYERS: 0.5}))
+
+
+def test_rows_are_independent(tiny: Llama) -> None:
+    """Interleaving steps of several rows (how the backend serves concurrent requests) changes nothing."""
+    decoder = Decoder(tiny, ExitPolicy(ALWAYS, faithful=True))
+    prompts = _prompts()
+    rows = [decoder.start(prompt, 10) for prompt in prompts]
+    while not all(row.finished for row in rows):
+        for row in rows:
+            decoder.step(row)
+    for prompt, row in zip(prompts, rows):
+        assert [t.id for t in row.streamed] == _greedy(tiny, prompt, 10)
