@@ -31,6 +31,7 @@ BACKENDS = {
     BACKEND_NAME: "triton_backend.model",
     "apparate_e3": "triton_backend.e3_router",
     "apparate_e3_block": "triton_backend.e3_block",
+    "apparate_llm": "triton_backend.llm",
 }
 
 

@@ -1,0 +1,266 @@
+"""Request path of the ``apparate_llm`` backend: a causal LM served as a decoupled (streaming) Triton model, with
+per-token early exits (``early_exit.llm_decoding``) or, without exits, as the vanilla twin.
+
+The interface is that of Triton's vLLM backend: ``text_input`` (BYTES), optional ``stream`` (BOOL),
+``sampling_parameters`` (BYTES, JSON: ``max_tokens``; ``temperature`` must be 0, greedy decoding being the only mode)
+and ``exclude_input_in_output`` (BOOL); out come ``text_output`` (BYTES) and, per token, ``EXIT`` (INT32, the decoder
+layer that produced it; the number of layers = the final layer), ``CONFIDENCE`` (FP32, top-1 minus top-2
+probability) and ``TOKEN_IDS`` (INT64). With ``stream`` true every token is its own response (the last one carries
+the final flag); otherwise one response holds the whole text. Sampling parameters may also come as the request's
+parameters (the HTTP ``generate`` endpoint's ``"parameters"``).
+
+``execute`` only parses requests and hands them to one decoding thread, which steps every active request in turn,
+one pass each (so concurrent requests progress together, each with its own KV cache), checks each request for
+cancellation before every step (a cancelled request stops and frees its cache), and sends responses as tokens are
+decided. Parameters: see ``triton_backend.llm_setup``.
+
+Metrics: ``apparate_llm_tokens_total{model,exit}`` (tokens streamed per exit layer),
+``apparate_llm_exit_verdicts_total{model,verdict}`` (exited tokens the deep pass agreed or disagreed with),
+``apparate_config_version`` and ``apparate_config_rejections_total`` (hot-reloaded exit configurations).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from early_exit.exit_config import ExitConfig
+from early_exit.keys import RedisKeys
+from early_exit.llm_decoding import Decoder, DecodeStats, ExitPolicy, Row, Token
+from early_exit.redis_connection import redact, redis_client
+from triton_backend.config_watcher import ConfigWatcher
+from triton_backend.llm_setup import LLMSettings, RequestError, load_llm, max_tokens_of
+from triton_backend.stub import configure_logging, model_parameters, redis_target, share_cores
+
+LOGGER = logging.getLogger("triton_backend.llm")
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+@dataclass
+class _Job:
+    """One request being served."""
+
+    request: Any
+    sender: Any
+    row: Row
+    stream: bool
+    prefix: str
+    sent_chars: int = 0
+    counted: DecodeStats = field(default_factory=DecodeStats)
+
+
+def _input(request: Any, name: str) -> Any:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy().reshape(-1)[0]
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class TritonPythonModel:
+    """Triton entry points for one model instance."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        configure_logging(LOGGER)
+        model_config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(model_config):
+            raise pb_utils.TritonModelException(f"{args['model_name']}: apparate_llm needs "
+                                                "model_transaction_policy { decoupled: true }")
+        parameters = model_parameters(model_config)
+        share_cores(parameters)
+        self.name = args["model_name"]
+        try:
+            self.settings = LLMSettings.from_parameters(parameters)
+            version_dir = Path(args["model_repository"]) / args["model_version"]
+            model, self.tokenizer = load_llm(self.settings.model, version_dir)
+            self.decoder = Decoder(model, self.settings.policy)
+        except Exception as exc:
+            raise pb_utils.TritonModelException(f"{self.name}: cannot load: {exc!r}") from exc
+        self.num_layers = model.config.num_layers
+        self._policy = self.settings.policy
+        family = pb_utils.MetricFamily
+        labels = {"model": self.name}
+        self._families = [
+            family("apparate_llm_tokens_total", "Generated tokens per exit layer (last = final layer)", family.COUNTER),
+            family("apparate_llm_exit_verdicts_total", "Exited tokens the deep pass agreed or disagreed with",
+                   family.COUNTER),
+            family("apparate_config_version", "Exit configuration version in use", family.GAUGE),
+            family("apparate_config_rejections_total", "Exit configurations rejected as invalid or stale",
+                   family.COUNTER),
+        ]
+        tokens, verdicts, version, rejections = self._families
+        self._token_metrics = {layer: tokens.Metric(labels={**labels, "exit": str(layer)})
+                               for layer in range(1, self.num_layers + 1)}
+        self._verdict_metrics = {v: verdicts.Metric(labels={**labels, "verdict": v}) for v in ("agree", "disagree")}
+        self._version_metric = version.Metric(labels=labels)
+        self._rejection_metric = rejections.Metric(labels=labels)
+        self._version_metric.set(0)
+        self.watcher: ConfigWatcher | None = None
+        if self.settings.hot_reload:
+            url, prefix = redis_target(parameters)
+            client = redis_client(url, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=5)
+            initial = ExitConfig(self.name, 0, {layer - 1: t for layer, t in self.settings.exits.items()},
+                                 writer="parameters", written_at=0.0)
+            self.watcher = ConfigWatcher(
+                client, RedisKeys(self.name, prefix), self.num_layers - 1, initial,
+                poll_interval=float(parameters.get("config_poll_seconds", "1.0")),
+                before_swap=self._apply, on_applied=lambda c: self._version_metric.set(c.version),
+                on_rejected=lambda: self._rejection_metric.increment(1))
+            LOGGER.info("%s: exit thresholds follow Redis %s", self.name, redact(url))
+        self._incoming: queue.Queue[_Job] = queue.Queue()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"decode-{self.name}", daemon=True)
+        self._thread.start()
+        LOGGER.info("%s: %s, %d layers, exits %s, mode %s, at most %d exits in a row", self.name,
+                    self.settings.model, self.num_layers, self.settings.exits or "none (vanilla)",
+                    "faithful" if self.settings.faithful else "stream", self.settings.max_consecutive)
+
+    def _apply(self, config: ExitConfig) -> None:
+        """Build the policy of a new exit configuration (ConfigWatcher's before_swap: a bad one is rejected)."""
+        policy = ExitPolicy({ramp + 1: t for ramp, t in config.thresholds.items()}, self.settings.max_consecutive,
+                            self.settings.faithful)
+        policy.validate(self.num_layers)
+        self._policy = policy
+
+    # --- request intake ----------------------------------------------------------------------------------------
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self._incoming.put(self._job(request, sender))
+            except Exception as exc:  # a bad request fails alone, at once
+                message = str(exc) if isinstance(exc, (RequestError, ValueError)) else repr(exc)
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.name}: {message}")),
+                            flags=FINAL)
+        return None
+
+    def _job(self, request: Any, sender: Any) -> _Job:
+        prompt = _input(request, "text_input")
+        if prompt is None:
+            raise RequestError("text_input is required")
+        prompt = _text(prompt)
+        stream = bool(_input(request, "stream") or False)
+        exclude = _input(request, "exclude_input_in_output")
+        prepend = (not stream) if exclude is None else not bool(exclude)
+        if prepend and stream:
+            raise RequestError("when streaming, exclude_input_in_output must be true (or absent)")
+        sampling = _input(request, "sampling_parameters")
+        if sampling is None:
+            sampling = json.loads(request.parameters() or "{}")
+        max_tokens = max_tokens_of(sampling)
+        row = self.decoder.start(self.tokenizer.encode(prompt), max_tokens, self.tokenizer.eos_token_id)
+        return _Job(request, sender, row, stream, prompt if prepend else "")
+
+    # --- the decoding thread ------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        active: list[_Job] = []
+        while not self._stopping.is_set():
+            try:
+                if not active:
+                    active.append(self._incoming.get(timeout=0.1))
+                while True:
+                    active.append(self._incoming.get_nowait())
+            except queue.Empty:
+                pass
+            for job in list(active):
+                if not self._advance(job):
+                    active.remove(job)
+        for job in active + list(self._incoming.queue):  # unloading: nobody is left waiting
+            self._fail(job, "the model is being unloaded")
+
+    def _cancelled(self, job: _Job) -> bool:
+        with contextlib.suppress(Exception):
+            if job.request.is_cancelled():
+                return True
+        with contextlib.suppress(Exception):
+            return bool(job.sender.is_cancelled())
+        return False
+
+    def _advance(self, job: _Job) -> bool:
+        """One step of ``job``; returns whether it is still active."""
+        if self._cancelled(job):
+            LOGGER.info("%s: request cancelled after %d tokens; its cache is freed", self.name,
+                        len(job.row.streamed))
+            job.row.release()
+            job.row.finished = True
+            with contextlib.suppress(Exception):
+                job.sender.send(flags=FINAL)
+            return False
+        try:
+            tokens = self.decoder.step(job.row, self._policy)
+            self._count(job, tokens)
+            self._respond(job, tokens)
+        except Exception as exc:  # this request fails alone; the thread keeps serving the others
+            LOGGER.exception("%s: request failed", self.name)
+            job.row.release()
+            self._fail(job, f"generation failed: {exc!r}")
+            return False
+        if job.row.finished:
+            stats = job.row.stats
+            LOGGER.info("%s: %d tokens streamed, %d ramp exits taken; %d exits checked by the deep pass, %d agreed",
+                        self.name, len(job.row.streamed), stats.exited, stats.agreed + stats.disagreed, stats.agreed)
+        return not job.row.finished
+
+    def _fail(self, job: _Job, message: str) -> None:
+        with contextlib.suppress(Exception):
+            job.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.name}: {message}")),
+                            flags=FINAL)
+
+    def _count(self, job: _Job, tokens: list[Token]) -> None:
+        for token in tokens:
+            self._token_metrics[token.exit].increment(1)
+        stats, counted = job.row.stats, job.counted
+        if stats.agreed > counted.agreed:
+            self._verdict_metrics["agree"].increment(stats.agreed - counted.agreed)
+        if stats.disagreed > counted.disagreed:
+            self._verdict_metrics["disagree"].increment(stats.disagreed - counted.disagreed)
+        job.counted = DecodeStats(stats.exited, stats.agreed, stats.disagreed)
+
+    def _new_text(self, job: _Job, upto: int, final: bool) -> str:
+        """Text of the tokens streamed up to ``upto`` not sent yet (held back while it ends in half a character)."""
+        text = self.tokenizer.decode([t.id for t in job.row.streamed[:upto]])
+        if not final and text.endswith("\ufffd"):
+            return ""
+        delta, job.sent_chars = text[job.sent_chars:], len(text)
+        return delta
+
+    def _respond(self, job: _Job, tokens: list[Token]) -> None:
+        row = job.row
+        if job.stream:
+            first = len(row.streamed) - len(tokens)
+            for index, token in enumerate(tokens):
+                last = row.finished and index == len(tokens) - 1
+                text = self._new_text(job, first + index + 1, last)
+                job.sender.send(self._response(text, [token]), flags=FINAL if last else 0)
+            if row.finished and not tokens:
+                job.sender.send(flags=FINAL)
+        elif row.finished:
+            text = job.prefix + self.tokenizer.decode([t.id for t in row.streamed])
+            job.sender.send(self._response(text, row.streamed), flags=FINAL)
+
+    @staticmethod
+    def _response(text: str, tokens: list[Token]) -> Any:
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+            pb_utils.Tensor("EXIT", np.array([t.exit for t in tokens], dtype=np.int32)),
+            pb_utils.Tensor("CONFIDENCE", np.array([t.confidence for t in tokens], dtype=np.float32)),
+            pb_utils.Tensor("TOKEN_IDS", np.array([t.id for t in tokens], dtype=np.int64)),
+        ])
+
+    def finalize(self) -> None:
+        self._stopping.set()
+        self._thread.join(10.0)
+        if self.watcher is not None:
+            self.watcher.close()
