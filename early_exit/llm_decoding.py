@@ -155,8 +155,8 @@ class Decoder:
         """Advance ``row`` by one pass and return the tokens to stream now (none, one, or several verified drafts).
 
         ``policy`` overrides the decoder's for this step (a hot-reloaded configuration); ``faithful`` and
-        ``max_consecutive`` always come from it too. After the row finishes, parked positions are flushed once so
-        that their drafts are counted (``row.stats``); ``row.finished`` then stays true.
+        ``max_consecutive`` always come from it too. Once ``row.finished``, call ``settle`` (after the last token
+        went out: it is not on the stream's path).
         """
         policy = policy or self.policy
         if row.finished:
@@ -207,18 +207,19 @@ class Decoder:
         row.streamed += stream
         streamed = row.streamed
         if len(streamed) >= row.max_tokens or (streamed and streamed[-1].id == row.eos_token_id):
-            self._finish(row)
+            row.finished = True
         return stream
 
-    def _finish(self, row: Row) -> None:
-        """End ``row``: parked positions still run to the final layer once so their drafts are counted."""
-        if row.parked and row.cache is not None:
+    @torch.inference_mode()
+    def settle(self, row: Row) -> None:
+        """Free a finished (or abandoned) row; positions still parked first run to the final layer once, so every
+        exit that was streamed is checked against the original model (``row.stats``)."""
+        if row.finished and row.parked and row.cache is not None:
             for draft, original in self._pass(row, None, {}).verdicts:
                 if draft.id == original.id:
                     row.stats.agreed += 1
                 else:
                     row.stats.disagreed += 1
-        row.finished = True
         row.release()
 
     # --- one pass over the layers --------------------------------------------------------------------------------
@@ -280,4 +281,5 @@ class Decoder:
         row = self.start(prompt, max_tokens, eos_token_id)
         while not row.finished:
             self.step(row)
+        self.settle(row)
         return row

@@ -200,8 +200,10 @@ class TritonPythonModel:
             return False
         try:
             tokens = self.decoder.step(job.row, self._policy)
-            self._count(job, tokens)
             self._respond(job, tokens)
+            if job.row.finished:  # after the last token went out: the check of the last exits is off its path
+                self.decoder.settle(job.row)
+            self._count(job, tokens)
         except Exception as exc:  # this request fails alone; the thread keeps serving the others
             LOGGER.exception("%s: request failed", self.name)
             job.row.release()

@@ -167,3 +167,58 @@ def test_rows_are_independent(tiny: Llama) -> None:
             decoder.step(row)
     for prompt, row in zip(prompts, rows):
         assert [t.id for t in row.streamed] == _greedy(tiny, prompt, 10)
+
+
+# --- the backend's Triton-free parts (triton_backend.llm_setup) -----------------------------------------------------
+
+
+def test_sampling_parameters_accept_only_greedy_decoding() -> None:
+    from triton_backend.llm_setup import DEFAULT_MAX_TOKENS, RequestError, max_tokens_of
+
+    assert max_tokens_of(b'{"max_tokens": 5, "temperature": 0}') == 5
+    assert max_tokens_of({"max_tokens": 7}) == 7
+    assert max_tokens_of(None) == max_tokens_of("") == max_tokens_of("{}") == DEFAULT_MAX_TOKENS
+    for bad, message in [('{"temperature": 0.7}', "temperature must be 0"), ('{"n": 2}', "n must be 1"),
+                         ('{"max_tokens": 0}', "max_tokens"), ('{"max_tokens": "5"}', "max_tokens"),
+                         ("[1]", "JSON object"), ("{", "not JSON")]:
+        with pytest.raises(RequestError, match=message):
+            max_tokens_of(bad)
+
+
+def test_settings_from_parameters() -> None:
+    from triton_backend.llm_setup import LLMSettings
+
+    settings = LLMSettings.from_parameters({"model": "tiny:1", "exits": "1:0.5, 2:0", "mode": "faithful",
+                                            "max_consecutive_exits": "2"})
+    assert settings.policy == ExitPolicy({1: 0.5, 2: 0.0}, max_consecutive=2, faithful=True)
+    assert settings.hot_reload  # exits configured: follow Redis unless told otherwise
+    vanilla = LLMSettings.from_parameters({"model": "tiny:1"})
+    assert vanilla.policy.thresholds == {} and not vanilla.hot_reload and not vanilla.faithful
+    assert not LLMSettings.from_parameters({"model": "tiny:1", "exits": "1:0.5", "hot_reload": "false"}).hot_reload
+    for bad in ({}, {"model": "tiny:1", "exits": "1=0.5"}, {"model": "tiny:1", "mode": "fast"}):
+        with pytest.raises(ValueError):
+            LLMSettings.from_parameters(bad)
+
+
+def test_tiny_source_and_character_tokenizer(tiny: Llama) -> None:
+    from triton_backend.llm_setup import CharTokenizer, load_llm
+
+    model, tokenizer = load_llm("tiny:0")
+    assert model.config.vocab_size == CharTokenizer.vocab_size
+    for name, value in tiny.state_dict().items():  # same seed, same weights as the unit tests' model
+        assert torch.equal(model.state_dict()[name], value)
+    text = "Hello,\tworld!\n~"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert tokenizer.decode(tokenizer.encode("é")) == "?"
+    assert sorted(tokenizer.encode(tokenizer.decode(list(range(97))))) == list(range(97))
+
+
+def test_repository_entries(tmp_path) -> None:
+    from triton_backend.llm_setup import write_entries
+
+    names = write_entries(tmp_path, "lm", {"model": "tiny:0", "exits": "2:0.9", "mode": "faithful"})
+    assert names == ["lm", "lm_vanilla"]
+    early, vanilla = ((tmp_path / n / "config.pbtxt").read_text() for n in names)
+    for text in (early, vanilla):
+        assert 'backend: "apparate_llm"' in text and "decoupled: true" in text and (tmp_path / "lm" / "1").is_dir()
+    assert '"exits"' in early and '"exits"' not in vanilla and '"mode"' not in vanilla
