@@ -17,6 +17,11 @@ of them active, and only that one reads feedback, tunes and publishes, every wri
 stand by and take the lease when it lapses. A controller that takes over starts from what Redis holds (the stored
 configurations) and first claims every entry the consumer group delivered but nobody acknowledged: its old holder
 read them and died (or is fenced) before acknowledging, so no feedback is lost with it.
+
+Many Triton replicas serve one model under one configuration: their feedback shares the model's stream, each record
+naming its replica. The active controller logs each replica the first time it sees its feedback and, about once a
+second, writes a small status document per model (``RedisKeys.status``: holder, configuration version, window size,
+samples per replica, time written), so an operator sees whose feedback the thresholds are tuned on.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import logging
 import math
 import secrets
@@ -53,6 +59,7 @@ from early_exit.manifest import Manifest
 LOGGER = logging.getLogger(__name__)
 
 GROUP = "controller"
+STATUS_TTL_S = 60  # a status document outlives the last active controller that wrote it by this long
 
 
 @dataclass(frozen=True)
@@ -393,6 +400,7 @@ class ControllerService:
         third of it, and stands by (retrying as often) while another controller holds it; a lone controller takes
         it at once. A dead holder's successor takes over at most about four thirds of it later (the lapse, then one
         retry interval).
+    status_every: seconds between two status documents of a model (written by ``poll``, i.e. only while active).
     """
 
     def __init__(
@@ -404,6 +412,7 @@ class ControllerService:
         consumer: str | None = None,
         claim_idle: float = 30.0,
         lease_ttl: float | None = None,
+        status_every: float = 1.0,
     ) -> None:
         self.client = client
         self.settings = settings
@@ -416,6 +425,9 @@ class ControllerService:
         self._served: dict[str, int] = {}  # model name -> newest configuration version seen in its feedback
         self._recent = RecentRecords()
         self._last_claim = -math.inf
+        self.status_every = status_every
+        self._status_due: dict[str, float] = {}  # model name -> monotonic time its next status document is due
+        self._replicas: dict[str, dict[str, None]] = {}  # model name -> replicas seen in its feedback (ordered set)
         # The holder name is unique per process: two processes under one consumer name must not share a lease.
         self.lease = None if lease_ttl is None else Lease(client, RedisKeys.controller_lease(prefix),
                                                           f"{self.consumer}:{secrets.token_hex(4)}", lease_ttl)
@@ -445,6 +457,7 @@ class ControllerService:
             self.controllers[name] = ModelController(manifest, current, self.settings)
             self._streams[keys.feedback] = name
             self._served[name] = 0
+            self._replicas[name] = {}
             LOGGER.info("controlling %s (%d candidate ramps, config v%d)", name, len(manifest.ramps), current.version)
 
     def poll(self, block_ms: int = 200) -> int:
@@ -516,10 +529,40 @@ class ControllerService:
                 LOGGER.warning("%s: skipping feedback %s: %s", name, entry_id, exc)
                 continue
             self._served[name] = max(self._served[name], record.config_version)
+            if record.replica not in self._replicas[name]:
+                self._new_replica(name, record)
             self.controllers[name].observe(record)
         if entries:
             self.client.xack(stream, GROUP, *(entry_id for entry_id, _ in entries))
         return len(entries)
+
+    def _new_replica(self, name: str, record: FeedbackRecord) -> None:
+        seen = self._replicas[name]
+        seen[record.replica] = None
+        if len(seen) > 4096:  # replicas come and go (every new pod has a new name): remember the recent ones only
+            del seen[next(iter(seen))]
+        LOGGER.info("%s: feedback from replica %s (serving v%d), %d replicas seen", name,
+                    record.replica or "<unnamed: an older backend>", record.config_version, len(seen))
+
+    def _write_status(self, name: str, controller: ModelController) -> None:
+        """The model's status document, at most every ``status_every`` seconds: a single small ``SET``."""
+        now = time.monotonic()
+        if now < self._status_due.get(name, -math.inf):
+            return
+        self._status_due[name] = now + self.status_every
+        window = controller.window
+        status = {
+            "model": name,
+            "holder": self.lease.holder if self.lease is not None else self.consumer,
+            "epoch": self._active_epoch,
+            "config_version": controller.current.version,
+            "served_version": self._served[name],
+            "ramps": list(window.ramps or ()),
+            "window": len(window),
+            "replicas": window.replicas,
+            "updated_at": time.time(),
+        }
+        self.client.set(RedisKeys(name, self.prefix).status, json.dumps(status), ex=STATUS_TTL_S)
 
     def _step_models(self) -> None:
         for name, controller in self.controllers.items():
@@ -537,6 +580,7 @@ class ControllerService:
             config = controller.step()
             if config is not None:
                 self._publish(name, controller, config.thresholds, config.writer)
+            self._write_status(name, controller)
 
     def _publish(self, name: str, controller: ModelController, thresholds: dict[int, float], writer: str) -> None:
         """Write the next version (above the one in use and above any the backends were seen serving, so none goes
@@ -630,3 +674,5 @@ class ControllerService:
         self.controllers.clear()
         self._streams.clear()
         self._served.clear()
+        self._replicas.clear()
+        self._status_due.clear()

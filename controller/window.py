@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,7 +66,8 @@ class FeedbackWindow:
 
     Every record holds every active ramp's verdict for every sample (the batch runs to the end), so the window is an
     unbiased sample for *any* thresholds over those ramps. When the active set changes, older records lack the new
-    ramps and the window restarts.
+    ramps and the window restarts. It also counts the samples it holds per serving replica (``replicas``), so the
+    controller of many Triton replicas can tell whose feedback it tunes on.
     """
 
     def __init__(self, capacity: int = 2000) -> None:
@@ -77,6 +78,7 @@ class FeedbackWindow:
         self._records: deque[FeedbackRecord] = deque()
         self._samples = 0
         self._first = 0  # sequence number of the oldest sample held
+        self._replicas: Counter[str] = Counter()  # samples held per replica
         self.fresh = 0
 
     def add(self, record: FeedbackRecord) -> None:
@@ -85,17 +87,27 @@ class FeedbackWindow:
             self.ramps = record.ramps
         self._records.append(record)
         self._samples += record.batch_size
+        self._replicas[record.replica] += record.batch_size
         self.fresh += record.batch_size
         while self._records and self._samples - self._records[0].batch_size >= self.capacity:
-            dropped = self._records.popleft().batch_size
-            self._samples -= dropped
-            self._first += dropped
+            oldest = self._records.popleft()
+            self._samples -= oldest.batch_size
+            self._first += oldest.batch_size
+            self._replicas[oldest.replica] -= oldest.batch_size
+            if self._replicas[oldest.replica] <= 0:
+                del self._replicas[oldest.replica]
 
     def clear(self) -> None:
         self._records.clear()
         self._samples = 0
         self._first = 0
+        self._replicas.clear()
         self.fresh = 0
+
+    @property
+    def replicas(self) -> dict[str, int]:
+        """Samples held per serving replica (``""``: records of a backend that names none)."""
+        return dict(self._replicas)
 
     def __len__(self) -> int:
         return self._samples

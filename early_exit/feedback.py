@@ -7,6 +7,10 @@ really cost on the server, so the controller can compare the saving it models wi
 wall time, the part of it spent on early-exit work (ramps, early sends) that a vanilla model would not do, when each
 sample was answered, and how long the instance sat idle before the batch (its utilisation). Arrays travel as raw
 little-endian bytes (float32 confidences and times, int32 predictions, so token ids of a large vocabulary fit).
+
+Each record names the replica that served the batch (``replica``: the pod on Kubernetes, else host and process), so
+the controller of many Triton replicas can tell whose feedback its window holds. The field is optional on the wire:
+records of older backends, which lack it, decode with an empty replica, so adding it kept the schema version.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class FeedbackRecord:
         exit: int16 ``[batch]`` ramp id that answered, or the model's ``final_exit`` index.
         timing: what the batch cost on the server.
         timestamp: UNIX time the batch finished.
+        replica: the serving replica (``triton_backend.stub.replica_id``); ``""`` when unknown (an older backend).
     """
 
     model: str
@@ -64,6 +69,7 @@ class FeedbackRecord:
     exit: np.ndarray
     timing: BatchTiming
     timestamp: float = field(default_factory=time.time)
+    replica: str = ""
 
     @property
     def batch_size(self) -> int:
@@ -86,6 +92,7 @@ class FeedbackRecord:
             "idle_ms": self.timing.idle_ms,
             "answer_ms": np.ascontiguousarray(self.timing.answer_ms, dtype="<f4").tobytes(),
             "timestamp": self.timestamp,
+            "replica": self.replica,
         }
 
     @classmethod
@@ -113,6 +120,7 @@ class FeedbackRecord:
                     answer_ms=np.frombuffer(fields[b"answer_ms"], dtype="<f4").reshape(batch),
                 ),
                 timestamp=float(fields[b"timestamp"]),
+                replica=fields.get(b"replica", b"").decode(),
             )
         except FeedbackError:
             raise

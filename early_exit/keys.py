@@ -44,6 +44,12 @@ class RedisKeys:
         """Manifest registered by the backend, so the controller needs nothing but Redis."""
         return f"{self.prefix}:{self.model}:manifest"
 
+    @property
+    def status(self) -> str:
+        """The active controller's status document for this model (JSON: holder, configuration version, window size,
+        samples per replica, time written), rewritten about once a second while a controller is active."""
+        return f"{self.prefix}:{self.model}:status"
+
     @staticmethod
     def models(prefix: str = DEFAULT_PREFIX) -> str:
         """Set of model names that registered a manifest."""

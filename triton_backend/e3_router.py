@@ -44,7 +44,7 @@ from triton_backend.config_watcher import ConfigWatcher
 from triton_backend.feedback_publisher import FeedbackPublisher
 from triton_backend.metrics import BackendMetrics
 from triton_backend.responses import BatchAnswers
-from triton_backend.stub import configure_logging, model_parameters, redis_target
+from triton_backend.stub import configure_logging, model_parameters, redis_target, replica_id
 
 LOGGER = logging.getLogger("triton_backend.e3_router")
 
@@ -92,6 +92,7 @@ class TritonPythonModel:
         configure_logging(LOGGER)
         parameters = model_parameters(json.loads(args["model_config"]))
         self.name = args["model_name"]
+        self.replica = replica_id()
         version_dir = Path(args["model_repository"]) / args["model_version"]
         try:
             self.plan = E3Plan.from_json((version_dir / PLAN_FILE).read_text(encoding="utf-8"))
@@ -235,6 +236,7 @@ class TritonPythonModel:
                                                                                 dtype=np.int16),
                 # A router has no batch: these timings describe answers only; E3 entries are never judged on them.
                 BatchTiming(float(times.max()), 0.0, 0.0, times),
+                replica=self.replica,
             ))
 
     def finalize(self) -> None:

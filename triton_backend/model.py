@@ -30,7 +30,7 @@ from triton_backend.config_watcher import ConfigWatcher
 from triton_backend.feedback_publisher import FeedbackPublisher
 from triton_backend.metrics import BackendMetrics
 from triton_backend.responses import BatchAnswers
-from triton_backend.stub import configure_logging, model_device, model_parameters, redis_target, share_cores
+from triton_backend.stub import configure_logging, model_device, model_parameters, redis_target, replica_id, share_cores
 
 LOGGER = logging.getLogger("triton_backend")
 
@@ -49,6 +49,7 @@ class TritonPythonModel:
         parameters = model_parameters(json.loads(args["model_config"]))
         share_cores(parameters)
         self.name = args["model_name"]
+        self.replica = replica_id()
         device = model_device(args)
         version_dir = Path(args["model_repository"]) / args["model_version"]
         try:
@@ -116,7 +117,7 @@ class TritonPythonModel:
             overhead_ms += 1000.0 * (now - recorded)
             timing = BatchTiming(1000.0 * (now - started), overhead_ms, idle_ms, batch.answer_ms)
             self.publisher.offer(FeedbackRecord(self.name, config.version, config.active_ramps, confidence, prediction,
-                                                final.prediction, batch.exit, timing))
+                                                final.prediction, batch.exit, timing, replica=self.replica))
         self._last_end = time.perf_counter()
         return None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from typing import Any
 
@@ -15,6 +16,9 @@ import torch
 
 from early_exit.keys import DEFAULT_PREFIX
 from early_exit.redis_connection import DEFAULT_REDIS_URL, REDIS_PREFIX_ENV, REDIS_URL_ENV
+
+#: Names this Triton replica in its feedback records (Kubernetes sets it to the pod name).
+REPLICA_ID_ENV = "APPARATE_REPLICA_ID"
 
 
 def configure_logging(logger: logging.Logger) -> None:
@@ -54,3 +58,10 @@ def redis_target(parameters: dict[str, str]) -> tuple[str, str]:
     url = os.environ.get(REDIS_URL_ENV) or parameters.get("redis_url") or DEFAULT_REDIS_URL
     prefix = os.environ.get(REDIS_PREFIX_ENV) or parameters.get("redis_prefix") or DEFAULT_PREFIX
     return url, prefix
+
+
+def replica_id() -> str:
+    """The replica this model instance serves in, as its feedback records name it: ``APPARATE_REPLICA_ID`` when set
+    (the pod name on Kubernetes, shared by the pod's model instances), else ``<host name>:<process id>``, which is
+    unique per model instance because Triton runs every instance of a Python model in its own stub process."""
+    return os.environ.get(REPLICA_ID_ENV) or f"{socket.gethostname()}:{os.getpid()}"

@@ -109,10 +109,12 @@ def start_redis(port: int, log_dir: Path, detach: bool = False) -> Process:
 
 
 def start_triton(repository: Path, ports: ServerPorts, redis_url: str, log_dir: Path, models: list[str] | None = None,
-                 detach: bool = False, timeout: float = 120) -> Process:
+                 detach: bool = False, timeout: float = 120, env: dict[str, str] | None = None) -> Process:
+    """Start ``tritonserver`` and wait until it is ready; ``env`` adds to its environment (several replicas against
+    one Redis: ``APPARATE_REPLICA_ID``, each in its own ``log_dir``)."""
     backends = assemble_backends(ROOT / "build" / "triton" / "backends")
     command = server_command(repository.resolve(), backends.resolve(), ports, models)
-    process = _spawn("triton", command, log_dir, env=server_environment(redis_url), detach=detach)
+    process = _spawn("triton", command, log_dir, env={**server_environment(redis_url), **(env or {})}, detach=detach)
 
     def ready() -> bool:
         with urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v2/health/ready", timeout=1) as response:

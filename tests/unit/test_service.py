@@ -1,10 +1,13 @@
 """ModelController: tuning from feedback, the accuracy guard, measured savings, switching exits off and back on."""
 
+import json
+import logging
 import time
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import pytest
 import redis
 
 from controller.config_store import read_config
@@ -26,7 +29,8 @@ def _manifest() -> Manifest:
 
 
 def _records(version: int, n: int, ramp_right: bool, seed: int = 0, ramps: tuple[int, ...] = (0,),
-             exit_value: int = 2, answer_ms: float = 12.0, overhead_ms: float = 0.1) -> list[FeedbackRecord]:
+             exit_value: int = 2, answer_ms: float = 12.0, overhead_ms: float = 0.1,
+             replica: str = "") -> list[FeedbackRecord]:
     """Batches of 8 taking 12 ms, answered at ``answer_ms``, 12 ms idle in between (50 % busy)."""
     rng = np.random.default_rng(seed)
     records = []
@@ -35,7 +39,7 @@ def _records(version: int, n: int, ramp_right: bool, seed: int = 0, ramps: tuple
         prediction = np.stack([final if ramp_right else (final + 1) % 10] * len(ramps))
         timing = BatchTiming(12.0, overhead_ms, 12.0, np.full(8, answer_ms))
         records.append(FeedbackRecord("m", version, ramps, np.full((len(ramps), 8), 0.97, np.float32), prediction,
-                                      final, np.full(8, exit_value), timing))
+                                      final, np.full(8, exit_value), timing, replica=replica))
     return records
 
 
@@ -351,3 +355,50 @@ def test_falling_short_on_a_small_window_never_closes_every_exit() -> None:
     assert not controller.guard.breached(238, 240)
     assert _feed(controller, records) is None
     assert controller.current.thresholds == {0: 0.5}
+
+
+def test_the_window_counts_its_samples_per_replica() -> None:
+    controller = _controller()  # window of 400 samples
+    for record in _records(1, 400, ramp_right=True, replica="triton-a"):
+        controller.observe(record)
+    assert controller.window.replicas == {"triton-a": 400}
+    for record in _records(1, 160, ramp_right=True, replica="triton-b"):
+        controller.observe(record)
+    assert controller.window.replicas == {"triton-a": 240, "triton-b": 160}  # the oldest of a's samples left
+    for record in _records(1, 400, ramp_right=True, replica="triton-b"):
+        controller.observe(record)
+    assert controller.window.replicas == {"triton-b": 400}  # a replica whose samples all left is gone
+    controller.observe(_records(1, 8, ramp_right=True, ramps=(1,), replica="triton-a")[0])  # other ramps: restart
+    assert controller.window.replicas == {"triton-a": 8}
+
+
+def test_the_active_controller_reports_whose_feedback_its_window_holds(client: redis.Redis,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    keys = _register(client, _manifest())
+    service = _service(client, consumer="c", lease_ttl=5.0, status_every=0.0)
+    assert service.lease is not None and service.lease.acquire_or_renew()
+    _send(client, keys, _records(1, 96, ramp_right=True, replica="triton-a", seed=1))
+    _send(client, keys, _records(1, 64, ramp_right=True, replica="triton-b", seed=2))
+    _send(client, keys, _records(1, 32, ramp_right=True, replica="", seed=3))  # an older backend
+    with caplog.at_level(logging.INFO, logger="controller.service"):
+        service.poll(block_ms=10)
+        _send(client, keys, _records(1, 32, ramp_right=True, replica="triton-a", seed=4))
+        service.poll(block_ms=10)
+    status = json.loads(client.get(keys.status))
+    assert status["holder"] == service.lease.holder and status["model"] == "m"
+    assert status["replicas"] == {"triton-a": 128, "triton-b": 64, "": 32} and status["window"] == 224
+    assert status["config_version"] == service.controllers["m"].current.version
+    assert abs(status["updated_at"] - time.time()) < 60 and 0 < client.ttl(keys.status) <= 60
+    first_seen = [r.getMessage() for r in caplog.records if "feedback from replica" in r.getMessage()]
+    assert len(first_seen) == 3 and sum("triton-a" in m for m in first_seen) == 1  # once each, when new
+
+
+def test_the_status_document_is_rewritten_at_most_every_status_every_seconds(client: redis.Redis) -> None:
+    keys = _register(client, _manifest())
+    service = _service(client, status_every=30.0)
+    service.poll(block_ms=1)
+    written = json.loads(client.get(keys.status))
+    assert written["holder"] == service.consumer and written["window"] == 0 and written["replicas"] == {}
+    _send(client, keys, _records(1, 16, ramp_right=True, replica="triton-a"))
+    service.poll(block_ms=10)
+    assert json.loads(client.get(keys.status)) == written  # not due yet: one SET per model and interval
