@@ -5,7 +5,8 @@ Requests alternate between the replicas' gRPC ports. The active controller's sta
 samples in its window; a configuration written with ``publish_config`` runs on both replicas within 100 ms (from
 before the write until both metrics endpoints report its version); the active controller is killed with SIGKILL
 mid-traffic, the stand-by takes over within the lease time, versions only go up, and every feedback record either
-replica published is read and acknowledged.
+replica published is read and acknowledged. Then one replica is killed with SIGKILL: the other keeps serving and the
+controller keeps tuning on its feedback.
 """
 
 from __future__ import annotations
@@ -308,6 +309,19 @@ def test_two_replicas_run_one_configuration_and_survive_a_controller_failover(
             assert replica.versions == sorted(replica.versions), replica.versions
         _eventually(lambda: all(r.version() == read_config(client, keys).version for r in replicas), 10,
                     "both replicas running the stored configuration", logs)
+
+        # A replica dies (kill -9: a lost node); clients reach the other one (a Service stops routing to the dead
+        # pod). It keeps serving, and the controller keeps tuning on its feedback alone: loose thresholds published
+        # now are tightened by the controller again.
+        os.kill(replicas[0].process.popen.pid, signal.SIGKILL)
+        replicas[0].process.popen.wait(10)
+        survivor = replicas[1]
+        with Traffic([survivor], test_images) as traffic:
+            loose = _publish_and_time(client, [survivor], dict.fromkeys(ramps, LOOSE), "loose thresholds, one left")
+            _eventually(lambda: versions[-1] > loose, 60, "the controller tuning on the surviving replica", logs)
+            retuned = read_config(client, keys)
+            assert retuned is not None and retuned.writer.startswith("controller@")
+        assert not traffic.errors and traffic.answered[0] > 0, (traffic.errors[:5], traffic.answered)
         assert second.popen.poll() is None
     finally:
         listener.stop()
