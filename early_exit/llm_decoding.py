@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from early_exit.exit_rule import exits_at
-from model_zoo.llama import KVCache, Llama
+from model_zoo.llama import KVCache, Llama, _rotate_half
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,29 @@ class _Outcome:
     exited: bool
 
 
+@dataclass
+class _Chunk:
+    """A row's positions within one pass: hidden states ``x`` (``[positions, hidden]``; None until its first
+    position joins), parked positions yet to join, those that joined, whether a new position leads it."""
+
+    row: Row
+    x: torch.Tensor | None
+    remaining: list[_Parked]
+    joined: list[_Parked]
+    new: bool
+    thresholds: dict[int, float]
+
+    def join(self, index: int) -> None:
+        """Before layer ``index`` (0-based): parked positions that ran ``index`` layers join, in front."""
+        joining = []
+        while self.remaining and self.remaining[-1].depth <= index:
+            joining.insert(0, self.remaining.pop())
+        if joining:
+            states = torch.stack([p.hidden for p in joining])
+            self.x = states if self.x is None else torch.cat((states, self.x))
+            self.joined = joining + self.joined
+
+
 def _confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Argmax and top-1 minus top-2 probability over the last dimension."""
     top = torch.softmax(logits.float(), dim=-1).topk(2, dim=-1)
@@ -150,7 +173,6 @@ class Decoder:
 
     # --- the request-level loop ----------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def step(self, row: Row, policy: ExitPolicy | None = None) -> list[Token]:
         """Advance ``row`` by one pass and return the tokens to stream now (none, one, or several verified drafts).
 
@@ -158,19 +180,31 @@ class Decoder:
         ``max_consecutive`` always come from it too. Once ``row.finished``, call ``settle`` (after the last token
         went out: it is not on the stream's path).
         """
+        return self.step_many([row], policy)[0]
+
+    @torch.inference_mode()
+    def step_many(self, rows: list[Row], policy: ExitPolicy | None = None) -> list[list[Token]]:
+        """``step`` for several rows at once (continuous batching): one pass in which the rows' tokens share every
+        matrix multiplication (projections, MLP, LM head), attention running per row on its own cache. A row joins
+        with its prompt (prefill), its next token, or only its parked drafts (a faithful flush); a row leaves the pass
+        at the layer where it exits. Returns each row's tokens to stream, in order."""
         policy = policy or self.policy
-        if row.finished:
-            return []
-        if row.cache is None:  # prefill: the whole prompt, full depth
-            row.cache = self.model.new_cache()
-            out = self._pass(row, row.prompt, {})
-            return self._accept(row, out, policy)
-        drafts = [p.draft for p in row.parked] if policy.faithful else []  # held back, not streamed yet
-        if drafts and (len(row.streamed) + len(drafts) >= row.max_tokens or drafts[-1].id == row.eos_token_id):
-            return self._accept(row, self._pass(row, None, {}), policy)  # verify the drafts before going on
-        allowed = policy.thresholds if row.consecutive < policy.max_consecutive else {}
-        out = self._pass(row, [row.next_input], allowed)
-        return self._accept(row, out, policy)
+        work: list[tuple[Row, list[int] | None, dict[int, float]]] = []
+        for row in rows:
+            if row.finished:
+                continue
+            if row.cache is None:  # prefill: the whole prompt, full depth
+                row.cache = self.model.new_cache()
+                work.append((row, row.prompt, {}))
+                continue
+            drafts = [p.draft for p in row.parked] if policy.faithful else []  # held back, not streamed yet
+            if drafts and (len(row.streamed) + len(drafts) >= row.max_tokens or drafts[-1].id == row.eos_token_id):
+                work.append((row, None, {}))  # verify the drafts before going on
+                continue
+            work.append((row, [row.next_input], policy.thresholds if row.consecutive < policy.max_consecutive else {}))
+        outcomes = self._pass_many(work) if work else []
+        streamed = {id(row): self._accept(row, out, policy) for (row, _, _), out in zip(work, outcomes)}
+        return [streamed.get(id(row), []) for row in rows]
 
     def _accept(self, row: Row, out: _Outcome, policy: ExitPolicy) -> list[Token]:
         """Apply one pass's outcome to ``row``; returns what to stream now."""
@@ -238,41 +272,99 @@ class Decoder:
                 cache.values[layer] = cache.values[layer][:, :, :length]
 
     def _pass(self, row: Row, new_ids: list[int] | None, thresholds: dict[int, float]) -> _Outcome:
-        """Run ``new_ids`` (None: no new position, a flush) through the layers, taking parked positions along from
-        the layer after their depth; stop at the first ramp of ``thresholds`` that the last position clears."""
+        return self._pass_many([(row, new_ids, thresholds)])[0]
+
+    def _pass_many(self, work: list[tuple[Row, list[int] | None, dict[int, float]]]) -> list[_Outcome]:
+        """Run each row's ``new_ids`` (None: no new position, a flush) through the layers, taking its parked positions
+        along from the layer after their depth; a row stops at the first ramp of its thresholds that its last
+        position clears."""
         model = self.model
         device = model.embed_tokens.weight.device
-        x = None if new_ids is None else model.embed_tokens(torch.tensor([new_ids], device=device))
-        remaining = list(row.parked)
-        joined: list[_Parked] = []
+        chunks = [_Chunk(row, None if ids is None else model.embed_tokens(torch.tensor(ids, device=device)),
+                         list(row.parked), [], ids is not None, thresholds) for row, ids, thresholds in work]
+        outcomes: list[_Outcome | None] = [None] * len(chunks)
         for index, layer in enumerate(model.layers):
-            joining = []
-            while remaining and remaining[-1].depth <= index:
-                joining.insert(0, remaining.pop())
-            if joining:
-                states = torch.stack([p.hidden for p in joining])[None]
-                x = states if x is None else torch.cat((states, x), dim=1)
-                joined = joining + joined
-            if x is None:
+            live = []
+            for k, chunk in enumerate(chunks):
+                if outcomes[k] is not None:
+                    continue
+                chunk.join(index)
+                if chunk.x is not None:
+                    live.append(k)
+            if not live:
                 continue
-            start = self._cache_length(row, index)
-            cos, sin = model._rope(start, x.shape[1], device)
-            x = layer(x, cos, sin, row.cache, index)
+            self._layer(layer, index, [chunks[k] for k in live])
             depth = index + 1
-            if new_ids is not None and depth in thresholds and depth < self.num_layers:
-                token_id, confidence = _confidence(model.exit_logits(x[0, -1]))
-                if bool(exits_at(np.float32(confidence.item()), thresholds[depth])):
-                    draft = Token(int(token_id), depth, float(confidence))
-                    positions = x.shape[1]
-                    drafts = [p.draft for p in joined] + [draft]
-                    row.parked = remaining + [_Parked(x[0, j], depth, drafts[j]) for j in range(positions)]
-                    return _Outcome([], draft, True)
-        row.parked = []
-        token_ids, confidence = _confidence(model.exit_logits(x[0]))
-        originals = [Token(int(t), self.num_layers, float(c)) for t, c in zip(token_ids, confidence)]
-        verdicts = [(p.draft, originals[j]) for j, p in enumerate(joined)]
-        token = originals[-1] if new_ids is not None else None
-        return _Outcome(verdicts, token, False)
+            asking = [k for k in live if chunks[k].new and depth in chunks[k].thresholds and depth < self.num_layers]
+            if not asking:
+                continue
+            token_ids, confidence = _confidence(model.exit_logits(torch.stack([chunks[k].x[-1] for k in asking])))
+            for j, k in enumerate(asking):
+                chunk = chunks[k]
+                if bool(exits_at(np.float32(confidence[j].item()), chunk.thresholds[depth])):
+                    draft = Token(int(token_ids[j]), depth, float(confidence[j]))
+                    drafts = [p.draft for p in chunk.joined] + [draft]
+                    chunk.row.parked = chunk.remaining + [_Parked(chunk.x[i], depth, drafts[i])
+                                                          for i in range(chunk.x.shape[0])]
+                    outcomes[k] = _Outcome([], draft, True)
+        self._run_out(chunks, outcomes)
+        return [out if out is not None else _Outcome([], None, False) for out in outcomes]
+
+    def _run_out(self, chunks: list[_Chunk], outcomes: list[_Outcome | None]) -> None:
+        """The final layer's tokens for every chunk that did not exit: the original model's verdict on each joined
+        draft and the new position's token."""
+        deep = [k for k, out in enumerate(outcomes) if out is None and chunks[k].x is not None]
+        if not deep:
+            return
+        token_ids, confidence = _confidence(self.model.exit_logits(torch.cat([chunks[k].x for k in deep])))
+        offset = 0
+        for k in deep:
+            chunk = chunks[k]
+            size = chunk.x.shape[0]
+            originals = [Token(int(t), self.num_layers, float(c))
+                         for t, c in zip(token_ids[offset:offset + size], confidence[offset:offset + size])]
+            offset += size
+            chunk.row.parked = []
+            verdicts = [(p.draft, originals[j]) for j, p in enumerate(chunk.joined)]
+            outcomes[k] = _Outcome(verdicts, originals[-1] if chunk.new else None, False)
+
+    def _layer(self, layer: torch.nn.Module, index: int, chunks: list[_Chunk]) -> None:
+        """Decoder layer ``index`` on every chunk: the rows' positions packed into one sequence for the norms,
+        projections and MLP; rotary embedding, KV cache and attention per row (``model_zoo.llama.Attention``'s
+        arithmetic, on each row's own cache and positions)."""
+        model = self.model
+        attn = layer.self_attn
+        heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        sizes = [chunk.x.shape[0] for chunk in chunks]
+        x = torch.cat([chunk.x for chunk in chunks])[None]  # [1, positions, hidden]
+        h = layer.input_layernorm(x)
+        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        outputs, offset = [], 0
+        for chunk, n in zip(chunks, sizes):
+            part = slice(offset, offset + n)
+            offset += n
+            qr = q[:, part].view(1, n, heads, head_dim).transpose(1, 2)
+            kr = k[:, part].view(1, n, kv_heads, head_dim).transpose(1, 2)
+            vr = v[:, part].view(1, n, kv_heads, head_dim).transpose(1, 2)
+            past = self._cache_length(chunk.row, index)
+            cos, sin = model._rope(past, n, x.device)
+            qr = qr * cos + _rotate_half(qr) * sin
+            kr = kr * cos + _rotate_half(kr) * sin
+            kr, vr = chunk.row.cache.update(index, kr, vr)
+            kr = kr.repeat_interleave(heads // kv_heads, dim=1)
+            vr = vr.repeat_interleave(heads // kv_heads, dim=1)
+            mask = None
+            if n > 1:
+                mask = torch.arange(kr.shape[2], device=x.device)[None, :] <= torch.arange(past, past + n,
+                                                                                           device=x.device)[:, None]
+            out = torch.nn.functional.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask)
+            outputs.append(out.transpose(1, 2).reshape(1, n, heads * head_dim))
+        x = x + attn.o_proj(torch.cat(outputs, dim=1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        offset = 0
+        for chunk, n in zip(chunks, sizes):
+            chunk.x = x[0, offset:offset + n]
+            offset += n
 
     # --- whole sequences (tests, tools) ---------------------------------------------------------------------------
 

@@ -9,10 +9,11 @@ probability) and ``TOKEN_IDS`` (INT64). With ``stream`` true every token is its 
 the final flag); otherwise one response holds the whole text. Sampling parameters may also come as the request's
 parameters (the HTTP ``generate`` endpoint's ``"parameters"``).
 
-``execute`` only parses requests and hands them to one decoding thread, which steps every active request in turn,
-one pass each (so concurrent requests progress together, each with its own KV cache), checks each request for
-cancellation before every step (a cancelled request stops and frees its cache), and sends responses as tokens are
-decided. Parameters: see ``triton_backend.llm_setup``.
+``execute`` only parses requests and hands them to one decoding thread. It batches continuously: every pass takes
+one step of each active request (up to parameter ``max_rows``, default 8; later ones wait), their tokens sharing the
+matrix multiplications while each request keeps its own KV cache (``Decoder.step_many``); new requests join at the
+next pass, finished ones leave. Before every pass each request is checked for cancellation (a cancelled request stops
+and frees its cache). Responses go out as tokens are decided. Parameters: see ``triton_backend.llm_setup``.
 
 Metrics: ``apparate_llm_tokens_total{model,exit}`` (tokens streamed per exit layer),
 ``apparate_llm_exit_verdicts_total{model,verdict}`` (exited tokens the deep pass agreed or disagreed with),
@@ -87,6 +88,7 @@ class TritonPythonModel:
         except Exception as exc:
             raise pb_utils.TritonModelException(f"{self.name}: cannot load: {exc!r}") from exc
         self.num_layers = model.config.num_layers
+        self.max_rows = max(1, int(parameters.get("max_rows", "8") or 8))
         self._policy = self.settings.policy
         family = pb_utils.MetricFamily
         labels = {"model": self.name}
@@ -170,50 +172,61 @@ class TritonPythonModel:
             try:
                 if not active:
                     active.append(self._incoming.get(timeout=0.1))
-                while True:
+                while len(active) < self.max_rows:
                     active.append(self._incoming.get_nowait())
             except queue.Empty:
                 pass
-            for job in list(active):
-                if not self._advance(job):
-                    active.remove(job)
+            active = [job for job in active if not self._cancel_if_asked(job)]
+            if active:
+                active = self._advance(active)
         for job in active + list(self._incoming.queue):  # unloading: nobody is left waiting
             self._fail(job, "the model is being unloaded")
 
-    def _cancelled(self, job: _Job) -> bool:
+    def _cancel_if_asked(self, job: _Job) -> bool:
+        cancelled = False
         with contextlib.suppress(Exception):
-            if job.request.is_cancelled():
-                return True
-        with contextlib.suppress(Exception):
-            return bool(job.sender.is_cancelled())
-        return False
-
-    def _advance(self, job: _Job) -> bool:
-        """One step of ``job``; returns whether it is still active."""
-        if self._cancelled(job):
+            cancelled = bool(job.request.is_cancelled())
+        if not cancelled:
+            with contextlib.suppress(Exception):
+                cancelled = bool(job.sender.is_cancelled())
+        if cancelled:
             LOGGER.info("%s: request cancelled after %d tokens; its cache is freed", self.name,
                         len(job.row.streamed))
             job.row.release()
             job.row.finished = True
             with contextlib.suppress(Exception):
                 job.sender.send(flags=FINAL)
-            return False
+        return cancelled
+
+    def _advance(self, jobs: list[_Job]) -> list[_Job]:
+        """One pass over every active request (continuous batching); returns those still active."""
         try:
-            tokens = self.decoder.step(job.row, self._policy)
-            self._respond(job, tokens)
-            if job.row.finished:  # after the last token went out: the check of the last exits is off its path
-                self.decoder.settle(job.row)
-            self._count(job, tokens)
-        except Exception as exc:  # this request fails alone; the thread keeps serving the others
-            LOGGER.exception("%s: request failed", self.name)
-            job.row.release()
-            self._fail(job, f"generation failed: {exc!r}")
-            return False
-        if job.row.finished:
+            results = self.decoder.step_many([job.row for job in jobs], self._policy)
+        except Exception as exc:  # the pass broke mid-way: its rows' caches are unusable, fail them, keep serving
+            LOGGER.exception("%s: a pass over %d requests failed", self.name, len(jobs))
+            for job in jobs:
+                job.row.release()
+                self._fail(job, f"generation failed: {exc!r}")
+            return []
+        still = []
+        for job, tokens in zip(jobs, results):
+            try:
+                self._respond(job, tokens)
+                if job.row.finished:  # after the last token went out: the check of the last exits is off its path
+                    self.decoder.settle(job.row)
+                self._count(job, tokens)
+            except Exception as exc:  # this request fails alone
+                LOGGER.exception("%s: request failed", self.name)
+                job.row.release()
+                self._fail(job, f"generation failed: {exc!r}")
+                continue
+            if not job.row.finished:
+                still.append(job)
+                continue
             stats = job.row.stats
             LOGGER.info("%s: %d tokens streamed, %d ramp exits taken; %d exits checked by the deep pass, %d agreed",
                         self.name, len(job.row.streamed), stats.exited, stats.agreed + stats.disagreed, stats.agreed)
-        return not job.row.finished
+        return still
 
     def _fail(self, job: _Job, message: str) -> None:
         with contextlib.suppress(Exception):

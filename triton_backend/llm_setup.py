@@ -14,6 +14,7 @@ Parameters of an entry (``config.pbtxt``, all strings):
   ``faithful`` (exited tokens are verified by the deep pass before they are streamed).
 - ``hot_reload``: ``true``/``false``, follow the exit configuration in Redis (``early_exit.exit_config``, ramp id =
   layer - 1); default true when ``exits`` is set.
+- ``max_rows``: requests decoded together in one pass (continuous batching; default 8, later requests wait).
 - ``threads``: torch threads of the instance on a CPU (0: torch's default).
 """
 

@@ -222,3 +222,32 @@ def test_repository_entries(tmp_path) -> None:
     for text in (early, vanilla):
         assert 'backend: "apparate_llm"' in text and "decoupled: true" in text and (tmp_path / "lm" / "1").is_dir()
     assert '"exits"' in early and '"exits"' not in vanilla and '"mode"' not in vanilla
+
+
+@pytest.mark.parametrize("faithful", [False, True])
+def test_continuous_batching_equals_rows_alone(tiny: Llama, faithful: bool) -> None:
+    """Rows stepped together (joining at different times, so prefills, single tokens, parked chunks and flushes of
+    different lengths share passes) give each row what it gets alone: tokens, exit layers, agreement counts."""
+    decoder = Decoder(tiny, ExitPolicy({1: 0.3, 2: 0.0}, max_consecutive=3, faithful=faithful))
+    generator = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 97, (length,), generator=generator).tolist() for length in (3, 9, 5, 1, 7)]
+    budgets = [14, 6, 20, 11, 9]
+    alone = [decoder.generate(p, m) for p, m in zip(prompts, budgets)]
+    rows, step = [], 0
+    while len(rows) < len(prompts) or not all(row.finished for row in rows):
+        if step % 2 == 0 and len(rows) < len(prompts):  # a new request arrives every other step
+            rows.append(decoder.start(prompts[len(rows)], budgets[len(rows)]))
+        decoder.step_many(rows)
+        for row in rows:
+            if row.finished:
+                decoder.settle(row)
+        step += 1
+    for single, batched in zip(alone, rows):
+        assert [(t.id, t.exit) for t in batched.streamed] == [(t.id, t.exit) for t in single.streamed]
+        for a, b in zip(batched.streamed, single.streamed):
+            assert a.confidence == pytest.approx(b.confidence, abs=1e-5)
+        assert batched.stats == single.stats
+        assert batched.cache is None
+    if faithful:
+        for prompt, budget, row in zip(prompts, budgets, rows):
+            assert [t.id for t in row.streamed] == _greedy(tiny, prompt, budget)
