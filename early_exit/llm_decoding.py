@@ -20,11 +20,22 @@ as drafter): the first draft that disagrees is replaced by the original model's 
 it is rolled back, so the stream is greedy decoding of the original model (up to floating-point differences between
 running a position alone or within a chunk).
 
+**Observations (label-free feedback).** With ``Decoder(observe=p)`` an exit-eligible token (one decoded with the
+policy's thresholds in force, i.e. not the prompt's first token nor one forced to full depth by ``max_consecutive``)
+is sampled with probability ``p``, independently of its confidences. A sampled token records the confidence and
+token of *every* active ramp: the ramps up to its exit are evaluated anyway (that is how it exits); a ramp deeper
+than its exit is evaluated when the parked position passes that layer in a later pass (one more LM-head row there,
+the only extra cost; none with a single active ramp). When the position reaches the final layer, the original
+model's token completes the observation (``Row.observations``). Because every sampled token carries every active
+ramp, the sample is unbiased for any thresholds over those ramps. In faithful mode, drafts rolled back after a
+wrong draft are never streamed and their observations are dropped with them.
+
 Nothing here knows about Triton: ``triton_backend.llm`` drives one ``Row`` per request.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,11 +54,13 @@ class ExitPolicy:
             empty: the vanilla model.
         max_consecutive: exits allowed in a row before a token must run to the final layer.
         faithful: hold exited tokens until the original model confirms them (the stream equals greedy decoding).
+        version: the exit configuration it comes from (carried into observations).
     """
 
     thresholds: dict[int, float] = field(default_factory=dict)
     max_consecutive: int = 3
     faithful: bool = False
+    version: int = 0
 
     def validate(self, num_layers: int) -> None:
         bad = [layer for layer in self.thresholds if not 1 <= layer < num_layers]
@@ -68,12 +81,31 @@ class Token:
 
 
 @dataclass
+class Observation:
+    """One sampled token: confidence and token of every active ramp (decoder layers ``ramps``, ascending) where the
+    token passed that layer, the layer that produced it (``exit``; num_layers = final) and the original model's token
+    (``final``), under exit configuration ``version``."""
+
+    ramps: tuple[int, ...]
+    version: int
+    exit: int = 0
+    confidence: dict[int, float] = field(default_factory=dict)
+    prediction: dict[int, int] = field(default_factory=dict)
+    final: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.final is not None and all(layer in self.confidence for layer in self.ramps)
+
+
+@dataclass
 class _Parked:
-    """A position that ran ``depth`` layers: its hidden state and the token it exited with."""
+    """A position that ran ``depth`` layers: its hidden state, the token it exited with and its observation."""
 
     hidden: torch.Tensor  # [hidden]
     depth: int
     draft: Token
+    observation: Observation | None = None
 
 
 @dataclass
@@ -99,6 +131,7 @@ class Row:
     consecutive: int = 0
     stats: DecodeStats = field(default_factory=DecodeStats)
     finished: bool = False
+    observations: list[Observation] = field(default_factory=list)  # complete ones, for the caller to take
 
     def release(self) -> None:
         """Free the KV cache and parked states."""
@@ -114,6 +147,7 @@ class _Outcome:
     verdicts: list[tuple[Token, Token]]
     token: Token | None
     exited: bool
+    observed: list[Observation | None] = field(default_factory=list)  # per verdict, then the new token if any
 
 
 @dataclass
@@ -127,6 +161,12 @@ class _Chunk:
     joined: list[_Parked]
     new: bool
     thresholds: dict[int, float]
+    observation: Observation | None = None  # of the new position
+
+    @property
+    def observations(self) -> list[Observation | None]:
+        """Per row of ``x``: the joined positions' observations, then the new position's."""
+        return [p.observation for p in self.joined] + ([self.observation] if self.new else [])
 
     def join(self, index: int) -> None:
         """Before layer ``index`` (0-based): parked positions that ran ``index`` layers join, in front."""
@@ -148,10 +188,14 @@ def _confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Decoder:
     """Greedy decoding with ``policy``'s exits on ``model`` (which it never modifies)."""
 
-    def __init__(self, model: Llama, policy: ExitPolicy | None = None) -> None:
+    def __init__(self, model: Llama, policy: ExitPolicy | None = None, observe: float = 0.0, seed: int = 0) -> None:
         self.model = model
         self.policy = policy or ExitPolicy()
         self.policy.validate(model.config.num_layers)
+        if not 0.0 <= observe <= 1.0:
+            raise ValueError(f"observe must be in [0, 1], got {observe}")
+        self.observe = observe  # share of exit-eligible tokens observed for feedback
+        self._sampler = random.Random(seed)
 
     @property
     def num_layers(self) -> int:
@@ -189,25 +233,30 @@ class Decoder:
         with its prompt (prefill), its next token, or only its parked drafts (a faithful flush); a row leaves the pass
         at the layer where it exits. Returns each row's tokens to stream, in order."""
         policy = policy or self.policy
-        work: list[tuple[Row, list[int] | None, dict[int, float]]] = []
+        work: list[tuple[Row, list[int] | None, dict[int, float], Observation | None]] = []
         for row in rows:
             if row.finished:
                 continue
             if row.cache is None:  # prefill: the whole prompt, full depth
                 row.cache = self.model.new_cache()
-                work.append((row, row.prompt, {}))
+                work.append((row, row.prompt, {}, None))
                 continue
             drafts = [p.draft for p in row.parked] if policy.faithful else []  # held back, not streamed yet
             if drafts and (len(row.streamed) + len(drafts) >= row.max_tokens or drafts[-1].id == row.eos_token_id):
-                work.append((row, None, {}))  # verify the drafts before going on
+                work.append((row, None, {}, None))  # verify the drafts before going on
                 continue
-            work.append((row, [row.next_input], policy.thresholds if row.consecutive < policy.max_consecutive else {}))
+            thresholds = policy.thresholds if row.consecutive < policy.max_consecutive else {}
+            observation = None
+            if thresholds and self.observe and self._sampler.random() < self.observe:
+                observation = Observation(tuple(sorted(thresholds)), policy.version)
+            work.append((row, [row.next_input], thresholds, observation))
         outcomes = self._pass_many(work) if work else []
-        streamed = {id(row): self._accept(row, out, policy) for (row, _, _), out in zip(work, outcomes)}
+        streamed = {id(row): self._accept(row, out, policy) for (row, *_), out in zip(work, outcomes)}
         return [streamed.get(id(row), []) for row in rows]
 
     def _accept(self, row: Row, out: _Outcome, policy: ExitPolicy) -> list[Token]:
         """Apply one pass's outcome to ``row``; returns what to stream now."""
+        self._take_observations(row, out, policy.faithful)
         stream: list[Token] = []
         for index, (draft, original) in enumerate(out.verdicts):
             if draft.id == original.id:
@@ -237,6 +286,22 @@ class Decoder:
             row.consecutive = 0
         return self._emit(row, stream)
 
+    @staticmethod
+    def _take_observations(row: Row, out: _Outcome, faithful: bool) -> None:
+        """Move the observations ``out`` completed to ``row.observations``: those of the verified positions and of a
+        new token that ran to the final layer (an exited one's completes when it gets there); in faithful mode none
+        after a wrong draft, whose followers are rolled back unstreamed."""
+        if not out.observed:
+            return
+        count = len(out.verdicts)
+        kept = list(out.observed[:count])
+        wrong = next((i for i, (draft, original) in enumerate(out.verdicts) if draft.id != original.id), None)
+        if faithful and wrong is not None:
+            kept = kept[:wrong + 1]
+        elif out.token is not None and not out.exited:
+            kept.append(out.observed[count])
+        row.observations += [o for o in kept if o is not None]
+
     def _emit(self, row: Row, stream: list[Token]) -> list[Token]:
         row.streamed += stream
         streamed = row.streamed
@@ -249,11 +314,13 @@ class Decoder:
         """Free a finished (or abandoned) row; positions still parked first run to the final layer once, so every
         exit that was streamed is checked against the original model (``row.stats``)."""
         if row.finished and row.parked and row.cache is not None:
-            for draft, original in self._pass(row, None, {}).verdicts:
+            out = self._pass(row, None, {})
+            for draft, original in out.verdicts:
                 if draft.id == original.id:
                     row.stats.agreed += 1
                 else:
                     row.stats.disagreed += 1
+            row.observations += [o for o in out.observed if o is not None]
         row.release()
 
     # --- one pass over the layers --------------------------------------------------------------------------------
@@ -272,16 +339,18 @@ class Decoder:
                 cache.values[layer] = cache.values[layer][:, :, :length]
 
     def _pass(self, row: Row, new_ids: list[int] | None, thresholds: dict[int, float]) -> _Outcome:
-        return self._pass_many([(row, new_ids, thresholds)])[0]
+        return self._pass_many([(row, new_ids, thresholds, None)])[0]
 
-    def _pass_many(self, work: list[tuple[Row, list[int] | None, dict[int, float]]]) -> list[_Outcome]:
+    def _pass_many(self, work: list[tuple[Row, list[int] | None, dict[int, float], Observation | None]]
+                   ) -> list[_Outcome]:
         """Run each row's ``new_ids`` (None: no new position, a flush) through the layers, taking its parked positions
         along from the layer after their depth; a row stops at the first ramp of its thresholds that its last
         position clears."""
         model = self.model
         device = model.embed_tokens.weight.device
         chunks = [_Chunk(row, None if ids is None else model.embed_tokens(torch.tensor(ids, device=device)),
-                         list(row.parked), [], ids is not None, thresholds) for row, ids, thresholds in work]
+                         list(row.parked), [], ids is not None, thresholds, observation)
+                  for row, ids, thresholds, observation in work]
         outcomes: list[_Outcome | None] = [None] * len(chunks)
         for index, layer in enumerate(model.layers):
             live = []
@@ -294,21 +363,39 @@ class Decoder:
             if not live:
                 continue
             self._layer(layer, index, [chunks[k] for k in live])
-            depth = index + 1
-            asking = [k for k in live if chunks[k].new and depth in chunks[k].thresholds and depth < self.num_layers]
-            if not asking:
-                continue
-            token_ids, confidence = _confidence(model.exit_logits(torch.stack([chunks[k].x[-1] for k in asking])))
-            for j, k in enumerate(asking):
-                chunk = chunks[k]
-                if bool(exits_at(np.float32(confidence[j].item()), chunk.thresholds[depth])):
-                    draft = Token(int(token_ids[j]), depth, float(confidence[j]))
-                    drafts = [p.draft for p in chunk.joined] + [draft]
-                    chunk.row.parked = chunk.remaining + [_Parked(chunk.x[i], depth, drafts[i])
-                                                          for i in range(chunk.x.shape[0])]
-                    outcomes[k] = _Outcome([], draft, True)
+            self._ramps(index + 1, chunks, live, outcomes)
         self._run_out(chunks, outcomes)
         return [out if out is not None else _Outcome([], None, False) for out in outcomes]
+
+    def _ramps(self, depth: int, chunks: list[_Chunk], live: list[int], outcomes: list[_Outcome | None]) -> None:
+        """The ramp after layer ``depth`` where it is asked (new positions: exit or go on) or observed (positions
+        sampled for feedback that pass it for the first time), all in one LM-head call."""
+        asking = [k for k in live if chunks[k].new and depth in chunks[k].thresholds and depth < self.num_layers]
+        # Observed positions passing an active ramp they were not evaluated at yet (exited earlier, now deferred).
+        observing = [(k, i, o) for k in live for i, o in enumerate(chunks[k].observations)
+                     if o is not None and depth in o.ramps and depth not in o.confidence
+                     and not (k in asking and i == chunks[k].x.shape[0] - 1)]
+        if not asking and not observing:
+            return
+        states = [chunks[k].x[-1] for k in asking] + [chunks[k].x[i] for k, i, _ in observing]
+        token_ids, confidence = _confidence(self.model.exit_logits(torch.stack(states)))
+        for j, (_, _, observation) in enumerate(observing, start=len(asking)):
+            observation.confidence[depth] = float(confidence[j])
+            observation.prediction[depth] = int(token_ids[j])
+        for j, k in enumerate(asking):
+            chunk = chunks[k]
+            if chunk.observation is not None:
+                chunk.observation.confidence[depth] = float(confidence[j])
+                chunk.observation.prediction[depth] = int(token_ids[j])
+            if bool(exits_at(np.float32(confidence[j].item()), chunk.thresholds[depth])):
+                draft = Token(int(token_ids[j]), depth, float(confidence[j]))
+                drafts = [p.draft for p in chunk.joined] + [draft]
+                if chunk.observation is not None:
+                    chunk.observation.exit = depth
+                observations = chunk.observations
+                chunk.row.parked = chunk.remaining + [_Parked(chunk.x[i], depth, drafts[i], observations[i])
+                                                      for i in range(chunk.x.shape[0])]
+                outcomes[k] = _Outcome([], draft, True)
 
     def _run_out(self, chunks: list[_Chunk], outcomes: list[_Outcome | None]) -> None:
         """The final layer's tokens for every chunk that did not exit: the original model's verdict on each joined
@@ -326,7 +413,13 @@ class Decoder:
             offset += size
             chunk.row.parked = []
             verdicts = [(p.draft, originals[j]) for j, p in enumerate(chunk.joined)]
-            outcomes[k] = _Outcome(verdicts, originals[-1] if chunk.new else None, False)
+            observed = chunk.observations
+            for j, observation in enumerate(observed):
+                if observation is not None:
+                    observation.final = originals[j].id
+            if chunk.observation is not None:
+                chunk.observation.exit = self.num_layers
+            outcomes[k] = _Outcome(verdicts, originals[-1] if chunk.new else None, False, observed)
 
     def _layer(self, layer: torch.nn.Module, index: int, chunks: list[_Chunk]) -> None:
         """Decoder layer ``index`` on every chunk: the rows' positions packed into one sequence for the norms,
