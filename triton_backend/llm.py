@@ -15,6 +15,12 @@ matrix multiplications while each request keeps its own KV cache (``Decoder.step
 next pass, finished ones leave. Before every pass each request is checked for cancellation (a cancelled request stops
 and frees its cache). Responses go out as tokens are decided. Parameters: see ``triton_backend.llm_setup``.
 
+Feedback: while the entry follows Redis (``hot_reload``), a share (``feedback_sample``) of its exit-eligible tokens
+is observed at every active ramp and against the original model's token (``early_exit.llm_decoding``); every
+``feedback_tokens`` of them (or after a second) go out as one ``FeedbackRecord`` through the ``FeedbackPublisher``,
+which also registers the entry's manifest (``llm_setup.llm_manifest``: per-token layer and LM-head costs measured
+at load unless given) so the controller discovers it and tunes its thresholds.
+
 Metrics: ``apparate_llm_tokens_total{model,exit}`` (tokens streamed per exit layer),
 ``apparate_llm_exit_verdicts_total{model,verdict}`` (exited tokens the deep pass agreed or disagreed with),
 ``apparate_config_version`` and ``apparate_config_rejections_total`` (hot-reloaded exit configurations).
@@ -27,6 +33,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +43,20 @@ import triton_python_backend_utils as pb_utils
 
 from early_exit.exit_config import ExitConfig
 from early_exit.keys import RedisKeys
-from early_exit.llm_decoding import Decoder, DecodeStats, ExitPolicy, Row, Token
+from early_exit.llm_decoding import Decoder, DecodeStats, ExitPolicy, Observation, Row, Token
 from early_exit.redis_connection import redact, redis_client
 from triton_backend.config_watcher import ConfigWatcher
-from triton_backend.llm_setup import LLMSettings, RequestError, load_llm, max_tokens_of
-from triton_backend.stub import configure_logging, model_parameters, redis_target, share_cores
+from triton_backend.feedback_publisher import FeedbackPublisher
+from triton_backend.llm_setup import (
+    LLMSettings,
+    RequestError,
+    llm_feedback_record,
+    llm_manifest,
+    load_llm,
+    max_tokens_of,
+    measure_costs,
+)
+from triton_backend.stub import configure_logging, model_parameters, redis_target, replica_id, share_cores
 
 LOGGER = logging.getLogger("triton_backend.llm")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -108,17 +124,25 @@ class TritonPythonModel:
         self._rejection_metric = rejections.Metric(labels=labels)
         self._version_metric.set(0)
         self.watcher: ConfigWatcher | None = None
+        self.publisher: FeedbackPublisher | None = None
+        self._pending: dict[tuple[tuple[int, ...], int], tuple[float, list[Observation], list[float]]] = {}
+        self._replica = replica_id()
         if self.settings.hot_reload:
             url, prefix = redis_target(parameters)
             client = redis_client(url, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=5)
+            keys = RedisKeys(self.name, prefix)
             initial = ExitConfig(self.name, 0, {layer - 1: t for layer, t in self.settings.exits.items()},
                                  writer="parameters", written_at=0.0)
             self.watcher = ConfigWatcher(
-                client, RedisKeys(self.name, prefix), self.num_layers - 1, initial,
+                client, keys, self.num_layers - 1, initial,
                 poll_interval=float(parameters.get("config_poll_seconds", "1.0")),
                 before_swap=self._apply, on_applied=lambda c: self._version_metric.set(c.version),
                 on_rejected=lambda: self._rejection_metric.increment(1))
-            LOGGER.info("%s: exit thresholds follow Redis %s", self.name, redact(url))
+            if self.settings.feedback_sample > 0:
+                self.publisher = FeedbackPublisher(client, keys, self._manifest(parameters, model).to_json())
+                self.decoder.observe = self.settings.feedback_sample
+            LOGGER.info("%s: exit thresholds follow Redis %s; feedback on %.0f %% of exit-eligible tokens", self.name,
+                        redact(url), 100 * self.settings.feedback_sample if self.publisher else 0.0)
         self._incoming: queue.Queue[_Job] = queue.Queue()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"decode-{self.name}", daemon=True)
@@ -127,10 +151,22 @@ class TritonPythonModel:
                     self.settings.model, self.num_layers, self.settings.exits or "none (vanilla)",
                     "faithful" if self.settings.faithful else "stream", self.settings.max_consecutive)
 
+    def _manifest(self, parameters: dict[str, str], model: Any) -> Any:
+        """The manifest the controller discovers this entry by; per-token costs from parameters, else measured."""
+        if parameters.get("layer_ms") and parameters.get("head_ms"):
+            layer_ms, head_ms = float(parameters["layer_ms"]), float(parameters["head_ms"])
+        else:
+            layer_ms, head_ms = measure_costs(model)
+        LOGGER.info("%s: per token %.3f ms per decoder layer, %.3f ms per ramp (LM head)", self.name, layer_ms,
+                    head_ms)
+        device = str(model.embed_tokens.weight.device)
+        return llm_manifest(self.name, self.num_layers, model.config.vocab_size, self.settings.exits, layer_ms,
+                            head_ms, device)
+
     def _apply(self, config: ExitConfig) -> None:
         """Build the policy of a new exit configuration (ConfigWatcher's before_swap: a bad one is rejected)."""
         policy = ExitPolicy({ramp + 1: t for ramp, t in config.thresholds.items()}, self.settings.max_consecutive,
-                            self.settings.faithful)
+                            self.settings.faithful, config.version)
         policy.validate(self.num_layers)
         self._policy = policy
 
@@ -179,8 +215,37 @@ class TritonPythonModel:
             active = [job for job in active if not self._cancel_if_asked(job)]
             if active:
                 active = self._advance(active)
+            self._publish()
         for job in active + list(self._incoming.queue):  # unloading: nobody is left waiting
             self._fail(job, "the model is being unloaded")
+        self._publish(everything=True)
+
+    # --- feedback -----------------------------------------------------------------------------------------------
+
+    def _collect(self, row: Row, pass_ms: float) -> None:
+        """Take ``row``'s completed observations into the record being gathered for their ramps and version."""
+        observations, row.observations = row.observations, []
+        if self.publisher is None:
+            return
+        for observation in observations:
+            key = (observation.ramps, observation.version)
+            since, gathered, times = self._pending.setdefault(key, (time.monotonic(), [], []))
+            gathered.append(observation)
+            times.append(pass_ms)
+
+    def _publish(self, everything: bool = False) -> None:
+        """Offer the records that are full (``feedback_tokens``) or whose oldest token waited a second."""
+        if self.publisher is None or not self._pending:
+            return
+        now = time.monotonic()
+        for key, (since, gathered, times) in list(self._pending.items()):
+            if everything or len(gathered) >= self.settings.feedback_tokens or now - since >= 1.0:
+                del self._pending[key]
+                try:
+                    self.publisher.offer(llm_feedback_record(self.name, gathered, self.num_layers, times,
+                                                             self._replica))
+                except Exception:  # feedback never breaks serving
+                    LOGGER.exception("%s: cannot build a feedback record", self.name)
 
     def _cancel_if_asked(self, job: _Job) -> bool:
         cancelled = False
@@ -200,6 +265,7 @@ class TritonPythonModel:
 
     def _advance(self, jobs: list[_Job]) -> list[_Job]:
         """One pass over every active request (continuous batching); returns those still active."""
+        started = time.perf_counter()
         try:
             results = self.decoder.step_many([job.row for job in jobs], self._policy)
         except Exception as exc:  # the pass broke mid-way: its rows' caches are unusable, fail them, keep serving
@@ -215,6 +281,7 @@ class TritonPythonModel:
                 if job.row.finished:  # after the last token went out: the check of the last exits is off its path
                     self.decoder.settle(job.row)
                 self._count(job, tokens)
+                self._collect(job.row, 1000 * (time.perf_counter() - started))
             except Exception as exc:  # this request fails alone
                 LOGGER.exception("%s: request failed", self.name)
                 job.row.release()
@@ -277,5 +344,7 @@ class TritonPythonModel:
     def finalize(self) -> None:
         self._stopping.set()
         self._thread.join(10.0)
+        if self.publisher is not None:
+            self.publisher.close()
         if self.watcher is not None:
             self.watcher.close()

@@ -16,16 +16,39 @@ Parameters of an entry (``config.pbtxt``, all strings):
   layer - 1); default true when ``exits`` is set.
 - ``max_rows``: requests decoded together in one pass (continuous batching; default 8, later requests wait).
 - ``threads``: torch threads of the instance on a CPU (0: torch's default).
+- ``feedback_sample``: share of exit-eligible tokens observed for the controller (default 0.25; 0: no feedback).
+  Feedback is published while ``hot_reload`` is on (a controller's thresholds only matter to an entry that follows
+  them). An observed token that exits before the deepest active ramp costs one LM-head row per deeper active ramp
+  in the deferred pass (nothing with a single active ramp): see ``early_exit.llm_decoding``.
+- ``feedback_tokens``: observed tokens per feedback record (default 32; a record also goes out once its oldest
+  token waited a second).
+- ``layer_ms`` / ``head_ms``: per-token cost of one decoder layer and of one ramp (final norm + LM head) for the
+  manifest's latency profile; measured at load when absent.
+
+Feedback (``llm_feedback_record``): a record's samples are observed tokens, its ramps the active decoder layers as
+ramp ids (layer - 1), ``prediction`` the ramp's token id (int32), ``final`` the original model's token, ``exit`` the
+ramp id that produced the token (num_layers - 1 = the final layer = the manifest's ``final_exit``). The manifest
+(``llm_manifest``) lists one block per decoder layer and every layer but the last as a candidate ramp, and is
+``exits_fixed``: the controller tunes the configured layers' thresholds and never changes the set.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import statistics
+import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from early_exit.llm_decoding import ExitPolicy
+import numpy as np
+import torch
+
+from early_exit.feedback import BatchTiming, FeedbackRecord
+from early_exit.llm_decoding import Decoder, ExitPolicy, Observation
+from early_exit.manifest import BlockSpec, Manifest, Profile, RampSpec, TensorSpec
 from model_zoo.llama import Llama, from_gguf, init_random, smollm2_gguf_path, tiny_config, tokenizer_from_gguf
 
 DEFAULT_MAX_TOKENS = 16
@@ -45,6 +68,8 @@ class LLMSettings:
     max_consecutive: int = 3
     faithful: bool = False
     hot_reload: bool = False
+    feedback_sample: float = 0.25
+    feedback_tokens: int = 32
 
     @property
     def policy(self) -> ExitPolicy:
@@ -65,8 +90,14 @@ class LLMSettings:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         hot = parameters.get("hot_reload", "").strip().lower()
+        sample = float(parameters.get("feedback_sample", "0.25") or 0.25)
+        if not 0.0 <= sample <= 1.0:
+            raise ValueError(f"feedback_sample must be in [0, 1], got {sample}")
+        tokens = int(parameters.get("feedback_tokens", "32") or 32)
+        if tokens < 1:
+            raise ValueError(f"feedback_tokens must be >= 1, got {tokens}")
         return cls(model, exits, int(parameters.get("max_consecutive_exits", "3") or 3), mode == "faithful",
-                   bool(exits) if hot == "" else hot in ("1", "true", "yes", "on"))
+                   bool(exits) if hot == "" else hot in ("1", "true", "yes", "on"), sample, tokens)
 
 
 def max_tokens_of(sampling: str | bytes | dict[str, Any] | None) -> int:
@@ -182,3 +213,108 @@ def write_entries(repository: Path, name: str, parameters: dict[str, str]) -> li
         (repository / entry / "1").mkdir(parents=True, exist_ok=True)
         (repository / entry / "config.pbtxt").write_text(config_pbtxt(entry, params), encoding="utf-8")
     return list(entries)
+
+
+# --- feedback for the controller ----------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def measure_costs(model: Llama, repeats: int = 5) -> tuple[float, float]:
+    """Per-token milliseconds of one decoder layer and of one ramp (final norm + LM head), from full-depth decoding
+    steps of one row after a 16-token prompt (median of ``repeats``)."""
+    decoder = Decoder(model)
+    row = decoder.start([0] * 16, repeats + 2)
+    decoder.step(row)  # prefill
+    decoder.step(row)  # warm-up
+    steps, heads = [], []
+    hidden = torch.zeros(1, model.config.hidden_size, device=model.embed_tokens.weight.device)
+    for _ in range(repeats):
+        start = time.perf_counter()
+        decoder.step(row)
+        steps.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        model.exit_logits(hidden)
+        heads.append(time.perf_counter() - start)
+    head_ms = 1000 * statistics.median(heads)
+    layer_ms = max(1000 * statistics.median(steps) - head_ms, 1e-3) / model.config.num_layers
+    return layer_ms, head_ms
+
+
+def llm_manifest(name: str, num_layers: int, vocab_size: int, exits: dict[int, float], layer_ms: float,
+                 head_ms: float, device: str = "cpu") -> Manifest:
+    """The manifest a controller needs to control an ``apparate_llm`` entry: block ``i`` = decoder layer ``i + 1``
+    (the last one with the final norm and LM head), candidate ramp ``l - 1`` after layer ``l`` for every layer but
+    the last, initial thresholds = ``exits``, a one-point profile of per-token costs, and ``exits_fixed`` (the
+    controller tunes the thresholds of the configured layers, never the set). The artifacts are the model's own
+    weights, so there are no files to name: ``file`` is the layer and ``sha256`` empty."""
+    blocks = tuple(BlockSpec(f"layer_{i + 1}", ("text_input",) if i == 0 else (f"hidden_{i}",), (f"hidden_{i + 1}",),
+                             "") for i in range(num_layers))
+    ramps = tuple(RampSpec(layer - 1, layer - 1, {"type": "lm_head"}, f"layer {layer}")
+                  for layer in range(1, num_layers))
+    profile = Profile(device, (1,),
+                      tuple((layer_ms + (head_ms if i == num_layers - 1 else 0.0),) for i in range(num_layers)),
+                      tuple((head_ms,) for _ in ramps))
+    manifest = Manifest(name, vocab_size, (TensorSpec("text_input", "object", (1,)),), blocks, ramps,
+                        ramp_weights="lm_head", ramp_weights_sha256=None,
+                        initial_thresholds={layer - 1: t for layer, t in exits.items()}, profile=profile,
+                        exits_fixed=True)
+    manifest.validate()
+    return manifest
+
+
+def llm_feedback_record(name: str, observations: list[Observation], num_layers: int, pass_ms: list[float],
+                        replica: str) -> FeedbackRecord:
+    """One feedback record of complete observations sharing ramps and version; ``pass_ms`` per observation: the
+    decoding pass that completed it. Timing is per pass, not per token: ``answer_ms`` = that pass, ``batch_ms`` their
+    mean, ``overhead_ms`` and ``idle_ms`` 0 (the ramp work is not separated), so the controller's measured saving
+    is about 0 for this entry; the manifest's ``exits_fixed`` keeps the controller from acting on it."""
+    first = observations[0]
+    if any(o.ramps != first.ramps or o.version != first.version or not o.complete for o in observations):
+        raise ValueError("a record's observations must be complete and share ramps and version")
+    return FeedbackRecord(
+        model=name,
+        config_version=first.version,
+        ramps=tuple(layer - 1 for layer in first.ramps),
+        confidence=np.asarray([[o.confidence[layer] for o in observations] for layer in first.ramps],
+                              dtype=np.float32).reshape(len(first.ramps), len(observations)),
+        prediction=np.asarray([[o.prediction[layer] for o in observations] for layer in first.ramps],
+                              dtype=np.int32).reshape(len(first.ramps), len(observations)),
+        final=np.asarray([o.final for o in observations], dtype=np.int32),
+        exit=np.asarray([o.exit - 1 for o in observations], dtype=np.int16),
+        timing=BatchTiming(float(np.mean(pass_ms)), 0.0, 0.0, np.asarray(pass_ms, dtype=np.float32)),
+        replica=replica,
+    )
+
+
+# --- command line -------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m triton_backend.llm_setup write REPOSITORY NAME --model smollm2 --exits 24:0.9``: write an entry and
+    its ``_vanilla`` twin."""
+    parser = argparse.ArgumentParser(prog="python -m triton_backend.llm_setup")
+    commands = parser.add_subparsers(dest="command", required=True)
+    write = commands.add_parser("write", help="write an apparate_llm entry and its _vanilla twin")
+    write.add_argument("repository", type=Path)
+    write.add_argument("name")
+    write.add_argument("--model", required=True, help="tiny:<seed>, smollm2 or a GGUF path")
+    write.add_argument("--exits", default="", help="layer:threshold pairs, comma-separated")
+    write.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="another parameter")
+    args = parser.parse_args(argv)
+    parameters = {"model": args.model}
+    if args.exits:
+        parameters["exits"] = args.exits
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--param {item!r} is not KEY=VALUE")
+        parameters[key] = value
+    LLMSettings.from_parameters(parameters)  # refuse what the backend would refuse
+    args.repository.mkdir(parents=True, exist_ok=True)
+    for entry in write_entries(args.repository, args.name, parameters):
+        print(args.repository / entry)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
