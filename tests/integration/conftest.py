@@ -81,3 +81,12 @@ def batches_executed(url: str, model: str) -> tuple[int, int]:
     requests shared batches."""
     stats = grpcclient.InferenceServerClient(url).get_inference_statistics(model, as_json=True)["model_stats"][0]
     return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+
+def watch_versions(client: redis.Redis, keys: RedisKeys) -> tuple[list[int], threading.Thread]:
+    """Start collecting every configuration version announced on ``keys.notify``, in order; returns the list and
+    the listener thread (``stop()`` and ``join()`` it)."""
+    versions: list[int] = []
+    subscriber = client.pubsub(ignore_subscribe_messages=True)
+    subscriber.subscribe(**{keys.notify: lambda message: versions.append(int(message["data"]))})
+    return versions, subscriber.run_in_thread(sleep_time=0.05, daemon=True)

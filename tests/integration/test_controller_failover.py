@@ -18,6 +18,7 @@ import redis
 from controller.config_store import read_config
 from controller.service import GROUP
 from early_exit.keys import RedisKeys
+from tests.integration.conftest import watch_versions
 from tests.unit.test_service import _manifest, _records, _register
 from workload.stack import Process, free_port, start_controller, start_redis
 
@@ -81,10 +82,7 @@ def test_a_killed_controller_is_replaced_by_its_stand_by_and_no_feedback_is_lost
     client = redis.Redis.from_url(url)
     keys = _register(client, _manifest())
     processes: list[Process] = []
-    versions: list[int] = []
-    subscriber = client.pubsub(ignore_subscribe_messages=True)
-    subscriber.subscribe(**{keys.notify: lambda message: versions.append(int(message["data"]))})
-    listener = subscriber.run_in_thread(sleep_time=0.05, daemon=True)
+    versions, listener = watch_versions(client, keys)
     try:
         first = start_controller(url, tmp_path / "a", ["--consumer", "a", *CONTROLLER_ARGS])
         processes.append(first)

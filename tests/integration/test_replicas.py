@@ -33,6 +33,7 @@ from early_exit.exit_rule import NEVER_EXIT
 from early_exit.keys import RedisKeys
 from early_exit.manifest import load_manifest
 from tests.conftest import MODEL
+from tests.integration.conftest import watch_versions
 from tests.integration.test_controller_failover import _eventually, _holder
 from triton_backend.server import ServerPorts
 from triton_backend.stub import REPLICA_ID_ENV
@@ -210,10 +211,7 @@ def test_two_replicas_run_one_configuration_and_survive_a_controller_failover(
     keys = RedisKeys(MODEL)
     manifest = load_manifest(repository / MODEL / "1")
     processes: list[Process] = []
-    versions: list[int] = []
-    subscriber = client.pubsub(ignore_subscribe_messages=True)
-    subscriber.subscribe(**{keys.notify: lambda message: versions.append(int(message["data"]))})
-    listener = subscriber.run_in_thread(sleep_time=0.05, daemon=True)
+    versions, listener = watch_versions(client, keys)
     try:
         replicas = []
         # Replica a is named as on Kubernetes (the pod name); replica b falls back to its host and process.
