@@ -113,5 +113,9 @@ def test_controller_tunes_the_llm_entry_from_its_feedback(stack: Stack) -> None:
           f"disagreed with the original model; {equal}/{total} equal to the vanilla twin up to the first difference")
     assert streamed == total == 30 * TOKENS
     assert wrong <= 0.01 * streamed
-    if all(t >= NEVER_EXIT for t in config.thresholds.values()):
+    # The controller may publish again while the held-out prompts run: judge "nothing exits" only when the
+    # configuration applied before them was still in use after them.
+    in_use = read_config(client, keys)
+    unchanged = in_use is not None and in_use.version == applied
+    if unchanged and all(t >= NEVER_EXIT for t in in_use.thresholds.values()):
         assert exited == 0 and equal == total

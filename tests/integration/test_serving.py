@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 from pathlib import Path
@@ -162,13 +163,20 @@ def test_redis_outage_loses_no_request_and_feedback_resumes(stack: Stack, test_i
 
 
 def _listening_addresses(port: int) -> set[str]:
-    """IPv4 addresses with a socket listening on ``port`` (from the kernel's table; state 0A is LISTEN)."""
+    """Addresses with a socket listening on ``port``, from the kernel's tables (state 0A is LISTEN; addresses are
+    32-bit words in host byte order). An IPv6 socket bound to a v4-mapped address counts as that IPv4 address."""
     addresses = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, state = line.split()[1], line.split()[3]
-        host, port_hex = local.split(":")
-        if state == "0A" and int(port_hex, 16) == port:
-            addresses.add(".".join(str(b) for b in reversed(bytes.fromhex(host))))
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            host, port_hex = local.split(":")
+            if state != "0A" or int(port_hex, 16) != port:
+                continue
+            raw = bytes.fromhex(host)
+            packed = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            address = ipaddress.ip_address(packed)
+            mapped = getattr(address, "ipv4_mapped", None)
+            addresses.add(str(mapped or address))
     return addresses
 
 
