@@ -37,14 +37,12 @@ from early_exit.errors import ConfigError, EarlyExitError
 from early_exit.exit_config import ExitConfig
 from early_exit.exit_rule import NEVER_EXIT, exits_at
 from early_exit.feedback import BatchTiming, FeedbackRecord
-from early_exit.keys import RedisKeys
 from early_exit.manifest import Manifest, load_manifest
-from early_exit.redis_connection import redact, redis_client
 from triton_backend.config_watcher import ConfigWatcher
 from triton_backend.feedback_publisher import FeedbackPublisher
 from triton_backend.metrics import BackendMetrics
 from triton_backend.responses import BatchAnswers
-from triton_backend.stub import configure_logging, model_parameters, redis_target, replica_id
+from triton_backend.stub import configure_logging, model_parameters, model_redis, replica_id
 
 LOGGER = logging.getLogger("triton_backend.e3_router")
 
@@ -111,9 +109,7 @@ class TritonPythonModel:
         self.traces = _Traces()
         self.metrics = BackendMetrics(pb_utils, self.name, self.manifest.final_exit + 1)
 
-        url, prefix = redis_target(parameters)
-        keys = RedisKeys(self.name, prefix)
-        client = redis_client(url, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=5)
+        client, keys, where = model_redis(self.name, parameters)
         initial = ExitConfig(self.name, 0, dict(self.plan.thresholds), writer="plan", written_at=0.0)
         self.metrics.config_applied(0)
         self.watcher = ConfigWatcher(client, keys, len(self.manifest.ramps), initial,
@@ -129,7 +125,7 @@ class TritonPythonModel:
                                            on_published=self.metrics.feedback_published,
                                            on_dropped=self.metrics.feedback_dropped)
         LOGGER.info("%s: %d block models %s, exits %s, %.0f%% of samples traced to the end; Redis %s", self.name,
-                    len(self.blocks), self.blocks, self.plan.exits, 100 * self.plan.sample_rate, redact(url))
+                    len(self.blocks), self.blocks, self.plan.exits, 100 * self.plan.sample_rate, where)
 
     def _check_exits(self, config: ExitConfig) -> None:
         outside = sorted(set(config.active_ramps) - set(self.plan.exits))

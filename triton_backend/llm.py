@@ -42,9 +42,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from early_exit.exit_config import ExitConfig
-from early_exit.keys import RedisKeys
 from early_exit.llm_decoding import Decoder, DecodeStats, ExitPolicy, Observation, Row, Token
-from early_exit.redis_connection import redact, redis_client
 from triton_backend.config_watcher import ConfigWatcher
 from triton_backend.feedback_publisher import FeedbackPublisher
 from triton_backend.llm_setup import (
@@ -56,7 +54,7 @@ from triton_backend.llm_setup import (
     max_tokens_of,
     measure_costs,
 )
-from triton_backend.stub import configure_logging, model_parameters, redis_target, replica_id, share_cores
+from triton_backend.stub import configure_logging, model_parameters, model_redis, replica_id, share_cores
 
 LOGGER = logging.getLogger("triton_backend.llm")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -128,9 +126,7 @@ class TritonPythonModel:
         self._pending: dict[tuple[tuple[int, ...], int], tuple[float, list[Observation], list[float]]] = {}
         self._replica = replica_id()
         if self.settings.hot_reload:
-            url, prefix = redis_target(parameters)
-            client = redis_client(url, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=5)
-            keys = RedisKeys(self.name, prefix)
+            client, keys, where = model_redis(self.name, parameters)
             initial = ExitConfig(self.name, 0, {layer - 1: t for layer, t in self.settings.exits.items()},
                                  writer="parameters", written_at=0.0)
             self.watcher = ConfigWatcher(
@@ -142,7 +138,7 @@ class TritonPythonModel:
                 self.publisher = FeedbackPublisher(client, keys, self._manifest(parameters, model).to_json())
                 self.decoder.observe = self.settings.feedback_sample
             LOGGER.info("%s: exit thresholds follow Redis %s; feedback on %.0f %% of exit-eligible tokens", self.name,
-                        redact(url), 100 * self.settings.feedback_sample if self.publisher else 0.0)
+                        where, 100 * self.settings.feedback_sample if self.publisher else 0.0)
         self._incoming: queue.Queue[_Job] = queue.Queue()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"decode-{self.name}", daemon=True)

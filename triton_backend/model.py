@@ -23,14 +23,12 @@ from early_exit.errors import EarlyExitError
 from early_exit.exit_config import ExitConfig
 from early_exit.exit_rule import exits_at
 from early_exit.feedback import BatchTiming, FeedbackRecord
-from early_exit.keys import RedisKeys
-from early_exit.redis_connection import redact, redis_client
 from early_exit.runtime import EarlyExitModel, Verdict
 from triton_backend.config_watcher import ConfigWatcher
 from triton_backend.feedback_publisher import FeedbackPublisher
 from triton_backend.metrics import BackendMetrics
 from triton_backend.responses import BatchAnswers
-from triton_backend.stub import configure_logging, model_device, model_parameters, redis_target, replica_id, share_cores
+from triton_backend.stub import configure_logging, model_device, model_parameters, model_redis, replica_id, share_cores
 
 LOGGER = logging.getLogger("triton_backend")
 
@@ -60,9 +58,7 @@ class TritonPythonModel:
         self.input_names = [spec.name for spec in manifest.inputs]
         self.metrics = BackendMetrics(pb_utils, self.name, manifest.final_exit + 1)
 
-        url, prefix = redis_target(parameters)
-        keys = RedisKeys(self.name, prefix)
-        client = redis_client(url, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=5)
+        client, keys, where = model_redis(self.name, parameters)
         initial = ExitConfig(self.name, 0, dict(manifest.initial_thresholds), writer="manifest", written_at=0.0)
         self.model.plan(initial.active_ramps)
         self._last_end = 0.0
@@ -87,7 +83,7 @@ class TritonPythonModel:
                 on_dropped=self.metrics.feedback_dropped,
             )
         LOGGER.info("%s: loaded %d blocks, %d candidate ramps on %s; Redis %s", self.name, len(manifest.blocks),
-                    len(manifest.ramps), device, redact(url))
+                    len(manifest.ramps), device, where)
 
     def execute(self, requests: list[Any]) -> None:
         started = time.perf_counter()

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytriton
 
+from early_exit.redis_connection import REDIS_URL_ENV
+
 BACKEND_NAME = "apparate"
 
 
@@ -88,7 +90,7 @@ def server_environment(redis_url: str | None = None, base: dict[str, str] | None
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["LD_LIBRARY_PATH"] = f"{_library_dir()}{os.pathsep}{env.get('LD_LIBRARY_PATH', '')}".rstrip(os.pathsep)
     if redis_url:
-        env["APPARATE_REDIS_URL"] = redis_url
+        env[REDIS_URL_ENV] = redis_url
     return env
 
 

@@ -12,10 +12,17 @@ import socket
 import sys
 from typing import Any
 
+import redis
 import torch
 
-from early_exit.keys import DEFAULT_PREFIX
-from early_exit.redis_connection import DEFAULT_REDIS_URL, REDIS_PREFIX_ENV, REDIS_URL_ENV
+from early_exit.keys import DEFAULT_PREFIX, RedisKeys
+from early_exit.redis_connection import (
+    DEFAULT_REDIS_URL,
+    REDIS_PREFIX_ENV,
+    REDIS_URL_ENV,
+    redact,
+    redis_client,
+)
 
 #: Names this Triton replica in its feedback records (Kubernetes sets it to the pod name).
 REPLICA_ID_ENV = "APPARATE_REPLICA_ID"
@@ -58,6 +65,15 @@ def redis_target(parameters: dict[str, str]) -> tuple[str, str]:
     url = os.environ.get(REDIS_URL_ENV) or parameters.get("redis_url") or DEFAULT_REDIS_URL
     prefix = os.environ.get(REDIS_PREFIX_ENV) or parameters.get("redis_prefix") or DEFAULT_PREFIX
     return url, prefix
+
+
+def model_redis(name: str, parameters: dict[str, str]) -> tuple[redis.Redis, RedisKeys, str]:
+    """The Redis client, key layout and loggable (redacted) URL of model ``name``, as every backend builds them. The
+    timeouts are short: only the backends' background threads (config watcher, feedback publisher) use the client,
+    and a stalled Redis must not hold them."""
+    url, prefix = redis_target(parameters)
+    client = redis_client(url, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=5)
+    return client, RedisKeys(name, prefix), redact(url)
 
 
 def replica_id() -> str:
