@@ -1,8 +1,9 @@
 """Request path of the ``apparate`` backend: batch in → blocks and ramps → early sends → final sends → feedback.
 
-The model is non-decoupled with dynamic batching: every request gets exactly one response, sent through its response
-sender with ``TRITONSERVER_RESPONSE_COMPLETE_FINAL`` the moment all of its samples are decided, and ``execute``
-returns ``None``. The batch always runs to the end, so the original model's prediction for every sample is known and
+The model is non-decoupled with dynamic batching: every request gets exactly one response. A request whose samples all
+exit at ramps is answered through its response sender with ``TRITONSERVER_RESPONSE_COMPLETE_FINAL`` the moment the
+last of them is decided; the others are answered by ``execute``'s return value, which leaves in one message instead of
+a round trip per response (``None`` in the slots of requests already answered). The batch always runs to the end, so the original model's prediction for every sample is known and
 becomes label-free accuracy feedback; the record also carries what the batch cost (wall time, early-exit overhead,
 when each sample was answered, idle time before it), so the controller can check that exits really save time.
 """
@@ -33,10 +34,10 @@ from triton_backend.stub import configure_logging, model_device, model_parameter
 LOGGER = logging.getLogger("triton_backend")
 
 
-def _answer(batch: BatchAnswers, samples: np.ndarray, verdict: Verdict) -> None:
+def _answer(batch: BatchAnswers, samples: np.ndarray, verdict: Verdict, hold: bool = False) -> None:
     """Answer ``samples`` with ``verdict``: only their probability rows leave the model's device."""
     rows = verdict.probs[torch.from_numpy(samples).to(verdict.probs.device)].cpu().numpy()
-    batch.answer(samples, verdict.exit, rows, verdict.prediction[samples], verdict.confidence[samples])
+    batch.answer(samples, verdict.exit, rows, verdict.prediction[samples], verdict.confidence[samples], hold=hold)
 
 
 class TritonPythonModel:
@@ -85,7 +86,7 @@ class TritonPythonModel:
         LOGGER.info("%s: loaded %d blocks, %d candidate ramps on %s; Redis %s", self.name, len(manifest.blocks),
                     len(manifest.ramps), device, where)
 
-    def execute(self, requests: list[Any]) -> None:
+    def execute(self, requests: list[Any]) -> list[Any | None]:
         started = time.perf_counter()
         idle_ms = 1000.0 * (started - self._last_end) if self._last_end else 0.0
         config = self.watcher.current  # one snapshot per batch: a swap never splits a batch
@@ -102,7 +103,7 @@ class TritonPythonModel:
         except Exception as exc:  # answer every request, whatever broke; Triton keeps serving
             self._isolate(batch, inputs, config, exc)
             self._last_end = time.perf_counter()
-            return None
+            return batch.take_held()
         self.metrics.count_exits(np.bincount(batch.exit, minlength=manifest.final_exit + 1))
         if self.publisher is not None and final is not None:
             recorded = time.perf_counter()
@@ -115,7 +116,7 @@ class TritonPythonModel:
             self.publisher.offer(FeedbackRecord(self.name, config.version, config.active_ramps, confidence, prediction,
                                                 final.prediction, batch.exit, timing, replica=self.replica))
         self._last_end = time.perf_counter()
-        return None
+        return batch.take_held()
 
     def _run(self, batch: BatchAnswers, tensors: dict[str, torch.Tensor], config: ExitConfig
              ) -> tuple[list[Verdict], Verdict | None, float]:
@@ -131,7 +132,7 @@ class TritonPythonModel:
                     final = verdict
                     samples = np.flatnonzero(batch.undecided)
                     if samples.size:
-                        _answer(batch, samples, verdict)
+                        _answer(batch, samples, verdict, hold=True)
                     continue
                 decided = time.perf_counter()
                 ramp_verdicts.append(verdict)
@@ -158,6 +159,7 @@ class TritonPythonModel:
             alone = batch.split(int(index))
             try:
                 self._run(alone, {name: torch.from_numpy(arrays[index]) for name, arrays in inputs.items()}, config)
+                alone.send_held()
             except Exception as exc:  # this request's own failure: its error goes to its client only
                 alone.fail_unsent(f"{self.name}: inference failed: {exc}")
 

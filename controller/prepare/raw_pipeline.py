@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from controller.prepare.sources import TokenizerSpec
+from controller.prepare.triton_config import QUEUE_DELAY_US
 from early_exit.manifest import TensorSpec
 from triton_backend.raw_inputs import IMAGE_INPUT, TEXT_INPUTS, TOKENIZER_FILE
 
@@ -40,7 +41,7 @@ input [ {{ name: "{raw}" data_type: TYPE_STRING dims: [ 1 ] }} ]
 output [
 {output_lines}
 ]
-{parameter_lines}dynamic_batching {{ max_queue_delay_microseconds: 500 }}
+{parameter_lines}dynamic_batching {{ max_queue_delay_microseconds: {QUEUE_DELAY_US} }}
 instance_group [ {{ count: 1 kind: KIND_CPU }} ]
 """
 

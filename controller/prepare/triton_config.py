@@ -13,6 +13,13 @@ BLOCK_BACKEND = "apparate_e3_block"
 
 InstanceKind = Literal["KIND_CPU", "KIND_GPU"]
 
+#: How long a served entry's batcher holds a request while its instance is idle, hoping for company. Triton's dynamic
+#: batcher is work-conserving without it: requests that arrive while the instance is busy form the next batch, so
+#: batches still grow with load and capacity does not depend on the delay. A delay only adds its full length to every
+#: request that finds the instance idle, which is most of them at moderate load (measured on a 2-core CPU: a
+#: ResNet-56 request 7.5 ms with 2 ms, 5.4 ms with 0). Raise it in the config where batching pays more, on a GPU.
+QUEUE_DELAY_US = 0
+
 TRITON_DTYPES = {
     "uint8": "TYPE_UINT8",
     "int32": "TYPE_INT32",
@@ -50,7 +57,7 @@ def render_config(
     inputs: Sequence[TensorSpec],
     classes: int,
     max_batch_size: int,
-    max_queue_delay_us: int = 2000,
+    max_queue_delay_us: int = QUEUE_DELAY_US,
     instance_kind: InstanceKind = "KIND_CPU",
     backend: str = BACKEND,
     parameters: Mapping[str, str] | None = None,
