@@ -51,7 +51,7 @@ from controller.tuner import ThresholdTuner, TunerSettings, evaluate
 from controller.window import FeedbackWindow, WindowView
 from early_exit.errors import EarlyExitError
 from early_exit.exit_config import ExitConfig
-from early_exit.exit_rule import NEVER_EXIT
+from early_exit.exit_rule import NEVER_EXIT, first_exit
 from early_exit.feedback import FeedbackRecord
 from early_exit.keys import DEFAULT_PREFIX, RedisKeys
 from early_exit.manifest import Manifest
@@ -213,8 +213,12 @@ class ModelController:
         # must settle first. A probe (exits back on after being switched off) is judged as soon as it is measured.
         due = self.rounds % max(self.settings.adjust_every, 1) == 0 or (self.trial is not None and
                                                                         not self.trial.previous)
-        # An E3 deployment's exits are its block boundaries: only a new plan moves them.
-        if self.settings.adjust_every and due and not breached and not self.manifest.exits_fixed:
+        # An E3 deployment's exits are its block boundaries: only a new plan moves them. A round whose tuning closes
+        # every open exit (no sample of the window would exit) is about accuracy, not about the set: utilities under
+        # closed thresholds are all zero, and a trial started from them, or its rollback, would publish closed ones.
+        closing = thresholds is not None and not bool(np.any(first_exit(view.confidence, thresholds) < len(view.ramps)))
+        closing &= any(t < NEVER_EXIT for t in self.current.thresholds.values())
+        if self.settings.adjust_every and due and not breached and not closing and not self.manifest.exits_fixed:
             proposal = self._judge_ramp_set(view, thresholds, latency)
         saving, measured = realised_saving_ms(view, self.judge_from)
         summary = (f"window {view.size}, served agreement {served:.4f} ({count} answers under "

@@ -175,6 +175,19 @@ def test_a_ramp_set_that_measures_worse_is_rolled_back() -> None:
     assert rolled_back is not None and rolled_back.thresholds == {0: 0.9}
 
 
+def test_a_round_whose_tuning_closes_every_exit_starts_no_ramp_set_trial() -> None:
+    controller = _controller(adjust_every=1)
+    controller.current = ExitConfig("m", 1, {0: 0.9})
+    controller.judge_from = 1
+    # The inputs drifted: ramp 0 is now confidently wrong (0.97 >= 0.9), so its thresholds must close; the answers
+    # served so far still paid (answered at 4 ms of 12). Seen in a benchmark: the adjuster judged utilities under the
+    # closed thresholds (all zero), tried another ramp closed, and its rollback restored closed thresholds.
+    closed = _feed(controller, _records(1, 400, ramp_right=False, answer_ms=4.0))
+    assert closed is not None and closed.active_ramps == (0,)
+    assert closed.thresholds[0] > float(np.float32(0.97))  # nothing seen exits any more
+    assert controller.trial is None
+
+
 def test_a_noisy_small_shortfall_does_not_close_working_exits() -> None:
     controller = _controller(z=1.0)
     opened = _feed(controller, _records(1, 400, ramp_right=True))
