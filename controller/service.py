@@ -317,8 +317,9 @@ class ModelController:
             {r: float(t) for r, t in zip(view.ramps, thresholds)}
         if all(t >= NEVER_EXIT for t in self.current.thresholds.values()):
             # Nothing could exit under the thresholds in use, so there is no saving to judge: let the tuner open
-            # exits first; if it cannot either, these ramps are pure cost.
-            closed = all(t >= NEVER_EXIT for t in tuned.values())
+            # exits first; if it cannot either on a full window, these ramps are pure cost. (A smaller window
+            # certifies less: on MiniLM nothing opened below ~2,000 samples that a full window opened.)
+            closed = all(t >= NEVER_EXIT for t in tuned.values()) and view.size >= self.settings.window
             return self._switch_off(tuned, "no exit is affordable within the accuracy budget") if closed else None
         if self.trial is not None:
             trial, self.trial = self.trial, None

@@ -217,6 +217,15 @@ def test_ramps_that_cannot_exit_within_budget_are_switched_off() -> None:
     assert config is not None and config.thresholds == {}
 
 
+def test_closed_ramps_are_not_switched_off_before_the_window_is_full() -> None:
+    # A small window cannot certify exits a full one would (seen on MiniLM: nothing opened below ~2,000 samples);
+    # switching off then would only start the probe cycle again.
+    controller = _controller(adjust_every=1, min_fresh=200)
+    controller.current = ExitConfig("m", 1, {0: NEVER_EXIT})
+    assert _feed(controller, _records(1, 200, ramp_right=False, overhead_ms=1.0)) is None
+    assert not controller.parked
+
+
 def test_a_probe_that_was_not_written_is_proposed_again() -> None:
     now = [0.0]
     controller = _controller(adjust_every=1, clock=lambda: now[0])
