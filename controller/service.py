@@ -56,6 +56,12 @@ from early_exit.feedback import FeedbackRecord
 from early_exit.keys import DEFAULT_PREFIX, RedisKeys
 from early_exit.manifest import Manifest
 
+#: Times a round halves the budget it tunes to when the held-out half rejects what was chosen. Halving, not
+#: subtracting the gap between the halves: on windows of a few hundred samples that gap is mostly noise and often
+#: exceeds the budget, and tuning to a zero budget closes every exit (measured on MiniLM: held-out agreement of the
+#: halved choices rose 0.984 -> 0.991 -> 0.994 where subtracting the gap closed everything).
+TIGHTENINGS = 5
+
 LOGGER = logging.getLogger(__name__)
 
 GROUP = "controller"
@@ -283,7 +289,7 @@ class ModelController:
             < self.guard.floor
         start = self._back_off(current, view, exit_ms) if failing else current
         guard = self.guard
-        for _ in range(3):
+        for _ in range(TIGHTENINGS):
             tuner = ThresholdTuner(replace(self.tuner.settings, guard=guard))
             thresholds = tuner.tune(picked.confidence, picked.prediction, picked.final, exit_ms, start)
             candidate = evaluate(thresholds, held_out.confidence, held_out.prediction == held_out.final, exit_ms)
@@ -292,8 +298,7 @@ class ModelController:
                 # Falling short tightens exits but never closes them all: that takes a clear breach.
                 tighter = short and whole.saving_ms > 0
                 return thresholds if failing or tighter or whole.saving_ms >= now.saving_ms else None
-            chosen = evaluate(thresholds, picked.confidence, picked.prediction == picked.final, exit_ms).accuracy
-            guard = replace(guard, budget=max(0.0, guard.budget - max(chosen - candidate.accuracy, 0.001)))
+            guard = replace(guard, budget=guard.budget / 2)
         return np.full(len(view.ramps), NEVER_EXIT) if failing else None
 
     def _back_off(self, current: np.ndarray, view: WindowView, exit_ms: np.ndarray) -> np.ndarray:
