@@ -41,7 +41,7 @@ from early_exit.manifest import Manifest, load_manifest
 from triton_backend.config_watcher import ConfigWatcher
 from triton_backend.feedback_publisher import FeedbackPublisher
 from triton_backend.metrics import BackendMetrics
-from triton_backend.responses import BatchAnswers, Courier
+from triton_backend.responses import BatchAnswers
 from triton_backend.stub import configure_logging, model_parameters, model_redis, replica_id
 
 LOGGER = logging.getLogger("triton_backend.e3_router")
@@ -108,7 +108,6 @@ class TritonPythonModel:
         self.rng = np.random.default_rng()
         self.traces = _Traces()
         self.metrics = BackendMetrics(pb_utils, self.name, self.manifest.final_exit + 1)
-        self.courier = Courier(self.name)
 
         client, keys, where = model_redis(self.name, parameters)
         initial = ExitConfig(self.name, 0, dict(self.plan.thresholds), writer="plan", written_at=0.0)
@@ -162,7 +161,7 @@ class TritonPythonModel:
             arrays = {spec.name: [pb_utils.get_input_tensor_by_name(request, spec.name).as_numpy()
                                   for request in requests] for spec in manifest.inputs}
             batch = BatchAnswers(requests, [a.shape[0] for a in arrays[manifest.inputs[0].name]], manifest.classes,
-                                 manifest.final_exit, started, self.courier)
+                                 manifest.final_exit, started)
             values = {name: np.concatenate(parts) for name, parts in arrays.items()}
             n = len(batch.exit)
             ramp_confidence = np.zeros((len(self.plan.exits), n), dtype=np.float32)
@@ -196,8 +195,7 @@ class TritonPythonModel:
                                                                 float(batch.answer_ms[row]))))
         except Exception as exc:  # noqa: BLE001 - every request gets exactly one answer, whatever broke
             LOGGER.warning("%s: batch of %d requests failed: %s", self.name, len(requests), exc)
-            batch = batch or BatchAnswers(requests, [0] * len(requests), manifest.classes, manifest.final_exit, started,
-                                          self.courier)
+            batch = batch or BatchAnswers(requests, [0] * len(requests), manifest.classes, manifest.final_exit, started)
             batch.fail_unsent(f"{self.name}: {exc}")
         finally:
             self.in_flight -= len(requests)
@@ -238,7 +236,6 @@ class TritonPythonModel:
             ))
 
     def finalize(self) -> None:
-        self.courier.close()
         self.watcher.close()
         self.publisher.close()
         self.metrics.close()

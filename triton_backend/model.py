@@ -28,7 +28,7 @@ from early_exit.runtime import EarlyExitModel, Verdict
 from triton_backend.config_watcher import ConfigWatcher
 from triton_backend.feedback_publisher import FeedbackPublisher
 from triton_backend.metrics import BackendMetrics
-from triton_backend.responses import BatchAnswers, Courier
+from triton_backend.responses import BatchAnswers
 from triton_backend.stub import configure_logging, model_device, model_parameters, model_redis, replica_id, share_cores
 
 LOGGER = logging.getLogger("triton_backend")
@@ -58,7 +58,6 @@ class TritonPythonModel:
         manifest = self.model.manifest
         self.input_names = [spec.name for spec in manifest.inputs]
         self.metrics = BackendMetrics(pb_utils, self.name, manifest.final_exit + 1)
-        self.courier = Courier(self.name)
 
         client, keys, where = model_redis(self.name, parameters)
         initial = ExitConfig(self.name, 0, dict(manifest.initial_thresholds), writer="manifest", written_at=0.0)
@@ -97,7 +96,7 @@ class TritonPythonModel:
             for name in self.input_names
         }
         sizes = [array.shape[0] for array in inputs[self.input_names[0]]]
-        batch = BatchAnswers(requests, sizes, manifest.classes, manifest.final_exit, started, self.courier)
+        batch = BatchAnswers(requests, sizes, manifest.classes, manifest.final_exit, started)
         tensors = {name: torch.from_numpy(np.concatenate(arrays)) for name, arrays in inputs.items()}
         try:
             ramp_verdicts, final, overhead_ms = self._run(batch, tensors, config)
@@ -165,7 +164,6 @@ class TritonPythonModel:
                 alone.fail_unsent(f"{self.name}: inference failed: {exc}")
 
     def finalize(self) -> None:
-        self.courier.close()
         self.watcher.close()
         if self.publisher is not None:
             self.publisher.close()
