@@ -1,11 +1,12 @@
-"""Request path of the ``apparate`` backend: batch in → blocks and ramps → early sends → final sends → feedback.
+"""Request path of the ``apparate`` backend: batch in → blocks and ramps → early sends → feedback → final answers.
 
 The model is non-decoupled with dynamic batching: every request gets exactly one response. A request whose samples all
 exit at ramps is answered through its response sender with ``TRITONSERVER_RESPONSE_COMPLETE_FINAL`` the moment the
 last of them is decided; the others are answered by ``execute``'s return value, which leaves in one message instead of
-a round trip per response (``None`` in the slots of requests already answered). The batch always runs to the end, so the original model's prediction for every sample is known and
-becomes label-free accuracy feedback; the record also carries what the batch cost (wall time, early-exit overhead,
-when each sample was answered, idle time before it), so the controller can check that exits really save time.
+a round trip per response (``None`` in the slots of requests already answered). The batch always runs to the end, so
+the original model's prediction for every sample is known and becomes label-free accuracy feedback; the record also
+carries what the batch cost (wall time, early-exit overhead, when each sample was answered, idle time before it), so
+the controller can check that exits really save time.
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ class BatchAnswers:
         self.sent[index] = True
         try:
             self.held[index] = self._response(index)
-        except Exception:  # noqa: BLE001 - as in _deliver: this request gets an error, the others their answers
+        except Exception:  # noqa: BLE001 - one request's failure must not reach the others; it gets an error
             self.failed_sends += 1
             LOGGER.exception("response to request %d of a batch of %d could not be built", index, len(self.requests))
             self.held[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError("response could not be built"))
