@@ -27,36 +27,80 @@ from torch import nn
 from early_exit.errors import ArtifactError
 
 
-class PoolLinearRamp(nn.Module):
+class Ramp(nn.Module):
+    """A ramp is a parameter-free ``reduce`` (feature map or token states, plus the model inputs its architecture
+    names, to one small vector per sample) followed by a trainable ``head``.
+
+    Why split it: ``prepare`` caches what ``reduce`` returns, not the full feature, while it trains every candidate
+    at once. A ResNet-56's full feature maps take about 1 MB per sample over its 27 cut points and MiniLM's token
+    states about as much, which held ramp training to a few hundred samples; reduced, a sample takes kilobytes, so
+    ramps train on thousands.
+    """
+
+    def reduce(self, feature: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head(self, reduced: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, feature: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.reduce(feature, *inputs))
+
+
+class PoolLinearRamp(Ramp):
     def __init__(self, channels: int, classes: int, pool: int = 1) -> None:
         super().__init__()
         self.pool = pool
         self.linear = nn.Linear(channels * pool * pool, classes)
 
-    def forward(self, feature: torch.Tensor) -> torch.Tensor:
-        return self.linear(torch.flatten(nn.functional.adaptive_avg_pool2d(feature, self.pool), 1))
+    def reduce(self, feature: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(feature, self.pool), 1)
+
+    def head(self, reduced: torch.Tensor) -> torch.Tensor:
+        return self.linear(reduced)
 
 
-class TokenLinearRamp(nn.Module):
+class _NormedLinear(Ramp):
+    """Layer norm, then a linear layer. ``reduce`` normalises without the norm's affine parameters, which ``head``
+    applies: an elementwise affine map commutes with the (weighted) mean over tokens, so this is the same function as
+    ``linear(mean(norm(tokens)))`` and keeps the ``norm.weight`` / ``norm.bias`` parameter names."""
+
     def __init__(self, hidden: int, classes: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(hidden)
         self.linear = nn.Linear(hidden, classes)
 
-    def forward(self, feature: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.norm(feature[:, 0]))
+    def _normalised(self, states: torch.Tensor) -> torch.Tensor:
+        return nn.functional.layer_norm(states, self.norm.normalized_shape, eps=self.norm.eps)
+
+    def head(self, reduced: torch.Tensor) -> torch.Tensor:
+        return self.linear(reduced * self.norm.weight + self.norm.bias)
 
 
-class MaskedMeanLinearRamp(nn.Module):
-    def __init__(self, hidden: int, classes: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(hidden)
-        self.linear = nn.Linear(hidden, classes)
+class TokenLinearRamp(_NormedLinear):
+    def reduce(self, feature: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        return self._normalised(feature[:, 0])
 
-    def forward(self, feature: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+
+class MaskedMeanLinearRamp(_NormedLinear):
+    def reduce(self, feature: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        (mask,) = inputs
         weights = mask[:, : feature.shape[1], None].to(feature.dtype)
-        pooled = (self.norm(feature) * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        return self.linear(pooled)
+        return (self._normalised(feature) * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class LinearRamp(Ramp):
+    """For a feature that already is one vector per sample."""
+
+    def __init__(self, features: int, classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(features, classes)
+
+    def reduce(self, feature: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        return feature
+
+    def head(self, reduced: torch.Tensor) -> torch.Tensor:
+        return self.linear(reduced)
 
 
 def ramp_arch_for(feature: torch.Tensor, classes: int, mask_input: str | None = None) -> dict[str, Any]:
@@ -79,7 +123,7 @@ def ramp_arch_for(feature: torch.Tensor, classes: int, mask_input: str | None = 
     raise ArtifactError(f"no ramp architecture for a feature of shape {tuple(feature.shape)}")
 
 
-def build_ramp(arch: dict[str, Any]) -> nn.Module:
+def build_ramp(arch: dict[str, Any]) -> Ramp:
     """Instantiate an untrained ramp; raises ``ArtifactError`` for an unknown description."""
     kind = arch.get("kind")
     try:
@@ -90,7 +134,7 @@ def build_ramp(arch: dict[str, Any]) -> nn.Module:
         if kind == "token_linear":
             return TokenLinearRamp(int(arch["hidden"]), int(arch["classes"]))
         if kind == "linear":
-            return nn.Linear(int(arch["features"]), int(arch["classes"]))
+            return LinearRamp(int(arch["features"]), int(arch["classes"]))
     except KeyError as exc:
         raise ArtifactError(f"ramp architecture {arch} lacks field {exc}") from exc
     raise ArtifactError(f"unknown ramp kind {kind!r}")

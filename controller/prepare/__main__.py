@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap-fraction", type=float, default=None,
                         help="share of the data used (default: the leading 10%% of a built-in set, all of your own "
                         "inputs, drawn in a seeded random order)")
-    parser.add_argument("--train-share", type=float, default=0.1, help="share of the bootstrap that trains ramps")
+    parser.add_argument("--train-share", type=float, default=0.5,
+                        help="share of the bootstrap that trains ramps; the rest validates them and tunes the "
+                        "initial thresholds")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--overhead-budget", type=float, default=0.02, help="initial ramps' max added latency")
     parser.add_argument("--accuracy-budget", type=float, default=AccuracyGuard.budget,

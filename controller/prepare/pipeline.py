@@ -24,7 +24,7 @@ from controller.latency import LatencyModel
 from controller.prepare.blocks import BlockPlan, export_block, plan_blocks
 from controller.prepare.cutpoints import CutPoint, find_cut_points, localize_symbolic_scalars, split_at
 from controller.prepare.profiling import profile_model
-from controller.prepare.ramp_training import collect_features, train_ramps
+from controller.prepare.ramp_training import collect_reduced, train_ramps
 from controller.prepare.triton_config import InstanceKind, render_config
 from controller.tuner import ThresholdTuner, TunerSettings, evaluate
 from early_exit.exit_rule import NEVER_EXIT
@@ -252,12 +252,12 @@ def prepare(
             values.update(zip(plan.outputs, plan.module(*(values[n] for n in plan.inputs))))
         return [values[p.outputs[0]] for p in plans[:-1]], values[plans[-1].outputs[0]]
 
-    data = collect_features(features, train_batches())
     mask_input = next((t.name for t in inputs if "mask" in t.name.lower() and len(t.shape) == 1), None)
-    archs = [ramp_arch_for(f, classes, mask_input) for f in data.features]
+    with torch.no_grad():
+        archs = [ramp_arch_for(f, classes, mask_input) for f in features(example)[0]]
     ramp_modules = [build_ramp(arch) for arch in archs]
-    train_ramps(ramp_modules, [arch.get("inputs", []) for arch in archs], data, epochs=settings.ramp_epochs,
-                seed=settings.seed)
+    data = collect_reduced(features, ramp_modules, [arch.get("inputs", []) for arch in archs], train_batches())
+    train_ramps(ramp_modules, data, epochs=settings.ramp_epochs, seed=settings.seed)
     ramp_specs = [
         RampSpec(i, i, arch, label=f"{cut.node} ({cut.depth:.0%} of FLOPs)")
         for i, (cut, arch) in enumerate(zip(cuts, archs))

@@ -3,9 +3,10 @@
 No labels are needed: each ramp learns to reproduce the original model's output distribution (soft targets, KL
 divergence) plus its argmax (cross-entropy), which is also what serving-time accuracy is measured against. The soft
 targets teach a ramp *how sure* the model is, which is what its confidence must track for thresholds to work; the
-hard term keeps the argmax, the quantity agreement is judged on, in front. Backbone features of the (small)
-bootstrap training split are computed once and cached; the ramps then train jointly, each with its own loss, so one
-schedule serves all candidates.
+hard term keeps the argmax, the quantity agreement is judged on, in front. The backbone runs once over the bootstrap
+training split, and each cut point's feature is cached already reduced by its ramp's parameter-free ``reduce``
+(kilobytes per sample instead of the full feature map), so ramps train on thousands of samples; the heads then train
+jointly, each with its own loss, so one schedule serves all candidates.
 """
 
 from __future__ import annotations
@@ -14,40 +15,36 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
+
+from early_exit.ramps import Ramp
 
 FeatureFn = Callable[[dict[str, torch.Tensor]], tuple[list[torch.Tensor], torch.Tensor]]
 
 
 @dataclass(frozen=True)
 class RampData:
-    """Cached training data: per cut point its features ``[N, ...]``, the model inputs ``[N, ...]`` (for ramps that
-    read one, such as an attention mask) and the original model's logits ``[N, classes]``."""
+    """Cached training data: per cut point its ramp's reduced features ``[N, D]`` and the original model's logits
+    ``[N, classes]``."""
 
-    features: list[torch.Tensor]
-    inputs: dict[str, torch.Tensor]
+    reduced: list[torch.Tensor]
     logits: torch.Tensor
 
 
 @torch.no_grad()
-def collect_features(features: FeatureFn, batches: Iterable[dict[str, torch.Tensor]]) -> RampData:
-    """Concatenate the cut-point features, the model inputs and the final logits over ``batches`` (on the host)."""
-    per_cut: list[list[torch.Tensor]] = []
-    inputs: dict[str, list[torch.Tensor]] = {}
+def collect_reduced(features: FeatureFn, ramps: Sequence[Ramp], ramp_inputs: Sequence[Sequence[str]],
+                    batches: Iterable[dict[str, torch.Tensor]]) -> RampData:
+    """Run the backbone over ``batches`` and keep, per cut point, ``ramps[i].reduce`` of its feature (with the model
+    inputs ``ramp_inputs[i]``) and the final logits, on the host."""
+    per_cut: list[list[torch.Tensor]] = [[] for _ in ramps]
     finals: list[torch.Tensor] = []
-    for batch in batches:
+    for batch in tqdm(batches, desc="ramp features", unit="batch"):
         cuts, logits = features(batch)
-        if not per_cut:
-            per_cut = [[] for _ in cuts]
-        for store, value in zip(per_cut, cuts):
-            store.append(value.detach().cpu())
-        for name, value in batch.items():
-            inputs.setdefault(name, []).append(value.cpu())
+        for store, ramp, names, feature in zip(per_cut, ramps, ramp_inputs, cuts):
+            store.append(ramp.reduce(feature, *(batch[name] for name in names)).float().cpu())
         finals.append(logits.float().cpu())
-    return RampData([torch.cat(store) for store in per_cut], {k: torch.cat(v) for k, v in inputs.items()},
-                    torch.cat(finals))
+    return RampData([torch.cat(store) for store in per_cut], torch.cat(finals))
 
 
 def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -58,15 +55,14 @@ def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tens
 
 
 def train_ramps(
-    ramps: Sequence[nn.Module],
-    ramp_inputs: Sequence[Sequence[str]],
+    ramps: Sequence[Ramp],
     data: RampData,
     epochs: int = 100,
     batch_size: int = 64,
     lr: float = 1e-2,
     seed: int = 0,
 ) -> None:
-    """Fit ``ramps[i]`` on ``data.features[i]`` (plus the model inputs ``ramp_inputs[i]``) in place."""
+    """Fit ``ramps[i].head`` on ``data.reduced[i]`` in place."""
     generator = torch.Generator().manual_seed(seed)
     params = [p for ramp in ramps for p in ramp.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
@@ -82,8 +78,7 @@ def train_ramps(
                 index = order[start : start + batch_size]
                 teacher = data.logits[index]
                 loss = sum(
-                    distillation_loss(ramp(feature[index], *(data.inputs[name][index] for name in names)), teacher)
-                    for ramp, feature, names in zip(ramps, data.features, ramp_inputs)
+                    distillation_loss(ramp.head(reduced[index]), teacher) for ramp, reduced in zip(ramps, data.reduced)
                 )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[union-attr]

@@ -424,3 +424,36 @@ def test_the_status_document_is_rewritten_at_most_every_status_every_seconds(cli
     _send(client, keys, _records(1, 16, ramp_right=True, replica="triton-a"))
     service.poll(block_ms=10)
     assert json.loads(client.get(keys.status)) == written  # not due yet: one SET per model and interval
+
+
+def test_a_shortfall_is_corrected_by_the_least_tightening_not_by_closing_exits() -> None:
+    """Seen on MiniLM: thresholds serving 99.2 % on the window fell short on its held-out half. Candidates tuned to
+    the budget on the other half did not pass the guard's lower bound on the held-out half, and each halving of the
+    budget tightened further, until a candidate exiting almost nothing passed and was published; measured as a loss,
+    exits then went off. Here disagreement falls with confidence, P(wrong | c) = 0.1 (1 - c) for c ~ U(0.5, 1), so a
+    threshold t agrees 1 - 0.1 (1 - t)^2: the one in use (0.6) 98.4 %, the budget's 0.684 exits 63 % of samples.
+    The window does not clearly breach the budget, its held-out half falls short: a tightening is due, and it only
+    has to reach the budget."""
+    rng = np.random.default_rng(14)
+    n = 1600
+    confidence = rng.uniform(0.5, 1.0, n).astype(np.float32)
+    wrong = rng.random(n) < 0.1 * (1.0 - confidence)
+    final = rng.integers(0, 10, n)
+    prediction = np.where(wrong, (final + 1) % 10, final)
+    settings = ControllerSettings(tuner=TunerSettings(guard=AccuracyGuard(0.01, 1.0)), window=2000, min_fresh=200)
+    controller = ModelController(_manifest(), ExitConfig("m", 1, {0: 0.6}), settings)
+    exiting = confidence >= np.float32(0.6)
+    held_out = np.arange(n) % 2 == 1
+    assert not controller.guard.breached(n - int((wrong & exiting).sum()), n)
+    assert (wrong & exiting & held_out).sum() / held_out.sum() > controller.guard.budget
+    for start in range(0, n, 8):
+        part = slice(start, start + 8)
+        controller.observe(FeedbackRecord(
+            "m", 1, (0,), confidence[None, part], prediction[None, part], final[part],
+            np.where(exiting[part], 0, 2), BatchTiming(12.0, 0.1, 12.0, np.full(8, 6.0))))
+    config = controller.step()
+    assert config is not None
+    tightened = confidence >= np.float32(config.thresholds[0])
+    assert (wrong & tightened & held_out).sum() / held_out.sum() <= controller.guard.budget
+    budget_rate = 1 - (0.684 - 0.5) / 0.5
+    assert budget_rate / 2 < tightened.mean() < exiting.mean(), f"threshold {config.thresholds[0]}"
