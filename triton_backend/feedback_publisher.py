@@ -3,8 +3,8 @@
 Inference never waits on Redis: ``offer`` is a non-blocking put into a bounded queue. When the queue is full or Redis
 is unreachable, records are dropped and counted; the thread reconnects with back-off.
 
-The model's manifest (and its name in the model set) is how the controller finds the model. It is registered again
-every ``register_every`` seconds and after every failure, not just once: a Redis that restarted without its data is
+The model's manifest (and its name in the model set) is how the controller finds the model. It is registered when the
+publisher starts, whether or not feedback flows, and again every ``register_every`` seconds and after every failure: a Redis that restarted without its data is
 often never seen failing, because redis-py's retries hide a short outage. Registering is two idempotent writes, so
 repeating it is cheap. Those retries can also replay a whole XADD pipeline whose reply was lost, writing its records
 twice; rather than give up retries (and lose records on every blip), the controller drops a record that repeats a
@@ -93,7 +93,11 @@ class FeedbackPublisher:
     def _run(self) -> None:
         backoff = 0.1
         while not self._stopping.is_set():
-            record = self._queue.get()
+            try:  # wake for the next registration even when no feedback flows (every exit off)
+                record = self._queue.get(timeout=max(0.0, self._register_due - time.monotonic()))
+            except queue.Empty:
+                backoff = self._ship([], backoff)
+                continue
             if record is None:
                 return
             batch = [record]
@@ -107,19 +111,25 @@ class FeedbackPublisher:
                     self._stopping.set()
                     break
                 batch.append(item)
-            try:
-                if time.monotonic() >= self._register_due:
-                    self._register()
+            backoff = self._ship(batch, backoff)
+
+    def _ship(self, batch: list[FeedbackRecord], backoff: float) -> float:
+        """Register when due and write ``batch`` in one round trip; returns the back-off for the next failure."""
+        try:
+            if time.monotonic() >= self._register_due:
+                self._register()
+            if batch:
                 pipe = self._client.pipeline(transaction=False)
                 for item in batch:
                     pipe.xadd(self._keys.feedback, item.encode(), maxlen=self._maxlen, approximate=True)
                 pipe.execute()
                 self._on_published(len(batch))
-                backoff = 0.1
-            except redis.RedisError as exc:
-                self._register_due = 0.0  # register again as soon as Redis answers
+            return 0.1
+        except redis.RedisError as exc:
+            self._register_due = 0.0  # register again as soon as Redis answers
+            if batch:
                 self._on_dropped(len(batch))
-                LOGGER.warning("feedback to Redis failed (%s); dropped %d records, retrying in %.1fs",
-                               exc, len(batch), backoff)
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+            LOGGER.warning("feedback to Redis failed (%s); dropped %d records, retrying in %.1fs",
+                           exc, len(batch), backoff)
+            self._stopping.wait(backoff)
+            return min(backoff * 2, 5.0)

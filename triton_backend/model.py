@@ -76,7 +76,7 @@ class TritonPythonModel:
             on_rejected=self.metrics.config_rejected,
         )
         self.publisher: FeedbackPublisher | None = None
-        if manifest.ramps:  # a vanilla model has nothing to learn from; an early-exit one reports even with no ramp on
+        if manifest.ramps:  # a vanilla model has nothing to learn from
             self.publisher = FeedbackPublisher(
                 client,
                 keys,
@@ -106,7 +106,10 @@ class TritonPythonModel:
             self._last_end = time.perf_counter()
             return batch.take_held()
         self.metrics.count_exits(np.bincount(batch.exit, minlength=manifest.final_exit + 1))
-        if self.publisher is not None and final is not None:
+        # Only batches that met an active ramp carry evidence. With every exit off (the controller found they do
+        # not pay) there is nothing to tune, and a record per batch would still be encoded and shipped: the entry
+        # then costs what its vanilla twin costs. The controller probes exits again on a timer, not on feedback.
+        if self.publisher is not None and final is not None and config.active_ramps:
             recorded = time.perf_counter()
             n = len(final.prediction)
             confidence = np.stack([v.confidence for v in ramp_verdicts]) if ramp_verdicts else np.zeros((0, n))

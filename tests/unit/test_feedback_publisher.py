@@ -56,3 +56,17 @@ def test_the_feedback_stream_is_trimmed_to_about_its_maximum_length(redis_url: s
     finally:
         publisher.close()
     assert 100 <= client.xlen(KEYS.feedback) < 300  # MAXLEN ~ trims whole stream nodes (100 entries each)
+
+
+def test_the_manifest_is_registered_before_any_feedback(redis_url: str, client: redis.Redis) -> None:
+    """A backend serving with every exit off publishes no feedback; the controller must still find the model (to
+    probe exits again after a restart)."""
+    publisher = FeedbackPublisher(redis.Redis.from_url(redis_url), KEYS, '{"name": "m"}', register_every=0.2)
+    try:
+        registered = _eventually(lambda: client.sismember(RedisKeys.models(), "m"), 5)
+        client.flushall()
+        again = _eventually(lambda: client.get(KEYS.manifest) is not None, 5)
+    finally:
+        publisher.close()
+    assert registered and again
+    assert client.xlen(KEYS.feedback) == 0
