@@ -14,8 +14,12 @@ same four outputs:
   only that ramp; its saving is estimated from the profiled latencies.
 
 Traces: Poisson and bursty arrivals at a rate set relative to the vanilla model's measured capacity, plus a drift
-scenario whose inputs change mid-stream. Spread: every median saving is also given per quarter of the trace (min to
-max). The controller's own CPU time and the tuner's cost are reported. Writes ``report.md`` and PNG plots to ``--out``.
+scenario whose inputs change mid-stream. The Poisson and bursty traces are cut into ``--rounds`` segments, and each
+segment is replayed against every system in turn (rotating order): on a shared machine whose speed drifts by ±10 %
+over minutes, running whole traces one system after the other measured the machine as much as the systems. The
+controller runs through the adaptive phase only, so adaptive is paired with vanilla segments of its own phase. Spread:
+every median saving is also given per segment (min to max). The controller's own CPU time and the tuner's cost are
+reported. Writes ``report.md`` and PNG plots to ``--out``.
 """
 
 from __future__ import annotations
@@ -43,7 +47,6 @@ from workload.stack import ROOT, Stack, running_stack, start_controller
 from workload.timeline import ConfigTimeline, record_configs
 
 CONTROLLER_ARGS = ["--min-fresh", "256", "--window", "2000"]
-SYSTEMS = ("vanilla", "off", "static", "adaptive")
 Inputs = dict[str, np.ndarray]
 
 
@@ -56,7 +59,8 @@ class Run:
     answers: list[Answer]
     configs: ConfigTimeline = field(default_factory=list)
     controller_cpu_s: float = 0.0
-    seconds: float = 0.0
+    controller_share: float = 0.0  # of one core, over the time the controller ran
+    seconds: float = 0.0  # time spent replaying this system's requests (its segments only when interleaved)
 
     def latencies(self) -> np.ndarray:
         return np.array([a.latency_ms for a in self.answers if a.error is None])
@@ -65,7 +69,7 @@ class Run:
         return np.array([a.label == original[a.index] for a in self.answers])
 
     def throughput(self) -> float:
-        return len(self.answers) / (max(a.done for a in self.answers) - min(a.sent for a in self.answers))
+        return len(self.answers) / max(self.seconds, 1e-9)
 
 
 def _take(inputs: Inputs, index: slice | np.ndarray) -> Inputs:
@@ -117,26 +121,84 @@ def add_noise(images: np.ndarray, start_fraction: float, max_sigma: float, seed:
 
 def run_system(stack: Stack, system: str, trace: str, model: str, inputs: Inputs, arrivals: np.ndarray,
                static: dict[int, float], warm: Inputs, log_dir: Path) -> Run:
-    """Replay one trace against one system; ``adaptive`` first runs the controller on ``warm`` at the same rate."""
+    """Replay one whole trace against one system; ``adaptive`` first runs the controller on ``warm`` at the same
+    rate. (The drift scenario: adaptation over the trace is what it measures, so it is not interleaved.)"""
     client = redis.Redis.from_url(stack.redis_url)
     _set_config(client, model, {} if system == "off" else static)
-    name = f"{model}_vanilla" if system == "vanilla" else model
     controller = None
     if system == "adaptive":
         controller = start_controller(stack.redis_url, log_dir, CONTROLLER_ARGS)
         count = len(next(iter(warm.values())))
         replay(stack.grpc_url, model, warm, arrivals[:count] - arrivals[0])
+    answers, configs, seconds = _segment(stack, client, system, model, inputs, arrivals, 0)
+    run = Run(system, trace, answers, configs, seconds=seconds)
+    if controller is not None:
+        run.controller_cpu_s = controller.cpu_seconds()
+        run.controller_share = run.controller_cpu_s / max(run.seconds, 1e-9)
+        controller.stop()
+    return run
+
+
+#: Systems measured together, one phase each: the controller runs through the second phase only (it would otherwise
+#: tune on the static system's feedback and overwrite its thresholds), so each phase has its own vanilla segments.
+PHASES = (("vanilla", "off", "static"), ("vanilla", "adaptive"))
+
+
+def _segment(stack: Stack, client: redis.Redis, system: str, model: str, inputs: Inputs, arrivals: np.ndarray,
+             first: int) -> tuple[list[Answer], ConfigTimeline, float]:
+    """Replay one segment of a trace (requests ``first...``) against one system."""
+    name = f"{model}_vanilla" if system == "vanilla" else model
     answers: list[Answer] = []
-    worker = threading.Thread(target=replay, args=(stack.grpc_url, name, inputs, arrivals),
+    worker = threading.Thread(target=replay, args=(stack.grpc_url, name, inputs, arrivals - arrivals[0]),
                               kwargs={"answers": answers})
     started = time.perf_counter()
     worker.start()
     configs = record_configs(client, model, worker, interval=0.1)
-    run = Run(system, trace, answers, configs, seconds=time.perf_counter() - started)
-    if controller is not None:
-        run.controller_cpu_s = controller.cpu_seconds()
-        controller.stop()
-    return run
+    seconds = time.perf_counter() - started
+    for answer in answers:
+        answer.index += first
+    return answers, configs, seconds
+
+
+def run_interleaved(stack: Stack, trace: str, model: str, inputs: Inputs, arrivals: np.ndarray,
+                    static: dict[int, float], warm: Inputs, log_dir: Path, rounds: int
+                    ) -> tuple[dict[str, Run], dict[str, Run]]:
+    """Replay ``arrivals`` in ``rounds`` consecutive segments; each segment goes to every system of a phase in turn
+    (the order rotating per round), so every system meets the same slow and fast spells of this shared machine and
+    each ratio pairs answers to the same requests measured minutes apart at most. Returns each system's run and the
+    vanilla run of its phase, its baseline."""
+    client = redis.Redis.from_url(stack.redis_url)
+    segments = np.array_split(np.arange(len(arrivals)), rounds)
+    runs: dict[str, Run] = {}
+    baselines: dict[str, Run] = {}
+    for phase in PHASES:
+        controller = None
+        if "adaptive" in phase:
+            _set_config(client, model, static)
+            controller = start_controller(stack.redis_url, log_dir, CONTROLLER_ARGS)
+            count = len(next(iter(warm.values())))
+            replay(stack.grpc_url, model, warm, arrivals[:count] - arrivals[0])
+        started = time.perf_counter()
+        measured = {system: Run(system, trace, []) for system in phase}
+        for k, index in enumerate(segments):
+            for system in phase[k % len(phase):] + phase[: k % len(phase)]:
+                if system in ("off", "static"):
+                    _set_config(client, model, {} if system == "off" else static)
+                answers, configs, seconds = _segment(stack, client, system, model, _take(inputs, index),
+                                                     arrivals[index], int(index[0]))
+                run = measured[system]
+                run.answers += answers
+                run.configs += [c for c in configs if not run.configs or c[1] != run.configs[-1][1]]
+                run.seconds += seconds
+        if controller is not None:
+            adaptive = measured["adaptive"]
+            adaptive.controller_cpu_s = controller.cpu_seconds()
+            adaptive.controller_share = adaptive.controller_cpu_s / (time.perf_counter() - started)
+            controller.stop()
+        for system, run in measured.items():  # vanilla: the first phase's, against itself
+            runs.setdefault(system, run)
+            baselines.setdefault(system, measured["vanilla"])
+    return runs, baselines
 
 
 @torch.inference_mode()
@@ -185,10 +247,12 @@ def windowed(values: np.ndarray, width: int) -> np.ndarray:
     return np.convolve(values, np.ones(width) / width, mode="valid")
 
 
-def quarter_savings(run: Run, vanilla: Run) -> tuple[float, float]:
-    """Min and max median saving over the four quarters of the trace (requests in arrival order)."""
+def round_savings(run: Run, vanilla: Run, rounds: int) -> tuple[float, float]:
+    """Min and max median saving over the trace's ``rounds`` segments (requests in arrival order), each against
+    vanilla's answers to the same segment."""
     own, base = run.latencies(), vanilla.latencies()
-    savings = [1 - np.median(a) / np.median(b) for a, b in zip(np.array_split(own, 4), np.array_split(base, 4))]
+    savings = [1 - np.median(a) / np.median(b)
+               for a, b in zip(np.array_split(own, rounds), np.array_split(base, rounds))]
     return float(min(savings)), float(max(savings))
 
 
@@ -222,11 +286,11 @@ def recovery_rounds(run: Run, original: np.ndarray, shift_index: int) -> int | N
     return None
 
 
-def _row(run: Run, original: np.ndarray, vanilla: Run) -> str:
+def _row(run: Run, original: np.ndarray, vanilla: Run, rounds: int) -> str:
     lat, base = run.latencies(), vanilla.latencies()
     p50, p95, p99 = np.percentile(lat, [50, 95, 99])
     v50, v99 = np.percentile(base, [50, 99])
-    low, high = quarter_savings(run, vanilla)
+    low, high = round_savings(run, vanilla, rounds)
     errors = sum(a.error is not None for a in run.answers)
     return (f"| {run.trace} | {run.system} | {p50:.2f} | {p95:.2f} | {p99:.2f} | {1 - p50 / v50:+.1%} "
             f"({low:+.0%}..{high:+.0%}) | {p99 / v99 - 1:+.1%} | {run.agreement(original).mean():.2%} | "
@@ -286,8 +350,8 @@ def plot(runs: dict[tuple[str, str], Run], drift: dict[str, Run], original_drift
 
 
 def report(args: argparse.Namespace, manifest: Manifest, rate: float, count: int, capacity: dict[str, float],
-           runs: dict[tuple[str, str], Run], drift: dict[str, Run], drift_description: str, oracle: float,
-           tuning: tuple[int, float, float], paths: list[Path]) -> str:
+           runs: dict[tuple[str, str], Run], baselines: dict[tuple[str, str], Run], drift: dict[str, Run],
+           drift_description: str, oracle: float, tuning: tuple[int, float, float], paths: list[Path]) -> str:
     originals = {trace: np.array([a.label for a in runs[trace, "vanilla"].answers]) for trace, _ in runs}
     original_drift = np.array([a.label for a in drift["vanilla"].answers])
     lines = [
@@ -296,14 +360,17 @@ def report(args: argparse.Namespace, manifest: Manifest, rate: float, count: int
         "Saturated capacity (closed loop, all requests at once): "
         + ", ".join(f"{name} {value:.0f} req/s ({value / capacity['vanilla'] - 1:+.1%})"
                     for name, value in capacity.items()) + ".\n",
-        "Median saving and p99 change are ratios against vanilla on the same trace in the same run; in brackets the "
-        "range of the median saving over the four quarters of the trace.\n",
+        f"The trace is replayed in {args.rounds} segments; each segment goes to every system in turn, the order "
+        "rotating per round: vanilla, off and static together, then vanilla and adaptive with the controller "
+        "running (warmed up first on other inputs). Median saving and p99 change are ratios against vanilla's "
+        "answers to the same requests in the same phase; in brackets the range of the median saving over the "
+        "segments.\n",
         "| trace | system | median ms | p95 ms | p99 ms | median saving | p99 vs vanilla | agreement with original "
         "| throughput req/s | errors |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for (trace, _), run in runs.items():
-        lines.append(_row(run, originals[trace], runs[trace, "vanilla"]))
+    for (trace, system), run in runs.items():
+        lines.append(_row(run, originals[trace], baselines[trace, system], args.rounds))
     lines += ["", "## Adaptive: controller and configurations", "",
               "| trace | configurations published | rounds below 99 % served agreement | lowest round | controller "
               "CPU s | controller CPU share of one core |", "|---|---:|---:|---:|---:|---:|"]
@@ -313,7 +380,7 @@ def report(args: argparse.Namespace, manifest: Manifest, rate: float, count: int
         original = original_drift if trace == "drift" else originals[trace]
         published, below, lowest = rounds_agreement(run, original)
         lines.append(f"| {trace} | {published} | {below} | {lowest:.2%} | {run.controller_cpu_s:.1f} | "
-                     f"{run.controller_cpu_s / max(run.seconds, 1e-9):.1%} |")
+                     f"{run.controller_share:.1%} |")
     last = runs["poisson", "adaptive"].configs
     lines += ["", f"Last adaptive (poisson) configuration: {last[-1][2] if last else '-'}", "",
               f"Threshold tuning on this window ({tuning[0]} ramps x 2,000 samples, every candidate active): "
@@ -350,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1000, help="requests the adaptive system sees before measuring")
     parser.add_argument("--load", type=float, default=0.25, help="arrival rate as a fraction of vanilla capacity")
     parser.add_argument("--traces", default="poisson,bursty", help="comma-separated subset of poisson,bursty")
+    parser.add_argument("--rounds", type=int, default=8,
+                        help="segments each trace is cut into and replayed against the systems in turn")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results")
     args = parser.parse_args(argv)
     out = args.out / args.model
@@ -362,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = served.manifest
     static = dict(manifest.initial_thresholds)
     runs: dict[tuple[str, str], Run] = {}
+    baselines: dict[tuple[str, str], Run] = {}
     drift: dict[str, Run] = {}
     with running_stack(args.repository, models=[args.model, f"{args.model}_vanilla"], with_controller=False,
                        log_dir=log_dir) as stack:
@@ -380,12 +450,12 @@ def main(argv: list[str] | None = None) -> int:
         makers = {"poisson": lambda: poisson_arrivals(count, rate, seed=1),
                   "bursty": lambda: bursty_arrivals(count, rate, seed=2)}
         for trace in args.traces.split(","):
-            arrivals = makers[trace]()
-            for system in SYSTEMS:
-                runs[trace, system] = run_system(stack, system, trace, args.model, inputs, arrivals, static, warm,
-                                                 log_dir)
-                print(f"  {trace:8s} {system:9s} median {np.median(runs[trace, system].latencies()):.2f} ms",
-                      flush=True)
+            measured, paired = run_interleaved(stack, trace, args.model, inputs, makers[trace](), static, warm,
+                                               log_dir, args.rounds)
+            for system, run in measured.items():
+                runs[trace, system], baselines[trace, system] = run, paired[system]
+                print(f"  {trace:8s} {system:9s} median {np.median(run.latencies()):.2f} ms "
+                      f"(its vanilla {np.median(paired[system].latencies()):.2f} ms)", flush=True)
         arrivals = poisson_arrivals(count, rate, seed=3)
         for system in ("vanilla", "static", "adaptive"):
             drift[system] = run_system(stack, system, "drift", args.model, drift_inputs, arrivals, static, warm,
@@ -397,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     tuning = tuner_cost(confidence, prediction, final, latency)
     original_drift = np.array([a.label for a in drift["vanilla"].answers])
     paths = plot(runs, drift, original_drift, manifest.final_exit, out)
-    text = report(args, manifest, rate, count, capacity, runs, drift, drift_description,
+    text = report(args, manifest, rate, count, capacity, runs, baselines, drift, drift_description,
                   oracle_saving(latency, prediction, final), tuning, paths)
     (out / "report.md").write_text(text, encoding="utf-8")
     print("\n" + text)
