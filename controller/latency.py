@@ -52,21 +52,41 @@ class LatencyModel:
         return float(self.ramp_ms[np.asarray(active, dtype=int)].sum() / self.vanilla_ms) if len(active) else 0.0
 
 
-def realised_saving_ms(view: WindowView, since_version: int = 0) -> tuple[float, int]:
-    """Measured latency saving per sample against running the same batches without any early-exit work, and how
-    many samples (served under configurations ``>= since_version``) it is measured on.
+@dataclass(frozen=True)
+class MeasuredExits:
+    """What a ramp set's exits measured per sample: the time they saved inside their batches, the early-exit work
+    they added to them, and the instance's utilisation meanwhile."""
 
-    A sample answered ``answer_ms`` after its batch started would, on the vanilla model, have waited for the whole
-    batch minus the early-exit work (``batch_ms - overhead_ms``). Early-exit work also lengthens the time the
-    instance is busy, which delays requests queued behind the batch; at utilisation ``rho`` that costs, to first
-    order (M/G/1), ``overhead_ms * rho / (1 - rho)`` per sample. The result is negative when exits do not pay for
-    their ramps, e.g. on a model whose compute is small against the serving overhead.
-    """
+    in_batch_ms: float
+    overhead_ms: float
+    busy: float
+    count: int
+
+    def saving_ms(self, busy: float | None = None) -> float:
+        """Saving per sample at utilisation ``busy`` (default: the measured one).
+
+        A sample answered ``answer_ms`` after its batch started would, on the vanilla model, have waited for the
+        whole batch minus the early-exit work (``batch_ms - overhead_ms``). Early-exit work also lengthens the time
+        the instance is busy, which delays requests queued behind the batch; at utilisation ``rho`` that costs, to
+        first order (M/G/1), ``overhead_ms * rho / (1 - rho)`` per sample. Negative when exits do not pay for their
+        ramps at that load, e.g. on a model whose compute is small against the serving overhead.
+        """
+        rho = min(self.busy if busy is None else busy, 0.95)
+        return self.in_batch_ms - self.overhead_ms * rho / (1.0 - rho)
+
+
+def measured_exits(view: WindowView, since_version: int = 0) -> MeasuredExits:
+    """``MeasuredExits`` of the samples served under configurations ``>= since_version``."""
     chosen = view.version >= since_version
     count = int(chosen.sum())
     if not count:
-        return 0.0, 0
-    rho = min(view.busy, 0.95)
-    in_batch = view.batch_ms - view.overhead_ms - view.answer_ms
-    queueing = view.overhead_ms * rho / (1.0 - rho)
-    return float((in_batch - queueing)[chosen].mean()), count
+        return MeasuredExits(0.0, 0.0, view.busy, 0)
+    in_batch = (view.batch_ms - view.overhead_ms - view.answer_ms)[chosen].mean()
+    return MeasuredExits(float(in_batch), float(view.overhead_ms[chosen].mean()), view.busy, count)
+
+
+def realised_saving_ms(view: WindowView, since_version: int = 0) -> tuple[float, int]:
+    """Measured latency saving per sample (``MeasuredExits.saving_ms``) and how many samples, served under
+    configurations ``>= since_version``, it is measured on."""
+    measured = measured_exits(view, since_version)
+    return (measured.saving_ms() if measured.count else 0.0), measured.count

@@ -45,7 +45,7 @@ import redis
 from controller.adjuster import AdjusterSettings, RampAdjuster
 from controller.config_store import publish_config, read_config
 from controller.guard import AccuracyGuard
-from controller.latency import LatencyModel, realised_saving_ms
+from controller.latency import LatencyModel, MeasuredExits, measured_exits, realised_saving_ms
 from controller.lease import Lease, LeaseLostError
 from controller.tuner import ThresholdTuner, TunerSettings, evaluate
 from controller.window import FeedbackWindow, WindowView
@@ -118,6 +118,7 @@ class _RoundState:
     judge_from: int
     trial: Trial | None
     parked: dict[int, float]
+    parked_cost: MeasuredExits | None
     off_until: float
     probe_after: float
     last_open: dict[int, float]
@@ -158,6 +159,7 @@ class ModelController:
         self._uncommitted: _RoundState | None = None  # what the last round changed for a proposal not yet written
         self.trial: Trial | None = None
         self.parked: dict[int, float] = {}  # the set switched off for not paying, probed again later
+        self.parked_cost: MeasuredExits | None = None  # what its exits measured when they were switched off
         self.off_until = 0.0
         self.probe_after = self.settings.probe_after
         if any(t < NEVER_EXIT for t in config.thresholds.values()):
@@ -183,7 +185,8 @@ class ModelController:
         return config
 
     def _round_state(self) -> _RoundState:
-        return _RoundState(self.window.fresh, self.rounds, self.judge_from, self.trial, self.parked, self.off_until,
+        return _RoundState(self.window.fresh, self.rounds, self.judge_from, self.trial, self.parked, self.parked_cost,
+                           self.off_until,
                            self.probe_after, self.last_open, copy.deepcopy(self.adjuster))
 
     def _restore(self, state: _RoundState) -> None:
@@ -193,6 +196,7 @@ class ModelController:
         self.judge_from = state.judge_from
         self.trial = state.trial
         self.parked = state.parked
+        self.parked_cost = state.parked_cost
         self.off_until = state.off_until
         self.probe_after = state.probe_after
         self.last_open = state.last_open
@@ -201,7 +205,9 @@ class ModelController:
 
     def _decide(self) -> ExitConfig | None:
         if not self.current.active_ramps:
-            return self._probe() if self.parked and self.clock() >= self.off_until else None
+            if not self.parked or self.clock() < self.off_until:
+                return None
+            return self._probe() if self._load_allows_probe() else None
         if self.window.ramps != self.current.active_ramps or self.window.fresh < self.settings.min_fresh // 4:
             return None  # cheap exit on most polls: a breach is judged on a quarter of a round at the earliest
         view = self.window.view()
@@ -342,10 +348,11 @@ class ModelController:
             LOGGER.info("%s: ramps %s rolled back to %s: measured saving %.2f ms, not above %.2f ms",
                         self.manifest.name, view.ramps, sorted(trial.previous), saving, trial.baseline_ms)
             if not trial.previous:
-                return self._switch_off(tuned, "the probe did not pay either")
+                return self._switch_off(tuned, "the probe did not pay either", measured_exits(view, self.judge_from))
             return dict(trial.previous)
         if saving <= 0:
-            return self._switch_off(tuned, f"early exits do not pay at the current load ({saving:.2f} ms measured)")
+            return self._switch_off(tuned, f"early exits do not pay at the current load ({saving:.2f} ms measured)",
+                                    measured_exits(view, self.judge_from))
         active = self.adjuster.propose(view.ramps, np.asarray([tuned[r] for r in view.ramps]), view.confidence,
                                        latency)
         if active is None:
@@ -355,14 +362,41 @@ class ModelController:
         self.trial = Trial(dict(tuned), saving)
         return {r: tuned.get(r, NEVER_EXIT) for r in active}
 
-    def _switch_off(self, tuned: dict[int, float], reason: str) -> dict[int, float]:
+    def _switch_off(self, tuned: dict[int, float], reason: str, measured: MeasuredExits | None = None
+                    ) -> dict[int, float]:
         """Exits do not pay: serve the fused vanilla graph, and probe ``tuned`` (or, when it opens no exit, the last
-        configuration that did) again later."""
+        configuration that did) again later. ``measured``: what the exits cost and saved, when they did not pay at
+        the load of the time (``None`` when they could not open at all)."""
         self.parked = tuned if any(t < NEVER_EXIT for t in tuned.values()) else dict(self.last_open)
+        self.parked_cost = measured
         self.off_until = self.clock() + self.probe_after
         LOGGER.info("%s: exits off for %.0f s: %s", self.manifest.name, self.probe_after, reason)
         self.probe_after = min(2 * self.probe_after, self.settings.max_probe_after)
         return {}
+
+    def _load_allows_probe(self) -> bool:
+        """Whether the parked exits could pay at the load measured since they were switched off.
+
+        Exits that did not pay for their work at one utilisation will not at the same or a higher one: the queueing
+        their work causes grows with it (``MeasuredExits.saving_ms``), and a probe there only repeats the loss, with
+        queues that outlast it on a busy server (measured on ResNet-56 at 80-85 % busy: probes every 30-60 s cost the
+        adaptive entry ~10 points of median). So the parts measured before the switch-off are priced at the
+        utilisation the backends report with every exit off, and the probe is skipped, backing off as a failed one
+        does, while they predict no saving. With no measurement (the exits never opened) or too little feedback since
+        (little traffic), the probe goes ahead.
+        """
+        view = self.window.view()
+        if self.parked_cost is None or self.window.ramps != () or view.size < self.settings.min_fresh:
+            return True
+        predicted = self.parked_cost.saving_ms(view.busy)
+        if predicted > 0:
+            return True
+        self.off_until = self.clock() + self.probe_after
+        LOGGER.info("%s: not probing ramps %s for %.0f s: at %.0f%% busy their measured work predicts %.2f ms "
+                    "(%.0f%% when switched off)", self.manifest.name, sorted(self.parked), self.probe_after,
+                    100 * view.busy, predicted, 100 * self.parked_cost.busy)
+        self.probe_after = min(2 * self.probe_after, self.settings.max_probe_after)
+        return False
 
     def _probe(self) -> ExitConfig:
         """Try the parked set again; it has to beat no exits at all (a measured saving above 0)."""

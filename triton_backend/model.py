@@ -76,7 +76,9 @@ class TritonPythonModel:
             on_rejected=self.metrics.config_rejected,
         )
         self.publisher: FeedbackPublisher | None = None
-        if manifest.ramps:  # a vanilla model has nothing to learn from
+        # A vanilla model has nothing to learn from. An early-exit one reports with every exit off too: its batch
+        # timings tell the controller the load, which decides whether exits switched off for not paying are tried again.
+        if manifest.ramps:
             self.publisher = FeedbackPublisher(
                 client,
                 keys,
@@ -106,10 +108,7 @@ class TritonPythonModel:
             self._last_end = time.perf_counter()
             return batch.take_held()
         self.metrics.count_exits(np.bincount(batch.exit, minlength=manifest.final_exit + 1))
-        # Only batches that met an active ramp carry evidence. With every exit off (the controller found they do
-        # not pay) there is nothing to tune, and a record per batch would still be encoded and shipped: the entry
-        # then costs what its vanilla twin costs. The controller probes exits again on a timer, not on feedback.
-        if self.publisher is not None and final is not None and config.active_ramps:
+        if self.publisher is not None and final is not None:
             recorded = time.perf_counter()
             n = len(final.prediction)
             confidence = np.stack([v.confidence for v in ramp_verdicts]) if ramp_verdicts else np.zeros((0, n))

@@ -92,7 +92,9 @@ def test_redis_frozen_for_10s_under_load_fails_and_delays_nothing_and_control_re
         redis_pid = stack.process("redis").popen.pid
         traffic.start()
         try:
-            _eventually(lambda: _group_reads(client, keys.feedback) > 0, 30, "the controller reading feedback")
+            # Feedback from the capacity burst may be read before this traffic starts: wait for a second of it too.
+            _eventually(lambda: _group_reads(client, keys.feedback) > 0 and len(answers) > rate, 30,
+                        "the controller reading feedback while traffic runs")
             version = metric(stack.metrics_url, "apparate_config_version", model=MODEL)
             os.kill(redis_pid, signal.SIGSTOP)
             frozen = time.perf_counter()

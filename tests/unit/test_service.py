@@ -457,3 +457,28 @@ def test_a_shortfall_is_corrected_by_the_least_tightening_not_by_closing_exits()
     assert (wrong & tightened & held_out).sum() / held_out.sum() <= controller.guard.budget
     budget_rate = 1 - (0.684 - 0.5) / 0.5
     assert budget_rate / 2 < tightened.mean() < exiting.mean(), f"threshold {config.thresholds[0]}"
+
+
+def _off_records(version: int, n: int, idle_ms: float) -> list[FeedbackRecord]:
+    """What a backend with every exit off reports: 12 ms batches of 8, ``idle_ms`` between them."""
+    timing = BatchTiming(12.0, 0.0, idle_ms, np.full(8, 12.0))
+    return [FeedbackRecord("m", version, (), np.zeros((0, 8), np.float32), np.zeros((0, 8), int), np.zeros(8, int),
+                           np.full(8, 2), timing) for _ in range(n // 8)]
+
+
+def test_exits_that_did_not_pay_are_probed_again_only_when_the_load_lets_them_pay() -> None:
+    """Switched off at 50 % busy, where 1 ms of work per sample costs more queueing than the 0.5 ms saved in the
+    batch. At 67 % busy they would lose more: no probe, the back-off doubles. At 20 % busy the same parts predict a
+    saving (0.5 - 1 x 0.2 / 0.8 > 0): the probe goes ahead."""
+    now = [0.0]
+    controller = _controller(adjust_every=1, clock=lambda: now[0])
+    controller.current = ExitConfig("m", 1, {0: 0.9})
+    controller.judge_from = 1
+    off = _feed(controller, _records(1, 400, ramp_right=True, exit_value=0, answer_ms=10.5, overhead_ms=1.0))
+    assert off is not None and off.thresholds == {}
+    now[0] = 31.0
+    assert _feed(controller, _off_records(off.version, 400, idle_ms=6.0)) is None  # 67 % busy
+    assert controller.off_until == 31.0 + 60.0
+    now[0] = 92.0
+    probe = _feed(controller, _off_records(off.version, 400, idle_ms=48.0))  # 20 % busy
+    assert probe is not None and probe.active_ramps == (0,)
