@@ -186,8 +186,7 @@ class ModelController:
 
     def _round_state(self) -> _RoundState:
         return _RoundState(self.window.fresh, self.rounds, self.judge_from, self.trial, self.parked, self.parked_cost,
-                           self.off_until,
-                           self.probe_after, self.last_open, copy.deepcopy(self.adjuster))
+                           self.off_until, self.probe_after, self.last_open, copy.deepcopy(self.adjuster))
 
     def _restore(self, state: _RoundState) -> None:
         # Samples observed since the undone round stay fresh too; none beyond what the window still holds.
@@ -278,10 +277,10 @@ class ModelController:
         points less agreement served than expected on ResNet-20). The halves are fixed per sample (by its position in
         the stream), so no round ever chooses thresholds on a sample that later rounds hold out. A
         candidate that saves less than what is in use, i.e. tightens exits, is taken when the thresholds in use fall
-        short of the budget on the held-out half, it still exits something and it reaches the budget there; every exit is closed only when their
-        answers on the whole window clearly breach it, so small or noisy windows never close exits that work. On a breach the thresholds in use
-        first back off as the paper does (each ramp's ``1 - threshold`` scaled down until the guard admits them),
-        and the climb starts from there.
+        short of the budget on the held-out half, it still exits something and it reaches the budget there; every
+        exit is closed only when their answers on the whole window clearly breach it, so small or noisy windows never
+        close exits that work. On a breach the thresholds in use first back off as the paper does (each ramp's
+        ``1 - threshold`` scaled down until the guard admits them), and the climb starts from there.
         """
         choose = view.sequence % 2 == 0
         picked, held_out = view.subset(np.flatnonzero(choose)), view.subset(np.flatnonzero(~choose))
@@ -369,10 +368,16 @@ class ModelController:
         the load of the time (``None`` when they could not open at all)."""
         self.parked = tuned if any(t < NEVER_EXIT for t in tuned.values()) else dict(self.last_open)
         self.parked_cost = measured
-        self.off_until = self.clock() + self.probe_after
-        LOGGER.info("%s: exits off for %.0f s: %s", self.manifest.name, self.probe_after, reason)
-        self.probe_after = min(2 * self.probe_after, self.settings.max_probe_after)
+        LOGGER.info("%s: exits off for %.0f s: %s", self.manifest.name, self._postpone_probe(), reason)
         return {}
+
+    def _postpone_probe(self) -> float:
+        """Schedule the next probe ``probe_after`` seconds from now and double the delay for the one after (up to
+        ``max_probe_after``); returns the delay scheduled."""
+        delay = self.probe_after
+        self.off_until = self.clock() + delay
+        self.probe_after = min(2 * delay, self.settings.max_probe_after)
+        return delay
 
     def _load_allows_probe(self) -> bool:
         """Whether the parked exits could pay at the load measured since they were switched off.
@@ -391,11 +396,9 @@ class ModelController:
         predicted = self.parked_cost.saving_ms(view.busy)
         if predicted > 0:
             return True
-        self.off_until = self.clock() + self.probe_after
         LOGGER.info("%s: not probing ramps %s for %.0f s: at %.0f%% busy their measured work predicts %.2f ms "
-                    "(%.0f%% when switched off)", self.manifest.name, sorted(self.parked), self.probe_after,
+                    "(%.0f%% when switched off)", self.manifest.name, sorted(self.parked), self._postpone_probe(),
                     100 * view.busy, predicted, 100 * self.parked_cost.busy)
-        self.probe_after = min(2 * self.probe_after, self.settings.max_probe_after)
         return False
 
     def _probe(self) -> ExitConfig:

@@ -43,7 +43,7 @@ from early_exit.manifest import Manifest
 from early_exit.runtime import EarlyExitModel
 from model_zoo.datasets import load_image_set
 from workload.client import Answer, bursty_arrivals, measure_capacity, poisson_arrivals, replay
-from workload.stack import ROOT, Stack, running_stack, start_controller
+from workload.stack import ROOT, Process, Stack, running_stack, start_controller
 from workload.timeline import ConfigTimeline, record_configs
 
 CONTROLLER_ARGS = ["--min-fresh", "256", "--window", "2000"]
@@ -119,17 +119,22 @@ def add_noise(images: np.ndarray, start_fraction: float, max_sigma: float, seed:
     return np.clip(images.astype(np.float32) + noise, 0, 255).astype(np.uint8)
 
 
+def _start_adaptive(stack: Stack, model: str, warm: Inputs, arrivals: np.ndarray, log_dir: Path) -> Process:
+    """Start the controller and let it tune on ``warm`` (other inputs, same arrival rate) before anything is
+    measured."""
+    controller = start_controller(stack.redis_url, log_dir, CONTROLLER_ARGS)
+    count = len(next(iter(warm.values())))
+    replay(stack.grpc_url, model, warm, arrivals[:count] - arrivals[0])
+    return controller
+
+
 def run_system(stack: Stack, system: str, trace: str, model: str, inputs: Inputs, arrivals: np.ndarray,
                static: dict[int, float], warm: Inputs, log_dir: Path) -> Run:
     """Replay one whole trace against one system; ``adaptive`` first runs the controller on ``warm`` at the same
     rate. (The drift scenario: adaptation over the trace is what it measures, so it is not interleaved.)"""
     client = redis.Redis.from_url(stack.redis_url)
     _set_config(client, model, {} if system == "off" else static)
-    controller = None
-    if system == "adaptive":
-        controller = start_controller(stack.redis_url, log_dir, CONTROLLER_ARGS)
-        count = len(next(iter(warm.values())))
-        replay(stack.grpc_url, model, warm, arrivals[:count] - arrivals[0])
+    controller = _start_adaptive(stack, model, warm, arrivals, log_dir) if system == "adaptive" else None
     answers, configs, seconds = _segment(stack, client, system, model, inputs, arrivals, 0)
     run = Run(system, trace, answers, configs, seconds=seconds)
     if controller is not None:
@@ -175,9 +180,7 @@ def run_interleaved(stack: Stack, trace: str, model: str, inputs: Inputs, arriva
         controller = None
         if "adaptive" in phase:
             _set_config(client, model, static)
-            controller = start_controller(stack.redis_url, log_dir, CONTROLLER_ARGS)
-            count = len(next(iter(warm.values())))
-            replay(stack.grpc_url, model, warm, arrivals[:count] - arrivals[0])
+            controller = _start_adaptive(stack, model, warm, arrivals, log_dir)
         started = time.perf_counter()
         measured = {system: Run(system, trace, []) for system in phase}
         for k, index in enumerate(segments):
