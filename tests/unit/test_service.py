@@ -118,14 +118,20 @@ def test_answers_served_under_older_configurations_do_not_trigger_a_breach() -> 
     assert controller.step() is None
 
 
-def test_exits_that_do_not_pay_are_switched_off_and_probed_later() -> None:
+def _switched_off(answer_ms: float = 12.0) -> tuple[ModelController, list[float], ExitConfig]:
+    """A controller (on a settable clock) that has just switched off a ramp answering at ``answer_ms`` in 12 ms
+    batches with 1 ms of early-exit work, at 50 % busy: a measured loss."""
     now = [0.0]
     controller = _controller(adjust_every=1, clock=lambda: now[0])
     controller.current = ExitConfig("m", 1, {0: 0.9})
     controller.judge_from = 1
-    # Answered at 12 ms in a 12 ms batch with 1 ms of early-exit work: a measured loss.
-    off = _feed(controller, _records(1, 400, ramp_right=True, exit_value=0, answer_ms=12.0, overhead_ms=1.0))
+    off = _feed(controller, _records(1, 400, ramp_right=True, exit_value=0, answer_ms=answer_ms, overhead_ms=1.0))
     assert off is not None and off.thresholds == {}
+    return controller, now, off
+
+
+def test_exits_that_do_not_pay_are_switched_off_and_probed_later() -> None:
+    controller, now, _ = _switched_off()
     assert controller.step() is None  # off, and not yet time to probe
     now[0] = 31.0
     probe = controller.step()
@@ -227,12 +233,7 @@ def test_closed_ramps_are_not_switched_off_before_the_window_is_full() -> None:
 
 
 def test_a_probe_that_was_not_written_is_proposed_again() -> None:
-    now = [0.0]
-    controller = _controller(adjust_every=1, clock=lambda: now[0])
-    controller.current = ExitConfig("m", 1, {0: 0.9})
-    controller.judge_from = 1
-    off = _feed(controller, _records(1, 400, ramp_right=True, exit_value=0, answer_ms=12.0, overhead_ms=1.0))
-    assert off is not None and off.thresholds == {}
+    controller, now, _ = _switched_off()
     now[0] = 31.0
     probe = controller.step()
     assert probe is not None  # ... and its write fails: never committed
@@ -470,12 +471,7 @@ def test_exits_that_did_not_pay_are_probed_again_only_when_the_load_lets_them_pa
     """Switched off at 50 % busy, where 1 ms of work per sample costs more queueing than the 0.5 ms saved in the
     batch. At 67 % busy they would lose more: no probe, the back-off doubles. At 20 % busy the same parts predict a
     saving (0.5 - 1 x 0.2 / 0.8 > 0): the probe goes ahead."""
-    now = [0.0]
-    controller = _controller(adjust_every=1, clock=lambda: now[0])
-    controller.current = ExitConfig("m", 1, {0: 0.9})
-    controller.judge_from = 1
-    off = _feed(controller, _records(1, 400, ramp_right=True, exit_value=0, answer_ms=10.5, overhead_ms=1.0))
-    assert off is not None and off.thresholds == {}
+    controller, now, off = _switched_off(answer_ms=10.5)
     now[0] = 31.0
     assert _feed(controller, _off_records(off.version, 400, idle_ms=6.0)) is None  # 67 % busy
     assert controller.off_until == 31.0 + 60.0
