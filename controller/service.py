@@ -276,8 +276,8 @@ class ModelController:
         much the same held-out samples, and a point estimate would sooner or later pass one by luck (measured: 1-1.5
         points less agreement served than expected on ResNet-20). The halves are fixed per sample (by its position in
         the stream), so no round ever chooses thresholds on a sample that later rounds hold out. A
-        candidate that saves less than what is in use, i.e. tightens exits, is taken when the thresholds in use fall
-        short of the budget on the held-out half, it still exits something and it reaches the budget there; every
+        thresholds in use that fall short of the budget on the held-out half back off (the paper's scaling of
+        ``1 - threshold``) just until the held-out half reaches it, as long as something still exits; every
         exit is closed only when their answers on the whole window clearly breach it, so small or noisy windows never
         close exits that work. On a breach the thresholds in use first back off as the paper does (each ramp's
         ``1 - threshold`` scaled down until the guard admits them), and the climb starts from there.
@@ -292,34 +292,43 @@ class ModelController:
         failing = self.guard.breached(round(now.accuracy * view.size), view.size)
         short = evaluate(current, held_out.confidence, held_out.prediction == held_out.final, exit_ms).accuracy \
             < self.guard.floor
-        start = self._back_off(current, view, exit_ms) if failing else current
+        start = self._back_off(current, view, exit_ms, self._admitted_on(view)) if failing else current
         guard = self.guard
         for _ in range(TIGHTENINGS):
             tuner = ThresholdTuner(replace(self.tuner.settings, guard=guard))
             thresholds = tuner.tune(picked.confidence, picked.prediction, picked.final, exit_ms, start)
             candidate = evaluate(thresholds, held_out.confidence, held_out.prediction == held_out.final, exit_ms)
-            whole = evaluate(thresholds, view.confidence, correct, exit_ms)
-            # Falling short tightens exits but never closes them all: that takes a clear breach. A tightening only
-            # has to correct the shortfall, which was judged on the point estimate: the first candidate that reaches
-            # the budget there is taken. Requiring the lower bound instead made each halving tighten further, until
-            # candidates that exit almost nothing passed (measured on MiniLM: a window serving 99.2 % tightened to
-            # no exits, which then measured as a loss and switched exits off).
-            tighter = short and 0 < whole.saving_ms < now.saving_ms
-            if tighter and candidate.accuracy >= self.guard.floor:
-                return thresholds
             if self.guard.admits(round(candidate.accuracy * held_out.size), held_out.size):
-                return thresholds if failing or tighter or whole.saving_ms >= now.saving_ms else None
+                whole = evaluate(thresholds, view.confidence, correct, exit_ms)
+                if failing or whole.saving_ms >= now.saving_ms:
+                    return thresholds
+                break  # admitted, but saves less than what is in use
             guard = replace(guard, budget=guard.budget / 2)
-        return np.full(len(view.ramps), NEVER_EXIT) if failing else None
+        if failing:
+            return np.full(len(view.ramps), NEVER_EXIT)
+        if short:
+            # Falling short tightens exits but never closes them all: that takes a clear breach. The tightening
+            # only has to correct the shortfall, judged on the point estimate, so the thresholds in use back off
+            # just until the held-out half reaches the budget. Re-tuning on the other half instead (to the guard's
+            # lower bound on a few hundred samples, each halving of the budget tighter) picked candidates that
+            # exit almost nothing (measured on MiniLM: a window serving 99.2 % tightened to no exits, which then
+            # measured as a loss and switched exits off).
+            tightened = self._back_off(current, held_out, exit_ms, lambda accuracy: accuracy >= self.guard.floor)
+            exits = first_exit(view.confidence, tightened) < len(view.ramps)
+            return _snapped(tightened, view.confidence) if exits.any() else None
+        return None
 
-    def _back_off(self, current: np.ndarray, view: WindowView, exit_ms: np.ndarray) -> np.ndarray:
-        """The least tightening of ``current`` (``1 - t`` scaled by a shrinking factor) the guard admits on the
-        whole window; every ramp closed when none is."""
+    def _admitted_on(self, view: WindowView) -> Callable[[float], bool]:
+        return lambda accuracy: bool(self.guard.admits(round(accuracy * view.size), view.size))
+
+    def _back_off(self, current: np.ndarray, view: WindowView, exit_ms: np.ndarray,
+                  enough: Callable[[float], bool]) -> np.ndarray:
+        """The least tightening of ``current`` (each open ramp's ``1 - t`` scaled by a shrinking factor, the paper's
+        back-off) whose agreement on ``view`` is ``enough``; every ramp closed when none is."""
         correct = view.prediction == view.final
         for factor in (0.5, 0.25, 0.1, 0.05, 0.02):
             scaled = np.where(current < NEVER_EXIT, 1.0 - (1.0 - current) * factor, NEVER_EXIT)
-            accuracy = evaluate(scaled, view.confidence, correct, exit_ms).accuracy
-            if self.guard.admits(round(accuracy * view.size), view.size):
+            if enough(evaluate(scaled, view.confidence, correct, exit_ms).accuracy):
                 return scaled
         return np.full(len(current), NEVER_EXIT)
 
@@ -407,6 +416,17 @@ class ModelController:
         self.trial = Trial({}, 0.0)
         LOGGER.info("%s: probing ramps %s again", self.manifest.name, sorted(thresholds))
         return self._publishable(thresholds)
+
+
+def _snapped(thresholds: np.ndarray, confidence: np.ndarray) -> np.ndarray:
+    """Each open threshold raised to the lowest confidence in the window that clears it: the same exits on the
+    window, and never looser than needed for them (the tuner's thresholds are chosen the same way)."""
+    snapped = np.array(thresholds, dtype=float)
+    for r, threshold in enumerate(snapped):
+        clearing = confidence[r][confidence[r] >= threshold]
+        if threshold < NEVER_EXIT and clearing.size:
+            snapped[r] = float(clearing.min())
+    return snapped
 
 
 class RecentRecords:
