@@ -89,4 +89,4 @@ def realised_saving_ms(view: WindowView, since_version: int = 0) -> tuple[float,
     """Measured latency saving per sample (``MeasuredExits.saving_ms``) and how many samples, served under
     configurations ``>= since_version``, it is measured on."""
     measured = measured_exits(view, since_version)
-    return (measured.saving_ms() if measured.count else 0.0), measured.count
+    return measured.saving_ms(), measured.count  # 0.0 when nothing was measured
