@@ -104,5 +104,25 @@ def measure_capacity(url: str, model: str, inputs: dict[str, np.ndarray]) -> flo
     return served / (max(a.done for a in answers) - min(a.sent for a in answers))
 
 
+def compute_seconds(url: str, model: str) -> float:
+    """Seconds ``model``'s instances have spent computing since it loaded (Triton's compute input + infer + output):
+    the busy time a utilisation is measured from."""
+    stats = grpcclient.InferenceServerClient(url).get_inference_statistics(model, as_json=True)
+    inference = stats["model_stats"][0]["inference_stats"]
+    return sum(int(inference[phase].get("ns", 0)) for phase in ("compute_input", "compute_infer",
+                                                                 "compute_output")) / 1e9
+
+
+def service_ms(url: str, model: str, inputs: dict[str, np.ndarray]) -> float:
+    """Server time per request (``compute_seconds``) with one request in flight at a time: an idle server's
+    service time, so ``load / service`` is the arrival rate at which the server is busy a ``load`` share of the time
+    when requests do not queue behind each other."""
+    count = len(next(iter(inputs.values())))
+    before = compute_seconds(url, model)
+    for i in range(count):
+        replay(url, model, {name: array[i : i + 1] for name, array in inputs.items()}, [0.0], outputs=("LABEL",))
+    return 1000.0 * (compute_seconds(url, model) - before) / count
+
+
 def _triton_dtype(dtype: np.dtype) -> str:
     return {"uint8": "UINT8", "int64": "INT64", "int32": "INT32", "float32": "FP32", "object": "BYTES"}[str(dtype)]

@@ -20,7 +20,7 @@ from controller.config_store import read_config
 from early_exit.keys import RedisKeys
 from early_exit.manifest import load_manifest
 from workload.bench import workload_inputs
-from workload.client import Answer, measure_capacity, poisson_arrivals, replay
+from workload.client import Answer, poisson_arrivals, replay, service_ms
 from workload.metrics import exits_per_ramp
 from workload.stack import ROOT, running_stack
 
@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--load", type=float, default=0.25,
-                        help="Poisson arrival rate as a fraction of the vanilla model's measured capacity")
+                        help="vanilla's utilisation at one request at a time: the Poisson arrival rate is load "
+                        "divided by its server time per request")
     args = parser.parse_args(argv)
 
     inputs, warm, _, _ = workload_inputs(args.dataset, args.data_dir, args.requests)
@@ -64,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         warm_count = len(next(iter(warm.values())))
         for name in (f"{args.model}_vanilla", args.model):  # first batches of each size run slower: not measured
             replay(stack.grpc_url, name, {k: v[:200] for k, v in warm.items()}, poisson_arrivals(min(200, warm_count), 50))
-        capacity = measure_capacity(stack.grpc_url, f"{args.model}_vanilla", {k: v[:500] for k, v in warm.items()})
-        rate = args.load * capacity
+        service = service_ms(stack.grpc_url, f"{args.model}_vanilla", {k: v[:200] for k, v in warm.items()})
+        rate = args.load * 1000.0 / service
         arrivals = poisson_arrivals(count, rate)
-        print(f"vanilla capacity {capacity:.0f} req/s; replaying at {rate:.0f} req/s ({args.load:.0%})")
+        print(f"vanilla serves a request in {service:.1f} ms; replaying at {rate:.0f} req/s ({args.load:.0%} load)")
         print("\n[1/2] vanilla ...")
         vanilla = replay(stack.grpc_url, f"{args.model}_vanilla", inputs, arrivals)
         original = np.array([a.label for a in vanilla])

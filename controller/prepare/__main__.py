@@ -18,12 +18,14 @@ LOGGER = logging.getLogger("controller.prepare")
 
 def _print_summary(reports: list[RampReport]) -> None:
     """Per candidate: position, cost at the reference batch, agreement with the original model on the validation
-    split (all samples), and the share of validation samples answered there by the initial configuration."""
-    print(f"\n{'ramp':>4}  {'cut point':<26} {'depth':>6} {'cost ms':>8} {'acc vs orig':>11} {'exits':>6}  chosen")
+    split (all samples), the share it could answer alone within the budget, and the share of validation samples
+    answered there by the initial configuration."""
+    print(f"\n{'ramp':>4}  {'cut point':<26} {'depth':>6} {'cost ms':>8} {'acc vs orig':>11} {'alone':>6} "
+          f"{'exits':>6}  chosen")
     for r in reports:
         print(
             f"{r.ramp_id:>4}  {r.label:<26} {r.depth:>6.1%} {r.cost_ms:>8.3f} {r.accuracy:>11.2%} "
-            f"{r.exit_rate:>6.1%}  {'yes' if r.chosen else ''}"
+            f"{r.answerable:>6.1%} {r.exit_rate:>6.1%}  {'yes' if r.chosen else ''}"
         )
 
 

@@ -74,8 +74,18 @@ class RampReport:
     depth: float
     cost_ms: float
     accuracy: float
+    answerable: float  # share of validation samples it could answer alone within the budget (its best threshold)
     exit_rate: float
     chosen: bool
+
+
+def answerable_share(confidence: np.ndarray, agrees: np.ndarray, floor: float) -> float:
+    """Largest share of samples a ramp could answer by itself with agreement ``>= floor`` (point estimate): its most
+    confident samples, as many as keep their agreement at the floor. A ramp's ceiling, whatever the other ramps do:
+    what its depth can save at most is this share."""
+    ranked = agrees[np.argsort(-confidence, kind="stable")]
+    within = np.nonzero(np.cumsum(ranked) >= floor * np.arange(1, len(ranked) + 1))[0]
+    return float((within[-1] + 1) / len(ranked)) if len(within) else 0.0
 
 
 def trace(model: nn.Module, example: dict[str, torch.Tensor]) -> torch.fx.GraphModule:
@@ -295,6 +305,7 @@ def prepare(
     reports = [
         RampReport(spec.id, cut.node, cut.depth, float(latency.ramp_ms[spec.id]),
                    float((prediction[spec.id] == final).mean()),
+                   answerable_share(confidence[spec.id], prediction[spec.id] == final, settings.guard.floor),
                    float(rates[active.index(spec.id)]) if spec.id in initial else 0.0, spec.id in initial)
         for spec, cut in zip(manifest.ramps, cuts)
     ]
