@@ -34,6 +34,10 @@ class BackendMetrics:
             "dropped": family(
                 "apparate_feedback_dropped_total", "Feedback records dropped (buffer full or Redis unavailable)", counter
             ),
+            "stopped": family(
+                "apparate_batches_stopped_total",
+                "Untraced batches stopped at the ramp where their last sample exited (feedback_share < 1)", counter
+            ),
             "version": family("apparate_config_version", "Exit configuration version in use", gauge),
             "rejections": family(
                 "apparate_config_rejections_total", "Exit configurations rejected as invalid or stale", counter
@@ -42,12 +46,14 @@ class BackendMetrics:
         self._exit_metrics = [self._families["exits"].Metric(labels={**labels, "exit": str(i)}) for i in range(num_exits)]
         self._published_metric = self._families["published"].Metric(labels=labels)
         self._dropped_metric = self._families["dropped"].Metric(labels=labels)
+        self._stopped_metric = self._families["stopped"].Metric(labels=labels)
         self._version_metric = self._families["version"].Metric(labels=labels)
         self._rejections_metric = self._families["rejections"].Metric(labels=labels)
         self._lock = threading.Lock()
         self._exits = np.zeros(num_exits, dtype=np.int64)
         self._published = 0
         self._dropped = 0
+        self._stopped = 0
         self._stopping = threading.Event()
         self._flusher = threading.Thread(target=self._run, args=(flush_interval,), name="metrics-flush", daemon=True)
         self._flusher.start()
@@ -64,6 +70,10 @@ class BackendMetrics:
         with self._lock:
             self._dropped += count
 
+    def batch_stopped(self) -> None:
+        with self._lock:
+            self._stopped += 1
+
     def config_applied(self, version: int) -> None:
         self._version_metric.set(version)
 
@@ -74,6 +84,7 @@ class BackendMetrics:
         with self._lock:
             exits, self._exits = self._exits, np.zeros_like(self._exits)
             published, dropped, self._published, self._dropped = self._published, self._dropped, 0, 0
+            stopped, self._stopped = self._stopped, 0
         for metric, count in zip(self._exit_metrics, exits.tolist()):
             if count:
                 metric.increment(count)
@@ -81,6 +92,8 @@ class BackendMetrics:
             self._published_metric.increment(published)
         if dropped:
             self._dropped_metric.increment(dropped)
+        if stopped:
+            self._stopped_metric.increment(stopped)
 
     def close(self) -> None:
         self._stopping.set()

@@ -3,10 +3,17 @@
 The model is non-decoupled with dynamic batching: every request gets exactly one response. A request whose samples all
 exit at ramps is answered through its response sender with ``TRITONSERVER_RESPONSE_COMPLETE_FINAL`` the moment the
 last of them is decided; the others are answered by ``execute``'s return value, which leaves in one message instead of
-a round trip per response (``None`` in the slots of requests already answered). The batch always runs to the end, so
+a round trip per response (``None`` in the slots of requests already answered). A *traced* batch runs to the end, so
 the original model's prediction for every sample is known and becomes label-free accuracy feedback; the record also
 carries what the batch cost (wall time, early-exit overhead, when each sample was answered, idle time before it), so
 the controller can check that exits really save time.
+
+Which batches are traced: the ``feedback_share`` parameter (default 1: all of them, the paper's design). Below 1, each
+batch is traced with that probability, drawn before any exit is known, and only traced batches are reported, so the
+controller's window stays a uniform sample of the traffic. An untraced batch stops at the ramp where its last sample
+exits: the deeper blocks would only have produced feedback, and on a CPU they cost as much as they did for the whole
+batch. Its last answers then leave with ``execute``'s return value instead of a blocking send, and the instance is
+free for the next batch at once.
 """
 
 from __future__ import annotations
@@ -59,6 +66,8 @@ class TritonPythonModel:
         manifest = self.model.manifest
         self.input_names = [spec.name for spec in manifest.inputs]
         self.metrics = BackendMetrics(pb_utils, self.name, manifest.final_exit + 1)
+        self.feedback_share = _feedback_share(self.name, parameters)
+        self.rng = np.random.default_rng()
 
         client, keys, where = model_redis(self.name, parameters)
         initial = ExitConfig(self.name, 0, dict(manifest.initial_thresholds), writer="manifest", written_at=0.0)
@@ -86,8 +95,8 @@ class TritonPythonModel:
                 on_published=self.metrics.feedback_published,
                 on_dropped=self.metrics.feedback_dropped,
             )
-        LOGGER.info("%s: loaded %d blocks, %d candidate ramps on %s; Redis %s", self.name, len(manifest.blocks),
-                    len(manifest.ramps), device, where)
+        LOGGER.info("%s: loaded %d blocks, %d candidate ramps on %s; %.0f %% of batches traced to the end; Redis %s",
+                    self.name, len(manifest.blocks), len(manifest.ramps), device, 100 * self.feedback_share, where)
 
     def execute(self, requests: list[Any]) -> list[Any | None]:
         started = time.perf_counter()
@@ -101,14 +110,17 @@ class TritonPythonModel:
         sizes = [array.shape[0] for array in inputs[self.input_names[0]]]
         batch = BatchAnswers(requests, sizes, manifest.classes, manifest.final_exit, started)
         tensors = {name: torch.from_numpy(np.concatenate(arrays)) for name, arrays in inputs.items()}
+        traced = self.feedback_share >= 1.0 or self.rng.random() < self.feedback_share
         try:
-            ramp_verdicts, final, overhead_ms = self._run(batch, tensors, config)
+            ramp_verdicts, final, overhead_ms = self._run(batch, tensors, config, to_end=traced)
         except Exception as exc:  # answer every request, whatever broke; Triton keeps serving
             self._isolate(batch, inputs, config, exc)
             self._last_end = time.perf_counter()
             return batch.take_held()
         self.metrics.count_exits(np.bincount(batch.exit, minlength=manifest.final_exit + 1))
-        if self.publisher is not None and final is not None:
+        if final is None:
+            self.metrics.batch_stopped()
+        if self.publisher is not None and final is not None and traced:
             recorded = time.perf_counter()
             n = len(final.prediction)
             confidence = np.stack([v.confidence for v in ramp_verdicts]) if ramp_verdicts else np.zeros((0, n))
@@ -121,10 +133,11 @@ class TritonPythonModel:
         self._last_end = time.perf_counter()
         return batch.take_held()
 
-    def _run(self, batch: BatchAnswers, tensors: dict[str, torch.Tensor], config: ExitConfig
+    def _run(self, batch: BatchAnswers, tensors: dict[str, torch.Tensor], config: ExitConfig, to_end: bool = True
              ) -> tuple[list[Verdict], Verdict | None, float]:
-        """Run ``batch`` through the active ramps to the end, answering samples as they are decided; returns the
-        ramps' verdicts, the final verdict and the early-exit overhead in ms (work a vanilla model does not do)."""
+        """Run ``batch`` through the active ramps, answering samples as they are decided; to the end when ``to_end``,
+        else only until every sample is decided. Returns the ramps' verdicts, the final verdict (``None`` when the
+        batch stopped at a ramp) and the early-exit overhead in ms (work a vanilla model does not do)."""
         manifest = self.model.manifest
         ramp_verdicts: list[Verdict] = []
         final: Verdict | None = None
@@ -141,9 +154,12 @@ class TritonPythonModel:
                 ramp_verdicts.append(verdict)
                 exiting = batch.undecided & exits_at(verdict.confidence, config.thresholds[verdict.exit])
                 samples = np.flatnonzero(exiting)
+                stop = not to_end and not (batch.undecided & ~exiting).any()
                 if samples.size:
-                    _answer(batch, samples, verdict)
+                    _answer(batch, samples, verdict, hold=stop)  # the last answers leave with execute's return
                 overhead_ms += verdict.cost_ms + 1000.0 * (time.perf_counter() - decided)
+                if stop:
+                    break
         return ramp_verdicts, final, overhead_ms
 
     def _isolate(self, batch: BatchAnswers, inputs: dict[str, list[np.ndarray]], config: ExitConfig,
@@ -171,3 +187,15 @@ class TritonPythonModel:
         if self.publisher is not None:
             self.publisher.close()
         self.metrics.close()
+
+
+def _feedback_share(model: str, parameters: dict[str, str]) -> float:
+    """The ``feedback_share`` parameter: share of batches traced to the final layer, in (0, 1]."""
+    text = parameters.get("feedback_share", "") or "1"
+    try:
+        share = float(text)
+    except ValueError:
+        share = float("nan")
+    if not 0.0 < share <= 1.0:
+        raise pb_utils.TritonModelException(f"{model}: parameter feedback_share must be in (0, 1], got {text!r}")
+    return share

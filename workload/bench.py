@@ -402,6 +402,12 @@ def report(args: argparse.Namespace, manifest: Manifest, rate: float, service: f
     original_drift = np.array([a.label for a in drift["vanilla"].answers])
     lines = [
         f"# Benchmark: {args.model} ({count} requests per run, {rate:.0f} req/s = {args.load:.0%} load)\n",
+        "Feedback: " + ("the early-exit entry's feedback_share as configured (reference entries: every batch runs to "
+                        "the end)" if args.feedback_share is None else "every batch runs to the end" if
+                        float(args.feedback_share) >= 1 else
+                        f"{float(args.feedback_share):.0%} of the early-exit entry's batches, drawn at random, run to "
+                        "the end and are reported; the others stop where their last sample exits (feedback_share "
+                        f"{args.feedback_share})") + ".\n",
         f"Load is utilisation: vanilla takes {service:.2f} ms of server time per request when requests come one at "
         f"a time, so {rate:.0f} req/s keeps it busy {args.load:.0%} of the time without batching; *busy* below is "
         "the share each system's instance actually spent computing (Triton's statistics).\n",
@@ -473,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--traces", default="poisson,bursty", help="comma-separated subset of poisson,bursty")
     parser.add_argument("--rounds", type=int, default=8,
                         help="segments each trace is cut into and replayed against the systems in turn")
+    parser.add_argument("--feedback-share", default=None, metavar="SHARE",
+                        help="serve the early-exit entry with this feedback_share (share of batches traced to the "
+                        "final layer; the others stop where their last sample exits); default: as configured")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results")
     args = parser.parse_args(argv)
     out = args.out / args.model
@@ -490,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     with running_stack(args.repository, models=[args.model, f"{args.model}_vanilla"], with_controller=False,
                        log_dir=log_dir) as stack:
         client = redis.Redis.from_url(stack.redis_url)
+        if args.feedback_share is not None:
+            stack.reload(args.model, {"feedback_share": args.feedback_share})
         sample = _take(inputs, slice(0, 1000))
         for name in (f"{args.model}_vanilla", args.model):  # first batches of each size run slower: not measured
             replay(stack.grpc_url, name, _take(inputs, slice(0, 300)), poisson_arrivals(300, 50))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -20,6 +21,8 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tritonclient.grpc as grpcclient
 
 from triton_backend.server import ServerPorts, assemble_backends, server_command, server_environment
 
@@ -155,6 +158,14 @@ class Stack:
     def stop(self) -> None:
         for process in reversed(self.processes):
             process.stop()
+
+    def reload(self, model: str, parameters: dict[str, str]) -> None:
+        """Reload ``model`` with ``parameters`` set in its configuration (an override through Triton's
+        model-control API; nothing changes on disk)."""
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        config = client.get_model_config(model, as_json=True)["config"]
+        config.setdefault("parameters", {}).update({k: {"string_value": v} for k, v in parameters.items()})
+        client.load_model(model, config=json.dumps(config))
 
 
 @contextlib.contextmanager

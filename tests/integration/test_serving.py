@@ -12,6 +12,7 @@ import pytest
 import redis
 import torch
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from early_exit.exit_config import NEVER_EXIT, ExitConfig
 from early_exit.keys import RedisKeys
@@ -183,3 +184,37 @@ def _listening_addresses(port: int) -> set[str]:
 def test_every_triton_endpoint_listens_on_loopback_only(stack: Stack) -> None:
     for port in (stack.ports.http, stack.ports.grpc, stack.ports.metrics):
         assert _listening_addresses(port) == {"127.0.0.1"}, f"port {port} is reachable from other hosts"
+
+
+def _executions(client: grpcclient.InferenceServerClient) -> int:
+    """Batches the entry has run since it loaded (absent from Triton's JSON while 0)."""
+    return int(client.get_inference_statistics(MODEL, as_json=True)["model_stats"][0].get("execution_count", 0))
+
+
+def test_untraced_batches_stop_where_their_last_sample_exits_and_report_nothing(
+    stack: Stack, repository: Path, test_images: np.ndarray
+) -> None:
+    images = test_images[:48]
+    model = EarlyExitModel(repository / MODEL / "1")
+    with torch.inference_mode():
+        ramp = next(model.stages({"IMAGE": torch.from_numpy(images)}, [EARLY_RAMP]))
+    client = grpcclient.InferenceServerClient(stack.grpc_url)
+    try:
+        with pytest.raises(InferenceServerException, match="feedback_share must be in"):
+            stack.reload(MODEL, {"feedback_share": "2"})
+        assert client.is_model_ready(MODEL)  # a refused reload leaves the last good one serving
+        stack.reload(MODEL, {"feedback_share": "0.000001"})  # practically no batch traced
+        _apply(stack, {EARLY_RAMP: 0.0})  # every sample exits at the ramp
+        names = ("apparate_batches_stopped_total", "apparate_feedback_published_total")
+        before = {name: metric(stack.metrics_url, name, model=MODEL) for name in names}
+        executions = _executions(client)
+        answers = replay(stack.grpc_url, MODEL, {"IMAGE": images}, poisson_arrivals(len(images), 200.0))
+        batches = _executions(client) - executions
+        assert all(a.error is None for a in answers)
+        assert [a.exit for a in answers] == [EARLY_RAMP] * len(images)
+        assert [a.label for a in sorted(answers, key=lambda a: a.index)] == ramp.prediction.tolist()
+        _wait_for(lambda: metric(stack.metrics_url, names[0], model=MODEL) - before[names[0]] == batches, 5)
+        time.sleep(1.0)  # the publisher ships every 250 ms
+        assert metric(stack.metrics_url, names[1], model=MODEL) == before[names[1]]
+    finally:
+        client.load_model(MODEL)  # back to the configuration on disk: every batch traced
