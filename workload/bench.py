@@ -137,11 +137,11 @@ def add_noise(images: np.ndarray, start_fraction: float, max_sigma: float, seed:
 
 
 def _start_adaptive(stack: Stack, model: str, warm: Inputs, arrivals: np.ndarray, log_dir: Path) -> Process:
-    """Start the controller and let it tune on ``warm`` (other inputs, same arrival rate) before anything is
-    measured."""
+    """Start the controller and let it tune on ``warm`` (other inputs, Poisson at the rate of ``arrivals``) before
+    anything is measured."""
     controller = start_controller(stack.redis_url, log_dir, CONTROLLER_ARGS)
     count = len(next(iter(warm.values())))
-    replay(stack.grpc_url, model, warm, arrivals[:count] - arrivals[0])
+    replay(stack.grpc_url, model, warm, poisson_arrivals(count, len(arrivals) / arrivals[-1], seed=4))
     return controller
 
 
@@ -472,7 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
     parser.add_argument("--requests", type=int, default=4000, help="requests per measured run")
-    parser.add_argument("--warmup", type=int, default=1000, help="requests the adaptive system sees before measuring")
+    parser.add_argument("--warmup", type=int, default=1000,
+                        help="feedback samples the controller gets before measuring: requests divided by the "
+                        "--feedback-share, cycling through the warm-up inputs")
     parser.add_argument("--load", type=float, default=0.25,
                         help="vanilla's utilisation at one request at a time: the arrival rate is load divided by "
                         "its server time per request")
@@ -488,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     inputs, warm, drift_inputs, drift_description = workload_inputs(args.dataset, args.data_dir, args.requests)
     count = len(next(iter(inputs.values())))
-    warm = _take(warm, slice(0, args.warmup))
+    traced = 1.0 if args.feedback_share is None else min(float(args.feedback_share), 1.0)
+    warm = {name: np.resize(array, (round(args.warmup / traced), *array.shape[1:])) for name, array in warm.items()}
     log_dir = out / "logs"
     served = EarlyExitModel(args.repository / args.model / "1")
     manifest = served.manifest
