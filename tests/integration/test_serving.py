@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from early_exit.exit_config import NEVER_EXIT, ExitConfig
 from early_exit.keys import RedisKeys
-from early_exit.runtime import EarlyExitModel
+from early_exit.runtime import EarlyExitModel, Verdict
 from tests.conftest import MODEL
 from tests.integration.conftest import publish
 from workload.client import Answer, poisson_arrivals, replay
@@ -44,6 +44,12 @@ def _background_traffic(stack: Stack, images: np.ndarray, rate: float, answers: 
     return thread
 
 
+@torch.inference_mode()
+def _early_ramp(model: EarlyExitModel, images: np.ndarray) -> Verdict:
+    """What ``EARLY_RAMP`` says about ``images``, computed in process."""
+    return next(model.stages({"IMAGE": torch.from_numpy(images)}, [EARLY_RAMP]))
+
+
 def _apply(stack: Stack, thresholds: dict[int, float]) -> int:
     config = publish(stack, thresholds)
     _wait_for(lambda: metric(stack.metrics_url, "apparate_config_version", model=MODEL) == config.version, 5)
@@ -55,8 +61,7 @@ def test_easy_requests_are_answered_first_and_every_request_exactly_once(
 ) -> None:
     burst = test_images[:16]
     model = EarlyExitModel(repository / MODEL / "1")
-    with torch.inference_mode():
-        ramp_confidence = next(model.stages({"IMAGE": torch.from_numpy(burst)}, [EARLY_RAMP])).confidence
+    ramp_confidence = _early_ramp(model, burst).confidence
     threshold = float(np.median(ramp_confidence))  # half of the burst is "easy" for the early ramp
     _apply(stack, {EARLY_RAMP: threshold})
     ordered_pairs = total_pairs = 0
@@ -195,9 +200,7 @@ def test_untraced_batches_stop_where_their_last_sample_exits_and_report_nothing(
     stack: Stack, repository: Path, test_images: np.ndarray
 ) -> None:
     images = test_images[:48]
-    model = EarlyExitModel(repository / MODEL / "1")
-    with torch.inference_mode():
-        ramp = next(model.stages({"IMAGE": torch.from_numpy(images)}, [EARLY_RAMP]))
+    ramp = _early_ramp(EarlyExitModel(repository / MODEL / "1"), images)
     client = grpcclient.InferenceServerClient(stack.grpc_url)
     try:
         with pytest.raises(InferenceServerException, match="feedback_share must be in"):
