@@ -17,8 +17,8 @@ Traces: Poisson and bursty arrivals at a rate set by ``--load``, vanilla's utili
 server time per request when requests come one at a time), plus a drift scenario whose inputs change mid-stream.
 Saturated capacity (closed loop) is reported beside it: a rate set as a share of that capacity is no measure of load
 on a CPU, where batches of 32 cost far less per request than the batches of 1-2 a moderate trace forms (ResNet-56:
-25 % of saturated capacity kept the server 70-85 % busy). The Poisson and bursty traces are cut into ``--rounds`` segments, and each
-segment is replayed against every system in turn (rotating order): on a shared machine whose speed drifts by ±10 %
+25 % of saturated capacity kept the server 70-85 % busy). The Poisson and bursty traces are cut into ``--rounds``
+segments, and each segment is replayed against every system in turn (rotating order): on a shared machine whose speed drifts by ±10 %
 over minutes, running whole traces one system after the other measured the machine as much as the systems. The
 controller runs through the adaptive phase only, so adaptive is paired with vanilla segments of its own phase. Spread:
 every median saving is also given per segment (min to max). The controller's own CPU time and the tuner's cost are
@@ -254,16 +254,15 @@ def budget_bound(confidence: np.ndarray, prediction: np.ndarray, final: np.ndarr
     threshold policy can pass with these ramps, unlike the oracle, which ignores confidence and the budget."""
     tuner = ThresholdTuner(TunerSettings(guard=AccuracyGuard(z=0.0)))
     active = list(range(confidence.shape[0]))
-    for _ in range(3):  # re-tune without the ramps that exit nothing: their cost no longer counts
-        thresholds = tuner.tune(confidence[active], prediction[active], final, latency.exit_latencies(active))
+    while True:  # re-tune without the ramps that exit nothing, whose cost no longer counts, until all of them exit
+        exit_ms = latency.exit_latencies(active)
+        thresholds = tuner.tune(confidence[active], prediction[active], final, exit_ms)
         kept = [r for r, t in zip(active, thresholds) if t < NEVER_EXIT]
-        if kept == active or not kept:
+        if not kept:
+            return 0.0
+        if kept == active:
             break
         active = kept
-    if not active:
-        return 0.0
-    exit_ms = latency.exit_latencies(active)
-    thresholds = tuner.tune(confidence[active], prediction[active], final, exit_ms)
     outcome = evaluate(thresholds, confidence[active], prediction[active] == final[None, :], exit_ms)
     return outcome.saving_ms / latency.vanilla_ms
 
@@ -393,6 +392,15 @@ def plot(runs: dict[tuple[str, str], Run], drift: dict[str, Run], original_drift
     return paths
 
 
+def _feedback_mode(share: str | None) -> str:
+    if share is None:
+        return "the early-exit entry's feedback_share as configured (reference entries: every batch runs to the end)"
+    if float(share) >= 1:
+        return "every batch runs to the end"
+    return (f"{float(share):.0%} of the early-exit entry's batches, drawn at random, run to the end and are reported; "
+            f"the others stop where their last sample exits (feedback_share {share})")
+
+
 def report(args: argparse.Namespace, manifest: Manifest, rate: float, service: float, count: int,
            capacity: dict[str, float],
            runs: dict[tuple[str, str], Run], baselines: dict[tuple[str, str], Run], drift: dict[str, Run],
@@ -402,12 +410,7 @@ def report(args: argparse.Namespace, manifest: Manifest, rate: float, service: f
     original_drift = np.array([a.label for a in drift["vanilla"].answers])
     lines = [
         f"# Benchmark: {args.model} ({count} requests per run, {rate:.0f} req/s = {args.load:.0%} load)\n",
-        "Feedback: " + ("the early-exit entry's feedback_share as configured (reference entries: every batch runs to "
-                        "the end)" if args.feedback_share is None else "every batch runs to the end" if
-                        float(args.feedback_share) >= 1 else
-                        f"{float(args.feedback_share):.0%} of the early-exit entry's batches, drawn at random, run to "
-                        "the end and are reported; the others stop where their last sample exits (feedback_share "
-                        f"{args.feedback_share})") + ".\n",
+        f"Feedback: {_feedback_mode(args.feedback_share)}.\n",
         f"Load is utilisation: vanilla takes {service:.2f} ms of server time per request when requests come one at "
         f"a time, so {rate:.0f} req/s keeps it busy {args.load:.0%} of the time without batching; *busy* below is "
         "the share each system's instance actually spent computing (Triton's statistics).\n",

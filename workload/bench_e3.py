@@ -108,13 +108,9 @@ LAYOUTS = {"1x2": (1, 0), "2x1": (2, 1)}  # instances, torch threads per instanc
 
 def _relayout(stack: Stack, names: list[str], layout: str, warm: Inputs) -> None:
     """Reload ``names`` with ``layout``'s instance count and threads (a configuration override, nothing on disk)."""
-    client = httpclient.InferenceServerClient(f"127.0.0.1:{stack.ports.http}", network_timeout=300)
     instances, threads = LAYOUTS[layout]
     for name in names:
-        config = client.get_model_config(name)
-        config["instance_group"] = [{"count": instances, "kind": "KIND_CPU"}]
-        config.setdefault("parameters", {})["threads"] = {"string_value": str(threads)}
-        client.load_model(name, config=json.dumps(config))
+        stack.reload(name, {"threads": str(threads)}, instance_group=[{"count": instances, "kind": "KIND_CPU"}])
         replay(stack.grpc_url, name, warm, poisson_arrivals(len(next(iter(warm.values()))), 50))
 
 

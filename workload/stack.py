@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import tritonclient.grpc as grpcclient
 
@@ -159,12 +160,13 @@ class Stack:
         for process in reversed(self.processes):
             process.stop()
 
-    def reload(self, model: str, parameters: dict[str, str]) -> None:
-        """Reload ``model`` with ``parameters`` set in its configuration (an override through Triton's
-        model-control API; nothing changes on disk)."""
+    def reload(self, model: str, parameters: dict[str, str], **fields: Any) -> None:
+        """Reload ``model`` with ``parameters`` and top-level configuration ``fields`` (``instance_group=...``) set
+        in its configuration: an override through Triton's model-control API; nothing changes on disk."""
         client = grpcclient.InferenceServerClient(self.grpc_url)
         config = client.get_model_config(model, as_json=True)["config"]
         config.setdefault("parameters", {}).update({k: {"string_value": v} for k, v in parameters.items()})
+        config.update(fields)
         client.load_model(model, config=json.dumps(config))
 
 
