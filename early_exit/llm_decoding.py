@@ -1,7 +1,7 @@
 """Greedy decoding of a causal LM (``model_zoo.llama``) with per-token early exits that keep every KV cache exact.
 
-A ramp is the model's own final norm + LM head on the hidden state after decoder layer ``l`` (1-based); its
-confidence is top-1 minus top-2 probability. A token exits at the first ramp whose confidence clears that ramp's
+A ramp is the model's own final norm + LM head on the hidden state after decoder layer ``l`` (1-based), over the
+whole vocabulary or a shortlist of it (``RampHead``); its confidence is top-1 minus top-2 probability. A token exits at the first ramp whose confidence clears that ramp's
 threshold (``early_exit.exit_rule.exits_at``), at most ``max_consecutive`` times in a row; otherwise it runs to the
 final layer.
 
@@ -185,11 +185,51 @@ def _confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return top.indices[..., 0], top.values[..., 0] - top.values[..., 1]
 
 
+class RampHead:
+    """What a ramp computes on a hidden state: the model's final norm and (tied) LM head, scored over the whole
+    vocabulary or over a shortlist of token ids (``vocabulary``).
+
+    Why a shortlist: the full LM head of a small model is expensive (SmolLM2-135M: 49,152 x 576, about eight decoder
+    layers), and every exit-eligible token pays its ramps before it knows whether it exits, so full-vocabulary ramps
+    cost more than the layers they skip. Scored over the few thousand tokens the model actually produces, a ramp
+    costs a fraction of one layer. Its confidence (top-1 minus top-2 probability within the shortlist) ignores the
+    probability outside it, so it is not the full head's confidence; thresholds are tuned on agreement with the
+    original model, which is what makes them comparable. A token outside the shortlist can never exit (the ramp
+    never predicts it), so its position runs to the final layer, which produces it.
+    """
+
+    def __init__(self, model: Llama, vocabulary: torch.Tensor | None = None) -> None:
+        self.model = model
+        self.vocabulary = None
+        self.weight = model.lm_head_weight
+        if vocabulary is not None:
+            ids = torch.as_tensor(vocabulary, dtype=torch.long).flatten()
+            if ids.numel() < 2:
+                raise ValueError("a ramp vocabulary needs at least 2 token ids")
+            if int(ids.min()) < 0 or int(ids.max()) >= model.config.vocab_size:
+                raise ValueError(f"ramp vocabulary token ids must be in 0..{model.config.vocab_size - 1}")
+            if ids.unique().numel() != ids.numel():
+                raise ValueError("ramp vocabulary token ids must be distinct")
+            self.vocabulary = ids.to(self.weight.device)
+            self.weight = self.weight.detach()[self.vocabulary].contiguous()  # a copy: rows read once per ramp call
+
+    @property
+    def size(self) -> int:
+        return self.weight.shape[0]
+
+    def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and confidences of ``hidden`` ``[n, hidden_size]``."""
+        index, confidence = _confidence(torch.nn.functional.linear(self.model.norm(hidden), self.weight))
+        return (index if self.vocabulary is None else self.vocabulary[index]), confidence
+
+
 class Decoder:
     """Greedy decoding with ``policy``'s exits on ``model`` (which it never modifies)."""
 
-    def __init__(self, model: Llama, policy: ExitPolicy | None = None, observe: float = 0.0, seed: int = 0) -> None:
+    def __init__(self, model: Llama, policy: ExitPolicy | None = None, observe: float = 0.0, seed: int = 0,
+                 ramp_head: RampHead | None = None) -> None:
         self.model = model
+        self.ramp_head = ramp_head or RampHead(model)
         self.policy = policy or ExitPolicy()
         self.policy.validate(model.config.num_layers)
         if not 0.0 <= observe <= 1.0:
@@ -378,7 +418,7 @@ class Decoder:
         if not asking and not observing:
             return
         states = [chunks[k].x[-1] for k in asking] + [chunks[k].x[i] for k, i, _ in observing]
-        token_ids, confidence = _confidence(self.model.exit_logits(torch.stack(states)))
+        token_ids, confidence = self.ramp_head(torch.stack(states))
         for j, (_, _, observation) in enumerate(observing, start=len(asking)):
             observation.confidence[depth] = float(confidence[j])
             observation.prediction[depth] = int(token_ids[j])

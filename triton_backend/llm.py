@@ -48,6 +48,7 @@ from triton_backend.feedback_publisher import FeedbackPublisher
 from triton_backend.llm_setup import (
     LLMSettings,
     RequestError,
+    TokenCosts,
     llm_feedback_record,
     llm_manifest,
     load_llm,
@@ -98,7 +99,8 @@ class TritonPythonModel:
             self.settings = LLMSettings.from_parameters(parameters)
             version_dir = Path(args["model_repository"]) / args["model_version"]
             model, self.tokenizer = load_llm(self.settings.model, version_dir)
-            self.decoder = Decoder(model, self.settings.policy)
+            self.decoder = Decoder(model, self.settings.policy,
+                                   ramp_head=self.settings.ramp_head(model, version_dir))
         except Exception as exc:
             raise pb_utils.TritonModelException(f"{self.name}: cannot load: {exc!r}") from exc
         self.num_layers = model.config.num_layers
@@ -149,15 +151,11 @@ class TritonPythonModel:
 
     def _manifest(self, parameters: dict[str, str], model: Any) -> Any:
         """The manifest the controller discovers this entry by; per-token costs from parameters, else measured."""
-        if parameters.get("layer_ms") and parameters.get("head_ms"):
-            layer_ms, head_ms = float(parameters["layer_ms"]), float(parameters["head_ms"])
-        else:
-            layer_ms, head_ms = measure_costs(model)
-        LOGGER.info("%s: per token %.3f ms per decoder layer, %.3f ms per ramp (LM head)", self.name, layer_ms,
-                    head_ms)
+        costs = TokenCosts.from_parameters(parameters) or measure_costs(model, self.decoder.ramp_head)
+        LOGGER.info("%s: per token %.3f ms per decoder layer, %.3f ms for the LM head, %.3f ms per ramp (%d tokens)",
+                    self.name, costs.layer_ms, costs.head_ms, costs.ramp_ms, self.decoder.ramp_head.size)
         device = str(model.embed_tokens.weight.device)
-        return llm_manifest(self.name, self.num_layers, model.config.vocab_size, self.settings.exits, layer_ms,
-                            head_ms, device)
+        return llm_manifest(self.name, self.num_layers, model.config.vocab_size, self.settings.exits, costs, device)
 
     def _apply(self, config: ExitConfig) -> None:
         """Build the policy of a new exit configuration (ConfigWatcher's before_swap: a bad one is rejected)."""

@@ -22,8 +22,11 @@ Parameters of an entry (``config.pbtxt``, all strings):
   in the deferred pass (nothing with a single active ramp): see ``early_exit.llm_decoding``.
 - ``feedback_tokens``: observed tokens per feedback record (default 32; a record also goes out once its oldest
   token waited a second).
-- ``layer_ms`` / ``head_ms``: per-token cost of one decoder layer and of one ramp (final norm + LM head) for the
-  manifest's latency profile; measured at load when absent.
+- ``ramp_vocabulary``: a ``.npy`` file of token ids (relative to the version folder) that the ramps score instead of
+  the whole vocabulary (``early_exit.llm_decoding.RampHead``): written by ``python -m controller.prepare.llm`` from
+  the tokens the model itself produces. Empty: ramps use the full LM head.
+- ``layer_ms`` / ``head_ms`` / ``ramp_ms``: per-token cost of one decoder layer, of the final norm + LM head and of
+  one ramp, for the manifest's latency profile; measured at load when any is absent.
 
 Feedback (``llm_feedback_record``): a record's samples are observed tokens, its ramps the active decoder layers as
 ramp ids (layer - 1), ``prediction`` the ramp's token id (int32), ``final`` the original model's token, ``exit`` the
@@ -47,7 +50,7 @@ import numpy as np
 import torch
 
 from early_exit.feedback import BatchTiming, FeedbackRecord
-from early_exit.llm_decoding import Decoder, ExitPolicy, Observation
+from early_exit.llm_decoding import Decoder, ExitPolicy, Observation, RampHead
 from early_exit.manifest import BlockSpec, Manifest, Profile, RampSpec, TensorSpec
 from model_zoo.llama import Llama, from_gguf, init_random, smollm2_gguf_path, tiny_config, tokenizer_from_gguf
 
@@ -70,6 +73,7 @@ class LLMSettings:
     hot_reload: bool = False
     feedback_sample: float = 0.25
     feedback_tokens: int = 32
+    ramp_vocabulary: str = ""
 
     @property
     def policy(self) -> ExitPolicy:
@@ -97,7 +101,17 @@ class LLMSettings:
         if tokens < 1:
             raise ValueError(f"feedback_tokens must be >= 1, got {tokens}")
         return cls(model, exits, int(parameters.get("max_consecutive_exits", "3") or 3), mode == "faithful",
-                   bool(exits) if hot == "" else hot in ("1", "true", "yes", "on"), sample, tokens)
+                   bool(exits) if hot == "" else hot in ("1", "true", "yes", "on"), sample, tokens,
+                   parameters.get("ramp_vocabulary", "").strip())
+
+    def ramp_head(self, model: Llama, base: Path | None = None) -> RampHead:
+        """The ramps' head: over ``ramp_vocabulary`` (a path relative to ``base``) when set, else the full LM head."""
+        if not self.ramp_vocabulary:
+            return RampHead(model)
+        path = Path(self.ramp_vocabulary)
+        if not path.is_absolute() and base is not None:
+            path = base / path
+        return RampHead(model, torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64)))
 
 
 def max_tokens_of(sampling: str | bytes | dict[str, Any] | None) -> int:
@@ -157,6 +171,12 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids)
 
+    def chat(self, text: str) -> str:
+        """``text`` as one user turn in the model's chat template, ready for the assistant's answer: what a client
+        of an instruction-tuned model sends as ``text_input``."""
+        return self._tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                   add_generation_prompt=True)
+
 
 def load_llm(spec: str, base: Path | None = None) -> tuple[Llama, CharTokenizer | HFTokenizer]:
     """The model and tokenizer that parameter ``model`` names."""
@@ -207,7 +227,8 @@ instance_group [ {{ count: {instances} kind: KIND_CPU }} ]
 def write_entries(repository: Path, name: str, parameters: dict[str, str]) -> list[str]:
     """Write ``name`` (early exits as ``parameters`` say) and ``name_vanilla`` (the same model, no exits) into
     ``repository``; returns their names."""
-    vanilla = {key: value for key, value in parameters.items() if key not in ("exits", "mode", "hot_reload")}
+    vanilla = {key: value for key, value in parameters.items()
+               if key not in ("exits", "mode", "hot_reload", "ramp_vocabulary")}
     entries = {name: parameters, f"{name}_vanilla": vanilla}
     for entry, params in entries.items():
         (repository / entry / "1").mkdir(parents=True, exist_ok=True)
@@ -218,15 +239,33 @@ def write_entries(repository: Path, name: str, parameters: dict[str, str]) -> li
 # --- feedback for the controller ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class TokenCosts:
+    """Per-token milliseconds of one decoder layer, of the final norm + LM head and of one ramp."""
+
+    layer_ms: float
+    head_ms: float
+    ramp_ms: float
+
+    @classmethod
+    def from_parameters(cls, parameters: dict[str, str]) -> TokenCosts | None:
+        """The costs an entry's parameters give, ``None`` unless all three are there."""
+        keys = ("layer_ms", "head_ms", "ramp_ms")
+        return cls(*(float(parameters[k]) for k in keys)) if all(parameters.get(k) for k in keys) else None
+
+    def parameters(self) -> dict[str, str]:
+        return {"layer_ms": f"{self.layer_ms:.4f}", "head_ms": f"{self.head_ms:.4f}", "ramp_ms": f"{self.ramp_ms:.4f}"}
+
+
 @torch.inference_mode()
-def measure_costs(model: Llama, repeats: int = 5) -> tuple[float, float]:
-    """Per-token milliseconds of one decoder layer and of one ramp (final norm + LM head), from full-depth decoding
-    steps of one row after a 16-token prompt (median of ``repeats``)."""
+def measure_costs(model: Llama, ramp_head: RampHead, repeats: int = 5) -> TokenCosts:
+    """Per-token costs from full-depth decoding steps of one row after a 16-token prompt and from the heads alone on
+    one hidden state (median of ``repeats``)."""
     decoder = Decoder(model)
     row = decoder.start([0] * 16, repeats + 2)
     decoder.step(row)  # prefill
     decoder.step(row)  # warm-up
-    steps, heads = [], []
+    steps, heads, ramps = [], [], []
     hidden = torch.zeros(1, model.config.hidden_size, device=model.embed_tokens.weight.device)
     for _ in range(repeats):
         start = time.perf_counter()
@@ -235,13 +274,16 @@ def measure_costs(model: Llama, repeats: int = 5) -> tuple[float, float]:
         start = time.perf_counter()
         model.exit_logits(hidden)
         heads.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        ramp_head(hidden)
+        ramps.append(time.perf_counter() - start)
     head_ms = 1000 * statistics.median(heads)
     layer_ms = max(1000 * statistics.median(steps) - head_ms, 1e-3) / model.config.num_layers
-    return layer_ms, head_ms
+    return TokenCosts(layer_ms, head_ms, 1000 * statistics.median(ramps))
 
 
-def llm_manifest(name: str, num_layers: int, vocab_size: int, exits: dict[int, float], layer_ms: float,
-                 head_ms: float, device: str = "cpu") -> Manifest:
+def llm_manifest(name: str, num_layers: int, vocab_size: int, exits: dict[int, float], costs: TokenCosts,
+                 device: str = "cpu") -> Manifest:
     """The manifest a controller needs to control an ``apparate_llm`` entry: block ``i`` = decoder layer ``i + 1``
     (the last one with the final norm and LM head), candidate ramp ``l - 1`` after layer ``l`` for every layer but
     the last, initial thresholds = ``exits``, a one-point profile of per-token costs, and ``exits_fixed`` (the
@@ -252,8 +294,9 @@ def llm_manifest(name: str, num_layers: int, vocab_size: int, exits: dict[int, f
     ramps = tuple(RampSpec(layer - 1, layer - 1, {"type": "lm_head"}, f"layer {layer}")
                   for layer in range(1, num_layers))
     profile = Profile(device, (1,),
-                      tuple((layer_ms + (head_ms if i == num_layers - 1 else 0.0),) for i in range(num_layers)),
-                      tuple((head_ms,) for _ in ramps))
+                      tuple((costs.layer_ms + (costs.head_ms if i == num_layers - 1 else 0.0),)
+                            for i in range(num_layers)),
+                      tuple((costs.ramp_ms,) for _ in ramps))
     manifest = Manifest(name, vocab_size, (TensorSpec("text_input", "object", (1,)),), blocks, ramps,
                         ramp_weights="lm_head", ramp_weights_sha256=None,
                         initial_thresholds={layer - 1: t for layer, t in exits.items()}, profile=profile,

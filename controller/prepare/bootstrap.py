@@ -163,7 +163,7 @@ def _table_texts(path: Path, content: str, column: str | None) -> list[str]:
     return [row[column] or "" for row in reader]
 
 
-def _read_texts(path: Path, column: str | None) -> list[str]:
+def read_texts(path: Path, column: str | None) -> list[str]:
     """Every input of a text file, in file order."""
     try:
         content = path.read_text(encoding="utf-8")
@@ -181,7 +181,7 @@ def _text_file(path: Path, options: BootstrapOptions, encoder: TextEncoder | Non
     if encoder is None:
         raise SystemExit(f"--data {path} is text, and the model brings no tokenizer: use a Hugging Face folder with "
                          "tokenizer.json as --model, or pass token ids as an .npz")
-    texts = _read_texts(path, options.text_column)
+    texts = read_texts(path, options.text_column)
     if not texts:
         raise SystemExit(f"--data {path}: no inputs in it")
     return _text_bootstrap([texts[i] for i in _chosen(len(texts), options, built_in=False)], encoder)

@@ -200,37 +200,41 @@ def choose_initial_ramps(
     confidence: np.ndarray,
     prediction: np.ndarray,
     final: np.ndarray,
-    settings: PrepareSettings,
+    guard: AccuracyGuard,
+    overhead_budget: float,
+    ramp_ids: Sequence[int] | None = None,
 ) -> dict[int, float]:
     """Greedy initial ramp set under the overhead budget, then thresholds tuned jointly on the validation split.
 
-    Each candidate is scored alone by the latency it would save with its own tuned threshold, per millisecond of
-    overhead; candidates are added best first while the set's overhead stays within budget and the jointly tuned
-    saving keeps improving.
+    Each candidate (row ``i`` of ``confidence`` and ``prediction`` is ramp ``ramp_ids[i]``, by default ramp ``i``) is
+    scored alone by the latency it would save with its own tuned threshold, per millisecond of overhead; candidates
+    are added best first while the set's overhead stays within budget and the jointly tuned saving keeps improving.
     """
-    tuner = ThresholdTuner(TunerSettings(guard=settings.guard))
+    ids = list(range(confidence.shape[0])) if ramp_ids is None else list(ramp_ids)
+    tuner = ThresholdTuner(TunerSettings(guard=guard))
     scores = []
-    for ramp_id in range(confidence.shape[0]):
+    for row, ramp_id in enumerate(ids):
         exit_ms = latency.exit_latencies([ramp_id])
-        thresholds = tuner.tune(confidence[[ramp_id]], prediction[[ramp_id]], final, exit_ms)
-        correct = prediction[[ramp_id]] == final[None, :]
-        saving = evaluate(thresholds, confidence[[ramp_id]], correct, exit_ms).saving_ms
+        thresholds = tuner.tune(confidence[[row]], prediction[[row]], final, exit_ms)
+        correct = prediction[[row]] == final[None, :]
+        saving = evaluate(thresholds, confidence[[row]], correct, exit_ms).saving_ms
         scores.append(saving / max(latency.ramp_ms[ramp_id], 1e-6))
-    chosen: list[int] = []
+    chosen: list[int] = []  # rows, in depth order
     best_saving = 0.0
     best_thresholds: dict[int, float] = {}
-    for ramp_id in np.argsort(scores)[::-1]:
-        if scores[ramp_id] <= 0:
+    for row in np.argsort(scores)[::-1]:
+        if scores[row] <= 0:
             break
-        trial = sorted([*chosen, int(ramp_id)])
-        if latency.overhead_fraction(trial) > settings.overhead_budget:
+        trial = sorted([*chosen, int(row)])
+        trial_ids = [ids[r] for r in trial]
+        if latency.overhead_fraction(trial_ids) > overhead_budget:
             continue
-        exit_ms = latency.exit_latencies(trial)
+        exit_ms = latency.exit_latencies(trial_ids)
         thresholds = tuner.tune(confidence[trial], prediction[trial], final, exit_ms)
         saving = evaluate(thresholds, confidence[trial], prediction[trial] == final[None, :], exit_ms).saving_ms
         if saving > best_saving:
             chosen, best_saving = trial, saving
-            best_thresholds = {r: float(t) for r, t in zip(trial, thresholds)}
+            best_thresholds = {r: float(t) for r, t in zip(trial_ids, thresholds)}
     # A ramp the joint tuning keeps closed only costs latency; the controller can still add it back later.
     return {r: t for r, t in best_thresholds.items() if t < NEVER_EXIT}
 
@@ -291,7 +295,7 @@ def prepare(
     latency = LatencyModel.from_manifest(replace(manifest, profile=profile), settings.reference_batch)
     confidence, prediction, final = _validate_ramps(served, validation_batches)
     np.savez_compressed(entry / "1" / VALIDATION_FILE, confidence=confidence, prediction=prediction, final=final)
-    initial = choose_initial_ramps(latency, confidence, prediction, final, settings)
+    initial = choose_initial_ramps(latency, confidence, prediction, final, settings.guard, settings.overhead_budget)
     manifest = replace(manifest, profile=profile, initial_thresholds=initial)
     (entry / "1" / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
     vanilla = replace(vanilla, profile=vanilla_profile)

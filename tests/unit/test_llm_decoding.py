@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from early_exit.llm_decoding import Decoder, ExitPolicy
+from early_exit.llm_decoding import Decoder, ExitPolicy, RampHead
 from model_zoo.llama import Llama, init_random, tiny_config
 
 LAYERS = tiny_config().num_layers
@@ -133,6 +133,41 @@ def test_faithful_mode_streams_verified_exits(shallow_equals_deep: Llama) -> Non
     exits = [t.exit for t in row.streamed]
     assert exits == [3] + [2, 2, 2, 3] * 3  # prefill, then three drafts and the verifying full-depth token
     assert row.stats.disagreed == 0 and row.stats.agreed == 9
+
+
+def test_ramp_head_over_a_shortlist_scores_only_its_tokens(tiny: Llama) -> None:
+    hidden = torch.randn(6, tiny_config().hidden_size, generator=torch.Generator().manual_seed(1))
+    full_ids, full_confidence = RampHead(tiny)(hidden)
+    with torch.inference_mode():
+        logits = tiny.exit_logits(hidden)
+    assert torch.equal(full_ids, logits.argmax(-1))
+    # every token listed (in another order): the same answers as the full head
+    everything = torch.randperm(tiny_config().vocab_size, generator=torch.Generator().manual_seed(2))
+    ids, confidence = RampHead(tiny, everything)(hidden)
+    assert torch.equal(ids, full_ids)
+    torch.testing.assert_close(confidence, full_confidence)
+    # a shortlist: the argmax among its own logits, a softmax over them alone
+    shortlist = torch.tensor([5, 17, 3, 40, 60])
+    ids, confidence = RampHead(tiny, shortlist)(hidden)
+    assert torch.equal(ids, shortlist[logits[:, shortlist].argmax(-1)])
+    top = torch.softmax(logits[:, shortlist], -1).topk(2).values
+    torch.testing.assert_close(confidence, top[:, 0] - top[:, 1])
+    for bad in ([3], [3, 3], [0, tiny_config().vocab_size]):
+        with pytest.raises(ValueError, match="ramp vocabulary"):
+            RampHead(tiny, torch.tensor(bad))
+
+
+def test_shortlist_ramps_exit_only_with_their_tokens_and_keep_caches_exact(tiny: Llama) -> None:
+    """A shortlist changes what ramps can say, not how positions are parked and verified."""
+    shortlist = torch.arange(0, tiny_config().vocab_size, 2)  # even token ids
+    policy = ExitPolicy(ALWAYS, max_consecutive=3)
+    row = Decoder(tiny, policy, ramp_head=RampHead(tiny, shortlist)).generate(_prompts()[0], 16)
+    exited = [t.id for t in row.streamed if t.exit < LAYERS]
+    assert exited and all(token % 2 == 0 for token in exited)
+    _cache_matches_full_forward(tiny, Decoder(tiny, policy, ramp_head=RampHead(tiny, shortlist)), _prompts()[1], 14)
+    faithful = Decoder(tiny, ExitPolicy(ALWAYS, max_consecutive=3, faithful=True), ramp_head=RampHead(tiny, shortlist))
+    prompt = _prompts()[2]
+    assert [t.id for t in faithful.generate(prompt, 12).streamed] == _greedy(tiny, prompt, 12)
 
 
 def test_eos_stops_the_row(tiny: Llama) -> None:

@@ -9,15 +9,17 @@ import pytest
 from early_exit.feedback import FeedbackRecord
 from early_exit.llm_decoding import Observation
 from early_exit.manifest import Manifest
-from triton_backend.llm_setup import LLMSettings, llm_feedback_record, llm_manifest, main
+from triton_backend.llm_setup import LLMSettings, TokenCosts, llm_feedback_record, llm_manifest, main
 
 
 def test_manifest_round_trips_with_one_ramp_per_layer_but_the_last() -> None:
-    manifest = Manifest.from_json(llm_manifest("m", 4, 97, {2: 0.9}, 1.5, 4.0).to_json())
+    manifest = Manifest.from_json(llm_manifest("m", 4, 97, {2: 0.9}, TokenCosts(1.5, 4.0, 0.25)).to_json())
     assert [r.id for r in manifest.ramps] == [0, 1, 2] and [r.after_block for r in manifest.ramps] == [0, 1, 2]
     assert manifest.final_exit == 3 and manifest.initial_thresholds == {1: 0.9} and manifest.exits_fixed
     blocks, ramps = manifest.profile.at(16)
-    assert blocks.tolist() == [1.5, 1.5, 1.5, 5.5] and ramps.tolist() == [4.0] * 3
+    assert blocks.tolist() == [1.5, 1.5, 1.5, 5.5] and ramps.tolist() == [0.25] * 3  # the LM head ends the last
+    assert TokenCosts.from_parameters(TokenCosts(1.5, 4.0, 0.25).parameters()) == TokenCosts(1.5, 4.0, 0.25)
+    assert TokenCosts.from_parameters({"layer_ms": "1", "head_ms": "2"}) is None
 
 
 def test_feedback_record_maps_layers_to_ramp_ids() -> None:
