@@ -128,9 +128,11 @@ bench-e3: reference-models  ## goodput of vanilla, Apparate and E3 modes under a
 	$(if $(wildcard $(DEEP_CHECKPOINT)),$(PY) -m workload.bench_e3 --model $(DEEP_MODEL) --dataset $(DATASET) \
 	  --data-dir $(DATA_DIR))
 
-bench-llm: setup  ## SmolLM2 decoding, vanilla vs per-token exits, rows alone vs batched (docs/benchmarks/smollm2/decode_bench.md)
-	set -o pipefail; $(PY) -m workload.llm_decode_bench --exits 24:0.9994 --exits 28:0.9 \
-	  | tee docs/benchmarks/smollm2/decode_bench.md
+bench-llm: setup $(REPO)/$(LLM_MODEL)/config.pbtxt  ## SmolLM2 on Triton: per-token exits vs the vanilla twin, 1 and 4 streams (docs/benchmarks/smollm2/)
+	$(PY) -m workload.llm_bench --model $(LLM_MODEL) --streams 1 --rounds 4 --controller \
+	  --out docs/benchmarks/smollm2/serving_1_stream.md
+	$(PY) -m workload.llm_bench --model $(LLM_MODEL) --streams 4 --rounds 3 \
+	  --out docs/benchmarks/smollm2/serving_4_streams.md
 
 bench-controller: reference-models  ## the controller's CPU share at 200 feedback samples/s (bench_results/controller_load.md)
 	@mkdir -p bench_results

@@ -55,12 +55,18 @@ class ExitPolicy:
         max_consecutive: exits allowed in a row before a token must run to the final layer.
         faithful: hold exited tokens until the original model confirms them (the stream equals greedy decoding).
         version: the exit configuration it comes from (carried into observations).
+        partial_exits: let a row leave a pass that goes on for other rows. Off by default: rows decoded together
+            wait for the pass anyway, and a layer costs about the same for fewer rows wherever decoding is bound by
+            reading the weights (a CPU, or a GPU below its compute limit), so a row leaving alone saves nothing and
+            only risks its agreement; a pass stops at a ramp when every row in it exits there. A single row is
+            unaffected.
     """
 
     thresholds: dict[int, float] = field(default_factory=dict)
     max_consecutive: int = 3
     faithful: bool = False
     version: int = 0
+    partial_exits: bool = False
 
     def validate(self, num_layers: int) -> None:
         bad = [layer for layer in self.thresholds if not 1 <= layer < num_layers]
@@ -290,7 +296,7 @@ class Decoder:
             if thresholds and self.observe and self._sampler.random() < self.observe:
                 observation = Observation(tuple(sorted(thresholds)), policy.version)
             work.append((row, [row.next_input], thresholds, observation))
-        outcomes = self._pass_many(work) if work else []
+        outcomes = self._pass_many(work, policy.partial_exits) if work else []
         streamed = {id(row): self._accept(row, out, policy) for (row, *_), out in zip(work, outcomes)}
         return [streamed.get(id(row), []) for row in rows]
 
@@ -381,11 +387,11 @@ class Decoder:
     def _pass(self, row: Row, new_ids: list[int] | None, thresholds: dict[int, float]) -> _Outcome:
         return self._pass_many([(row, new_ids, thresholds, None)])[0]
 
-    def _pass_many(self, work: list[tuple[Row, list[int] | None, dict[int, float], Observation | None]]
-                   ) -> list[_Outcome]:
+    def _pass_many(self, work: list[tuple[Row, list[int] | None, dict[int, float], Observation | None]],
+                   partial_exits: bool = True) -> list[_Outcome]:
         """Run each row's ``new_ids`` (None: no new position, a flush) through the layers, taking its parked positions
         along from the layer after their depth; a row stops at the first ramp of its thresholds that its last
-        position clears."""
+        position clears (without ``partial_exits``: only when every row still in the pass stops there too)."""
         model = self.model
         device = model.embed_tokens.weight.device
         chunks = [_Chunk(row, None if ids is None else model.embed_tokens(torch.tensor(ids, device=device)),
@@ -403,11 +409,12 @@ class Decoder:
             if not live:
                 continue
             self._layer(layer, index, [chunks[k] for k in live])
-            self._ramps(index + 1, chunks, live, outcomes)
+            self._ramps(index + 1, chunks, live, outcomes, partial_exits)
         self._run_out(chunks, outcomes)
         return [out if out is not None else _Outcome([], None, False) for out in outcomes]
 
-    def _ramps(self, depth: int, chunks: list[_Chunk], live: list[int], outcomes: list[_Outcome | None]) -> None:
+    def _ramps(self, depth: int, chunks: list[_Chunk], live: list[int], outcomes: list[_Outcome | None],
+               partial_exits: bool) -> None:
         """The ramp after layer ``depth`` where it is asked (new positions: exit or go on) or observed (positions
         sampled for feedback that pass it for the first time), all in one LM-head call."""
         asking = [k for k in live if chunks[k].new and depth in chunks[k].thresholds and depth < self.num_layers]
@@ -422,12 +429,18 @@ class Decoder:
         for j, (_, _, observation) in enumerate(observing, start=len(asking)):
             observation.confidence[depth] = float(confidence[j])
             observation.prediction[depth] = int(token_ids[j])
+        clears = [bool(exits_at(np.float32(confidence[j].item()), chunks[k].thresholds[depth]))
+                  for j, k in enumerate(asking)]
+        if not partial_exits:  # the pass stops here for every row still in it, or for none
+            pending = [k for k, out in enumerate(outcomes) if out is None]
+            leaving = {k for k, clear in zip(asking, clears) if clear}
+            clears = [clear and leaving.issuperset(pending) for clear in clears]
         for j, k in enumerate(asking):
             chunk = chunks[k]
             if chunk.observation is not None:
                 chunk.observation.confidence[depth] = float(confidence[j])
                 chunk.observation.prediction[depth] = int(token_ids[j])
-            if bool(exits_at(np.float32(confidence[j].item()), chunk.thresholds[depth])):
+            if clears[j]:
                 draft = Token(int(token_ids[j]), depth, float(confidence[j]))
                 drafts = [p.draft for p in chunk.joined] + [draft]
                 if chunk.observation is not None:

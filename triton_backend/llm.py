@@ -42,7 +42,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from early_exit.exit_config import ExitConfig
-from early_exit.llm_decoding import Decoder, DecodeStats, ExitPolicy, Observation, Row, Token
+from early_exit.llm_decoding import Decoder, DecodeStats, Observation, Row, Token
 from triton_backend.config_watcher import ConfigWatcher
 from triton_backend.feedback_publisher import FeedbackPublisher
 from triton_backend.llm_setup import (
@@ -159,8 +159,7 @@ class TritonPythonModel:
 
     def _apply(self, config: ExitConfig) -> None:
         """Build the policy of a new exit configuration (ConfigWatcher's before_swap: a bad one is rejected)."""
-        policy = ExitPolicy({ramp + 1: t for ramp, t in config.thresholds.items()}, self.settings.max_consecutive,
-                            self.settings.faithful, config.version)
+        policy = self.settings.policy_for({ramp + 1: t for ramp, t in config.thresholds.items()}, config.version)
         policy.validate(self.num_layers)
         self._policy = policy
 

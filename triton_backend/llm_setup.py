@@ -15,6 +15,8 @@ Parameters of an entry (``config.pbtxt``, all strings):
 - ``hot_reload``: ``true``/``false``, follow the exit configuration in Redis (``early_exit.exit_config``, ramp id =
   layer - 1); default true when ``exits`` is set.
 - ``max_rows``: requests decoded together in one pass (continuous batching; default 8, later requests wait).
+- ``partial_exits``: ``true`` lets a row leave a pass that goes on for the other rows; default ``false``: a pass
+  stops at a ramp only when every row in it exits there (``early_exit.llm_decoding.ExitPolicy`` says why).
 - ``threads``: torch threads of the instance on a CPU (0: torch's default).
 - ``feedback_sample``: share of exit-eligible tokens observed for the controller (default 0.25; 0: no feedback).
   Feedback is published while ``hot_reload`` is on (a controller's thresholds only matter to an entry that follows
@@ -60,6 +62,10 @@ MODES = ("stream", "faithful")
 TINY_POSITIONS = 4096
 
 
+def _true(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
 class RequestError(ValueError):
     """A request the backend refuses; the message goes to the client."""
 
@@ -74,10 +80,15 @@ class LLMSettings:
     feedback_sample: float = 0.25
     feedback_tokens: int = 32
     ramp_vocabulary: str = ""
+    partial_exits: bool = False
 
     @property
     def policy(self) -> ExitPolicy:
-        return ExitPolicy(dict(self.exits), self.max_consecutive, self.faithful)
+        return self.policy_for(self.exits)
+
+    def policy_for(self, exits: dict[int, float], version: int = 0) -> ExitPolicy:
+        """The decoding policy of these settings with ``exits`` (decoder layer -> threshold)."""
+        return ExitPolicy(dict(exits), self.max_consecutive, self.faithful, version, self.partial_exits)
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, str]) -> LLMSettings:
@@ -101,8 +112,8 @@ class LLMSettings:
         if tokens < 1:
             raise ValueError(f"feedback_tokens must be >= 1, got {tokens}")
         return cls(model, exits, int(parameters.get("max_consecutive_exits", "3") or 3), mode == "faithful",
-                   bool(exits) if hot == "" else hot in ("1", "true", "yes", "on"), sample, tokens,
-                   parameters.get("ramp_vocabulary", "").strip())
+                   bool(exits) if hot == "" else _true(hot), sample, tokens,
+                   parameters.get("ramp_vocabulary", "").strip(), _true(parameters.get("partial_exits", "")))
 
     def ramp_head(self, model: Llama, base: Path | None = None) -> RampHead:
         """The ramps' head: over ``ramp_vocabulary`` (a path relative to ``base``) when set, else the full LM head."""

@@ -30,6 +30,7 @@ SEED = 5
 MODEL = "tiny_llm"  # stream mode: every ramp at threshold 0, so tokens exit whenever the cap allows
 VANILLA = f"{MODEL}_vanilla"
 FAITHFUL = f"{MODEL}_faithful"
+SHORTLIST = f"{MODEL}_shortlist"  # ramps scoring even token ids only (ramp_vocabulary)
 LAYERS = 3
 TOKENIZER = CharTokenizer()
 PROMPTS = ["Hello, Triton", "early exits", "a b c d", "The quick brown fox"]
@@ -44,7 +45,11 @@ def llm_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     (repository / FAITHFUL / "1").mkdir(parents=True)
     (repository / FAITHFUL / "config.pbtxt").write_text(config_pbtxt(FAITHFUL, {
         **common, "exits": "1:0.0,2:0.0", "mode": "faithful", "hot_reload": "false"}))
-    with running_stack(repository, models=[MODEL, VANILLA, FAITHFUL], with_controller=False,
+    (repository / SHORTLIST / "1").mkdir(parents=True)
+    np.save(repository / SHORTLIST / "1" / "even.npy", np.arange(0, TOKENIZER.vocab_size, 2))
+    (repository / SHORTLIST / "config.pbtxt").write_text(config_pbtxt(SHORTLIST, {
+        **common, "exits": "1:0.0,2:0.0", "hot_reload": "false", "ramp_vocabulary": "even.npy"}))
+    with running_stack(repository, models=[MODEL, VANILLA, FAITHFUL, SHORTLIST], with_controller=False,
                        log_dir=tmp_path_factory.mktemp("llm_logs")) as stack:
         yield stack
 
@@ -176,6 +181,19 @@ def test_stream_mode_exits_early_and_reports_agreement(llm_stack: Stack, referen
                    for v in ("agree", "disagree"))
     assert verdicts == exited  # every exited token compared with the deep pass (the last ones after the stream)
     assert metric(url, "apparate_llm_tokens_total", model=MODEL, exit=str(LAYERS)) == 16 - exited
+
+
+def test_ramps_over_a_vocabulary_file_exit_only_with_its_tokens(llm_stack: Stack, reference) -> None:
+    stream = Stream(llm_stack)
+    stream.send(SHORTLIST, "s", _inputs(PROMPTS[3], True, {"max_tokens": 16}))
+    ids, exits, _ = _tokens(stream.collect(1)["s"])
+    stream.close()
+    exited = [token for token, layer in zip(ids, exits) if layer < LAYERS]
+    assert exited and all(token % 2 == 0 for token in exited)
+    prompt = TOKENIZER.encode(PROMPTS[3])
+    with torch.inference_mode():
+        logits = reference(torch.tensor([prompt + ids[:-1]])).logits[0, len(prompt) - 1:]
+    assert all(int(logits[i].argmax()) == t for i, (t, e) in enumerate(zip(ids, exits)) if e == LAYERS)
 
 
 def test_non_streaming_returns_one_response_with_the_whole_text(llm_stack: Stack, reference) -> None:

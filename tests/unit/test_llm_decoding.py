@@ -230,6 +230,8 @@ def test_settings_from_parameters() -> None:
     vanilla = LLMSettings.from_parameters({"model": "tiny:1"})
     assert vanilla.policy.thresholds == {} and not vanilla.hot_reload and not vanilla.faithful
     assert not LLMSettings.from_parameters({"model": "tiny:1", "exits": "1:0.5", "hot_reload": "false"}).hot_reload
+    partial = LLMSettings.from_parameters({"model": "tiny:1", "exits": "1:0.5", "partial_exits": "true"})
+    assert partial.policy_for({2: 0.25}, version=4) == ExitPolicy({2: 0.25}, version=4, partial_exits=True)
     for bad in ({}, {"model": "tiny:1", "exits": "1=0.5"}, {"model": "tiny:1", "mode": "fast"}):
         with pytest.raises(ValueError):
             LLMSettings.from_parameters(bad)
@@ -262,8 +264,9 @@ def test_repository_entries(tmp_path) -> None:
 @pytest.mark.parametrize("faithful", [False, True])
 def test_continuous_batching_equals_rows_alone(tiny: Llama, faithful: bool) -> None:
     """Rows stepped together (joining at different times, so prefills, single tokens, parked chunks and flushes of
-    different lengths share passes) give each row what it gets alone: tokens, exit layers, agreement counts."""
-    decoder = Decoder(tiny, ExitPolicy({1: 0.3, 2: 0.0}, max_consecutive=3, faithful=faithful))
+    different lengths share passes) give each row what it gets alone: tokens, exit layers, agreement counts, when
+    each row may leave a pass on its own (``partial_exits``)."""
+    decoder = Decoder(tiny, ExitPolicy({1: 0.3, 2: 0.0}, max_consecutive=3, faithful=faithful, partial_exits=True))
     generator = torch.Generator().manual_seed(11)
     prompts = [torch.randint(0, 97, (length,), generator=generator).tolist() for length in (3, 9, 5, 1, 7)]
     budgets = [14, 6, 20, 11, 9]
@@ -286,3 +289,23 @@ def test_continuous_batching_equals_rows_alone(tiny: Llama, faithful: bool) -> N
     if faithful:
         for prompt, budget, row in zip(prompts, budgets, rows):
             assert [t.id for t in row.streamed] == _greedy(tiny, prompt, budget)
+
+
+def test_a_pass_stops_only_where_every_row_in_it_exits(tiny: Llama) -> None:
+    """By default a row does not leave a pass the other rows continue (it would wait for them anyway): a decoding
+    row whose ramp clears its threshold runs on while another row's prefill shares the pass, and exits once the
+    pass is its own."""
+    for partial in (False, True):
+        decoder = Decoder(tiny, ExitPolicy({1: 0.0}, max_consecutive=1, partial_exits=partial))
+        first = decoder.start(_prompts()[0], 8)
+        decoder.step(first)  # prefill alone
+        second = decoder.start(_prompts()[1], 8)
+        together = decoder.step_many([first, second])  # first asks its ramp; second's prefill runs full depth
+        assert together[0][0].exit == (1 if partial else LAYERS) and together[1][0].exit == LAYERS
+        alone = decoder.step(first)  # then first alone again: the cap of one exit in a row allows one now
+        assert alone[0].exit == (LAYERS if partial else 1)
+    # rows that all clear the ramp leave the pass together
+    decoder = Decoder(tiny, ExitPolicy({1: 0.0}, max_consecutive=1))
+    rows = [decoder.start(p, 8) for p in _prompts()[:3]]
+    decoder.step_many(rows)
+    assert all(tokens[0].exit == 1 for tokens in decoder.step_many(rows))
