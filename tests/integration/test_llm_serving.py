@@ -322,3 +322,22 @@ def test_smollm2_streams_its_greedy_continuation(tmp_path_factory: pytest.TempPa
         assert ids == continuation
         assert text.startswith(" Paris.")
         assert all(1 <= e <= 30 for e in exits) and (name == "smollm2" or exits == [30] * 8)
+
+
+def test_an_entry_that_cannot_load_says_why_and_the_others_keep_serving(llm_stack: Stack, reference) -> None:
+    """The model loads on the decoding thread; a failure there still fails the load with its reason."""
+    import io
+
+    client = grpcclient.InferenceServerClient(llm_stack.grpc_url)
+    config = client.get_model_config(SHORTLIST, as_json=True)["config"]
+    config["name"] = "tiny_llm_broken"
+    config["parameters"]["ramp_vocabulary"] = {"string_value": "bad.npy"}
+    bad = io.BytesIO()
+    np.save(bad, np.array([5, 5, 6]))  # repeated token ids
+    with pytest.raises(Exception, match="ramp vocabulary token ids must be distinct"):
+        client.load_model("tiny_llm_broken", config=json.dumps(config), files={"file:1/bad.npy": bad.getvalue()})
+    assert not client.is_model_ready("tiny_llm_broken") and client.is_model_ready(SHORTLIST)
+    stream = Stream(llm_stack)
+    stream.send(VANILLA, "after", _inputs(PROMPTS[0], True, {"max_tokens": 4}))
+    assert _tokens(stream.collect(1)["after"])[0] == greedy(reference, PROMPTS[0], 4)
+    stream.close()
