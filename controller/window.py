@@ -19,7 +19,7 @@ class WindowView:
     ``version`` (configuration it was served under), ``answer_ms`` and, repeated from its batch, ``batch_ms`` and
     ``overhead_ms``, and ``sequence``, its position in the stream since the window (re)started: stable while the
     sample stays in the window, so a split by it puts a sample on the same side in every round. ``busy`` is the share
-    of wall time the instance spent executing batches over the window.
+    of wall time the instance spent executing batches over the window, batches that sent no record included.
     """
 
     ramps: tuple[int, ...]
@@ -120,8 +120,9 @@ class FeedbackWindow:
             return WindowView(ramps, np.zeros((len(ramps), 0)), np.zeros((len(ramps), 0), int), empty.astype(int),
                               empty.astype(int), empty.astype(int), empty, empty, empty, empty.astype(int), 1.0, 0.0)
         sizes = [r.batch_size for r in records]
-        busy_ms = sum(r.timing.batch_ms for r in records)
-        idle_ms = sum(r.timing.idle_ms for r in records[1:])  # the first record's idle time precedes the window
+        # What the first record says happened before its batch (waits, batches that sent no record) precedes the window.
+        busy_ms = sum(r.timing.batch_ms for r in records) + sum(r.timing.unreported_ms for r in records[1:])
+        idle_ms = sum(r.timing.idle_ms for r in records[1:])
         return WindowView(
             ramps,
             np.concatenate([r.confidence for r in records], axis=1),

@@ -10,7 +10,8 @@ little-endian bytes (float32 confidences and times, int32 predictions, so token 
 
 Each record names the replica that served the batch (``replica``: the pod on Kubernetes, else host and process), so
 the controller of many Triton replicas can tell whose feedback its window holds. The field is optional on the wire:
-records of older backends, which lack it, decode with an empty replica, so adding it kept the schema version.
+records of older backends, which lack it, decode with an empty replica, so adding it kept the schema version. So
+does ``unreported_ms`` (busy time of batches that sent no record), 0 when absent.
 """
 
 from __future__ import annotations
@@ -33,14 +34,19 @@ class BatchTiming:
         batch_ms: from the start of ``execute`` to the last response sent.
         overhead_ms: the part of ``batch_ms`` spent on work a vanilla model does not do (ramp heads, their
             verdicts, sending early answers).
-        idle_ms: time the instance waited between the end of its previous batch and the start of this one.
+        idle_ms: time the instance waited before this batch since the previous record's batch ended: the wait before
+            this batch, plus those before batches in between that published no record.
         answer_ms: ``[batch]`` when each sample's response was sent, from the start of ``execute``.
+        unreported_ms: time the instance spent, since the previous record, on batches that published none (with
+            sampled feedback, the batches not traced to the end). Without it the controller would judge the
+            instance's utilisation from traced batches alone, which run longer than the ones that stop early.
     """
 
     batch_ms: float
     overhead_ms: float
     idle_ms: float
     answer_ms: np.ndarray
+    unreported_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,7 @@ class FeedbackRecord:
             "overhead_ms": self.timing.overhead_ms,
             "idle_ms": self.timing.idle_ms,
             "answer_ms": np.ascontiguousarray(self.timing.answer_ms, dtype="<f4").tobytes(),
+            "unreported_ms": self.timing.unreported_ms,
             "timestamp": self.timestamp,
             "replica": self.replica,
         }
@@ -118,6 +125,7 @@ class FeedbackRecord:
                     overhead_ms=float(fields[b"overhead_ms"]),
                     idle_ms=float(fields[b"idle_ms"]),
                     answer_ms=np.frombuffer(fields[b"answer_ms"], dtype="<f4").reshape(batch),
+                    unreported_ms=float(fields.get(b"unreported_ms", 0.0)),
                 ),
                 timestamp=float(fields[b"timestamp"]),
                 replica=fields.get(b"replica", b"").decode(),

@@ -73,6 +73,8 @@ class TritonPythonModel:
         initial = ExitConfig(self.name, 0, dict(manifest.initial_thresholds), writer="manifest", written_at=0.0)
         self.model.plan(initial.active_ramps)
         self._last_end = 0.0
+        # Waits and busy time of batches since the last record that sent none: the next record carries them.
+        self._unreported_idle_ms = self._unreported_busy_ms = 0.0
         self.metrics.config_applied(0)
         self.watcher = ConfigWatcher(
             client,
@@ -115,7 +117,7 @@ class TritonPythonModel:
             ramp_verdicts, final, overhead_ms = self._run(batch, tensors, config, to_end=traced)
         except Exception as exc:  # answer every request, whatever broke; Triton keeps serving
             self._isolate(batch, inputs, config, exc)
-            self._last_end = time.perf_counter()
+            self._end_unreported(started, idle_ms)
             return batch.take_held()
         self.metrics.count_exits(np.bincount(batch.exit, minlength=manifest.final_exit + 1))
         if final is None:
@@ -127,11 +129,21 @@ class TritonPythonModel:
             prediction = np.stack([v.prediction for v in ramp_verdicts]) if ramp_verdicts else np.zeros((0, n))
             now = time.perf_counter()
             overhead_ms += 1000.0 * (now - recorded)
-            timing = BatchTiming(1000.0 * (now - started), overhead_ms, idle_ms, batch.answer_ms)
+            timing = BatchTiming(1000.0 * (now - started), overhead_ms, idle_ms + self._unreported_idle_ms,
+                                 batch.answer_ms, self._unreported_busy_ms)
             self.publisher.offer(FeedbackRecord(self.name, config.version, config.active_ramps, confidence, prediction,
                                                 final.prediction, batch.exit, timing, replica=self.replica))
-        self._last_end = time.perf_counter()
+            self._unreported_idle_ms = self._unreported_busy_ms = 0.0
+            self._last_end = time.perf_counter()
+        else:
+            self._end_unreported(started, idle_ms)
         return batch.take_held()
+
+    def _end_unreported(self, started: float, idle_ms: float) -> None:
+        """A batch that sent no record ended: its wait and busy time go with the next record."""
+        self._last_end = time.perf_counter()
+        self._unreported_idle_ms += idle_ms
+        self._unreported_busy_ms += 1000.0 * (self._last_end - started)
 
     def _run(self, batch: BatchAnswers, tensors: dict[str, torch.Tensor], config: ExitConfig, to_end: bool = True
              ) -> tuple[list[Verdict], Verdict | None, float]:

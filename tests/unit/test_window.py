@@ -62,3 +62,17 @@ def test_measured_saving_counts_early_answers_and_charges_overhead() -> None:
     saving, count = realised_saving_ms(view)
     in_batch = np.mean(9.0 - answers)  # vanilla would have answered everyone at 10 - 1 ms
     assert count == 8 and abs(saving - (in_batch - 1.0 * (2 / 3) / (1 / 3))) < 1e-6
+
+
+def test_utilisation_counts_batches_that_sent_no_record() -> None:
+    """With sampled feedback only traced batches send records; the untraced ones' busy time and waits come with the
+    next record, so the window's utilisation is the instance's, not the traced batches'."""
+    window = FeedbackWindow(capacity=100)
+    # every record: a traced 10 ms batch after 4 ms idle, and since the previous record three untraced batches of
+    # 2 ms, each after 4 ms idle (the first record's history precedes the window)
+    for _ in range(3):
+        timing = BatchTiming(10.0, 0.0, 4.0 + 3 * 4.0, np.full(4, 10.0), unreported_ms=3 * 2.0)
+        window.add(FeedbackRecord("m", 1, (0,), np.ones((1, 4), np.float32), np.zeros((1, 4), int),
+                                  np.zeros(4, int), np.zeros(4, int), timing))
+    busy = 3 * 10.0 + 2 * 6.0
+    assert abs(window.view().busy - busy / (busy + 2 * 16.0)) < 1e-9  # 57 %; traced batches alone looked 79 % busy
