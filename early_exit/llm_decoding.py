@@ -1,9 +1,10 @@
 """Greedy decoding of a causal LM (``model_zoo.llama``) with per-token early exits that keep every KV cache exact.
 
 A ramp is the model's own final norm + LM head on the hidden state after decoder layer ``l`` (1-based), over the
-whole vocabulary or a shortlist of it (``RampHead``); its confidence is top-1 minus top-2 probability. A token exits at the first ramp whose confidence clears that ramp's
-threshold (``early_exit.exit_rule.exits_at``), at most ``max_consecutive`` times in a row; otherwise it runs to the
-final layer.
+whole vocabulary or a shortlist of it (``RampHead``); its confidence is top-1 minus top-2 probability. A token exits
+at the first ramp whose confidence clears that ramp's threshold (``early_exit.exit_rule.exits_at``), at most
+``max_consecutive`` times in a row; otherwise it runs to the final layer. Rows decoded together leave a pass together
+(``ExitPolicy.partial_exits``).
 
 **Parking.** An exited position has run only ``l`` layers, so layers ``l+1 ..`` lack its keys and values. Its hidden
 state is parked and joins the next step's computation at layer ``l+1``: the next token runs layers ``1 .. l`` alone,
@@ -55,11 +56,11 @@ class ExitPolicy:
         max_consecutive: exits allowed in a row before a token must run to the final layer.
         faithful: hold exited tokens until the original model confirms them (the stream equals greedy decoding).
         version: the exit configuration it comes from (carried into observations).
-        partial_exits: let a row leave a pass that goes on for other rows. Off by default: rows decoded together
-            wait for the pass anyway, and a layer costs about the same for fewer rows wherever decoding is bound by
-            reading the weights (a CPU, or a GPU below its compute limit), so a row leaving alone saves nothing and
-            only risks its agreement; a pass stops at a ramp when every row in it exits there. A single row is
-            unaffected.
+        partial_exits: let a row leave a pass that goes on for other rows. Off by default: a pass stops at a ramp
+            only when every row in it exits there. Rows decoded together wait for the pass anyway, and a layer costs
+            about the same for fewer rows wherever decoding is bound by reading the weights (a CPU, or a GPU below
+            its compute limit), so a row leaving alone saves little and risks its agreement (SmolLM2, four streams:
+            no saving measurable either way, 98.60 vs 99.90 % token agreement). A single row is unaffected.
     """
 
     thresholds: dict[int, float] = field(default_factory=dict)
@@ -192,15 +193,16 @@ def _confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class RampHead:
-    """What a ramp computes on a hidden state: the model's final norm and (tied) LM head, scored over the whole
-    vocabulary or over a shortlist of token ids (``vocabulary``).
+    """What a ramp computes on a hidden state: the model's final norm and LM head, scored over the whole vocabulary
+    or over a shortlist of token ids (``vocabulary``).
 
-    Why a shortlist: the full LM head of a small model is expensive (SmolLM2-135M: 49,152 x 576, about eight decoder
-    layers), and every exit-eligible token pays its ramps before it knows whether it exits, so full-vocabulary ramps
-    cost more than the layers they skip. Scored over the few thousand tokens the model actually produces, a ramp
-    costs a fraction of one layer. Its confidence (top-1 minus top-2 probability within the shortlist) ignores the
-    probability outside it, so it is not the full head's confidence; thresholds are tuned on agreement with the
-    original model, which is what makes them comparable. A token outside the shortlist can never exit (the ramp
+    Why a shortlist: the full LM head of a small model is expensive (SmolLM2-135M: 49,152 x 576, the
+    multiply-accumulates of eight decoder layers, the time of four on a CPU), and every exit-eligible token pays its
+    ramps before it knows whether it exits, so full-vocabulary ramps cost more than the layers they skip. Scored
+    over the few thousand tokens the model actually produces, a ramp costs a fraction of one layer. Its confidence
+    (top-1 minus top-2 probability within the shortlist) ignores the probability outside it, so it is not the full
+    head's confidence; thresholds are tuned on agreement with the original model, which is what makes them
+    comparable. A token outside the shortlist can never exit (the ramp
     never predicts it), so its position runs to the final layer, which produces it.
     """
 

@@ -105,7 +105,8 @@ class LLMSettings:
     def from_parameters(cls, parameters: dict[str, str]) -> LLMSettings:
         model = parameters.get("model", "").strip()
         if not model:
-            raise ValueError("parameter 'model' is required (tiny:<seed>, smollm2, a GGUF file or a Hugging Face folder)")
+            raise ValueError("parameter 'model' is required (tiny:<seed>, smollm2, a GGUF file or a Hugging Face "
+                             "folder)")
         exits: dict[int, float] = {}
         for pair in filter(None, (p.strip() for p in parameters.get("exits", "").split(","))):
             layer, sep, threshold = pair.partition(":")

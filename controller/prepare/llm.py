@@ -45,6 +45,7 @@ from model_zoo.llama import Llama
 from triton_backend.llm_setup import (
     CharTokenizer,
     HFTokenizer,
+    LLMSettings,
     TokenCosts,
     llm_manifest,
     load_llm,
@@ -163,12 +164,13 @@ def _print_summary(reports: list[LayerReport], costs: TokenCosts, vocabulary: in
           f"{modelled:.1%} of vanilla's time per token")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m controller.prepare.llm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("repository", type=Path)
     parser.add_argument("name", help="Triton model name; <name>_vanilla is written too")
-    parser.add_argument("--model", required=True, help="tiny:<seed>, smollm2, a llama GGUF file or a Hugging Face LlamaForCausalLM folder")
+    parser.add_argument("--model", required=True,
+                        help="tiny:<seed>, smollm2, a llama GGUF file or a Hugging Face LlamaForCausalLM folder")
     parser.add_argument("--layers", required=True,
                         help="candidate exit layers, comma-separated (1 .. layers - 1), e.g. 20,24,28")
     parser.add_argument("--data", type=Path, required=True,
@@ -190,12 +192,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="another parameter of the entry (max_rows, mode, threads, ...)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads here (0: torch's default)")
+    return parser
+
+
+def _entry_parameters(parser: argparse.ArgumentParser, args: argparse.Namespace, source: str,
+                      exits: dict[int, float], costs: TokenCosts) -> dict[str, str]:
+    """The entry's parameters, refused here when the backend would refuse them."""
+    parameters = {"model": source, "exits": ",".join(f"{layer}:{t:.7g}" for layer, t in sorted(exits.items())),
+                  **costs.parameters()}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--param {item!r} is not KEY=VALUE")
+        parameters[key] = value
+    try:
+        LLMSettings.from_parameters(parameters)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return parameters
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    extra = dict(item.partition("=")[::2] for item in args.param)
-    model, tokenizer = load_llm(args.model)
+    source = args.model
+    if Path(source).exists():  # the entry resolves relative paths against its version folder: store where it is
+        source = str(Path(source).resolve())
+    model, tokenizer = load_llm(source)
     try:
         layers = sorted({int(layer) for layer in args.layers.split(",") if layer.strip()})
     except ValueError:
@@ -211,16 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     head = RampHead(model, None if vocabulary is None else torch.from_numpy(vocabulary))
     costs = measure_costs(model, head)
     confidence, prediction, final = ramp_observations(model, head, sequences, layers)
-    guard = AccuracyGuard(args.accuracy_budget, args.z)
     manifest = llm_manifest(args.name, model.config.num_layers, model.config.vocab_size, {}, costs)
     latency = LatencyModel.from_manifest(manifest, 1)
-    exits, reports = choose_exits(confidence, prediction, final, layers, latency, guard, args.overhead_budget)
-    rows = [layers.index(layer) for layer in sorted(exits)]
-    result = evaluate(np.asarray([exits[layer] for layer in sorted(exits)]), confidence[rows],
-                      prediction[rows] == final[None, :], latency.exit_latencies([layer - 1 for layer in sorted(exits)]))
+    exits, reports = choose_exits(confidence, prediction, final, layers, latency,
+                                  AccuracyGuard(args.accuracy_budget, args.z), args.overhead_budget)
+    parameters = _entry_parameters(parser, args, source, exits, costs)
 
-    parameters = {"model": args.model, "exits": ",".join(f"{layer}:{t:.7g}" for layer, t in sorted(exits.items())),
-                  **costs.parameters(), **extra}
     version = args.repository / args.name / "1"
     version.mkdir(parents=True, exist_ok=True)
     if vocabulary is not None:
@@ -228,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         parameters["ramp_vocabulary"] = VOCABULARY_FILE
     for entry in write_entries(args.repository, args.name, parameters):
         LOGGER.info("wrote %s", args.repository / entry)
+    chosen = sorted(exits)
+    rows = [layers.index(layer) for layer in chosen]
+    result = evaluate(np.asarray([exits[layer] for layer in chosen]), confidence[rows],
+                      prediction[rows] == final[None, :], latency.exit_latencies([layer - 1 for layer in chosen]))
     coverage = float(np.isin(final, vocabulary).mean()) if vocabulary is not None else 1.0
     _print_summary(reports, costs, head.size, coverage, result.saving_ms / latency.vanilla_ms, result.accuracy,
                    len(final))
