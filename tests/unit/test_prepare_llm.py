@@ -86,7 +86,7 @@ def test_main_refuses_layers_outside_the_model(tmp_path) -> None:
         main([str(tmp_path), "lm", "--model", "tiny:1", "--layers", str(LAYERS), "--data", str(prompts)])
 
 
-def test_a_hugging_face_folder_is_prepared_like_a_gguf_file(tmp_path) -> None:
+def test_a_hugging_face_folder_is_prepared_like_a_gguf_file(tmp_path, monkeypatch) -> None:
     """A LlamaForCausalLM folder with its tokenizer (SmolLM2's, saved from the packaged GGUF file) goes through the
     same path: chat-formatted prompts, continuations, entry."""
     from transformers import LlamaConfig as HFConfig
@@ -114,3 +114,8 @@ def test_a_hugging_face_folder_is_prepared_like_a_gguf_file(tmp_path) -> None:
     assert main([*args, "--vocabulary", "0"]) == 0
     config = (tmp_path / "repo" / "hf" / "config.pbtxt").read_text()
     assert f'string_value: "{folder}"' in config and "ramp_vocabulary" not in config
+    # a relative path is stored resolved: the backend reads relative paths against the entry's version folder
+    monkeypatch.chdir(tmp_path)
+    assert main(["repo", "hf2", "--model", "hf_model", "--layers", "2", "--data", str(prompts), "--chat",
+                 "--max-new-tokens", "6", "--vocabulary", "0"]) == 0
+    assert f'string_value: "{folder.resolve()}"' in (tmp_path / "repo" / "hf2" / "config.pbtxt").read_text()
