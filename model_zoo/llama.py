@@ -352,12 +352,17 @@ def tokenizer_from_gguf(path: str | os.PathLike):
 
     transformers converts the ``tokenizer.ggml.*`` metadata into a fast tokenizer from the local file alone.
     """
+    path = Path(path)
+    return _offline_tokenizer(path.parent, gguf_file=path.name)
+
+
+def _offline_tokenizer(folder: Path, **options: str):
+    """transformers' tokenizer from a local folder; never a model hub (there is no network where this runs)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    path = Path(path)
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(str(folder), **options)
 
 
 def config_from_hugging_face(values: dict) -> LlamaConfig:
@@ -418,11 +423,7 @@ def from_hugging_face(folder: str | os.PathLike) -> Llama:
 
 def tokenizer_from_hugging_face(folder: str | os.PathLike):
     """The tokenizer saved in a Hugging Face model folder, read offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(folder))
+    return _offline_tokenizer(Path(folder))
 
 
 def init_random(model: Llama, seed: int = 0) -> Llama:

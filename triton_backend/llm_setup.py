@@ -358,6 +358,14 @@ def llm_feedback_record(name: str, observations: list[Observation], num_layers: 
 # --- command line -------------------------------------------------------------------------------------------------
 
 
+def parameter_item(text: str) -> tuple[str, str]:
+    """A ``--param KEY=VALUE`` argument (an argparse ``type``: a malformed one is a usage error)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m triton_backend.llm_setup write REPOSITORY NAME --model smollm2 --exits 24:0.9``: write an entry and
     its ``_vanilla`` twin."""
@@ -368,16 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     write.add_argument("name")
     write.add_argument("--model", required=True, help="tiny:<seed>, smollm2, a GGUF file or a Hugging Face folder")
     write.add_argument("--exits", default="", help="layer:threshold pairs, comma-separated")
-    write.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="another parameter")
+    write.add_argument("--param", action="append", default=[], type=parameter_item, metavar="KEY=VALUE",
+                       help="another parameter")
     args = parser.parse_args(argv)
     parameters = {"model": args.model}
     if args.exits:
         parameters["exits"] = args.exits
-    for item in args.param:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--param {item!r} is not KEY=VALUE")
-        parameters[key] = value
+    parameters.update(args.param)
     LLMSettings.from_parameters(parameters)  # refuse what the backend would refuse
     args.repository.mkdir(parents=True, exist_ok=True)
     for entry in write_entries(args.repository, args.name, parameters):

@@ -18,10 +18,10 @@ server time per request when requests come one at a time), plus a drift scenario
 Saturated capacity (closed loop) is reported beside it: a rate set as a share of that capacity is no measure of load
 on a CPU, where batches of 32 cost far less per request than the batches of 1-2 a moderate trace forms (ResNet-56:
 25 % of saturated capacity kept the server 70-85 % busy). The Poisson and bursty traces are cut into ``--rounds``
-segments, and each segment is replayed against every system in turn (rotating order): on a shared machine whose speed drifts by ±10 %
-over minutes, running whole traces one system after the other measured the machine as much as the systems. The
-controller runs through the adaptive phase only, so adaptive is paired with vanilla segments of its own phase. Spread:
-every median saving is also given per segment (min to max). The controller's own CPU time and the tuner's cost are
+segments, and each segment is replayed against every system in turn (rotating order): on a shared machine whose
+speed drifts by ±10 % over minutes, running whole traces one system after the other measured the machine as much as
+the systems. The controller runs through the adaptive phase only, so adaptive is paired with vanilla segments of its
+own phase. Spread: every median saving is also given per segment (min to max). The controller's own CPU time and the tuner's cost are
 reported. Writes ``report.md`` and PNG plots to ``--out``.
 """
 

@@ -109,8 +109,8 @@ def compute_seconds(url: str, model: str) -> float:
     the busy time a utilisation is measured from."""
     stats = grpcclient.InferenceServerClient(url).get_inference_statistics(model, as_json=True)
     inference = stats["model_stats"][0]["inference_stats"]
-    return sum(int(inference.get(phase, {}).get("ns", 0)) for phase in ("compute_input", "compute_infer",
-                                                                 "compute_output")) / 1e9
+    phases = ("compute_input", "compute_infer", "compute_output")
+    return sum(int(inference.get(phase, {}).get("ns", 0)) for phase in phases) / 1e9
 
 
 def service_ms(url: str, model: str, inputs: dict[str, np.ndarray]) -> float:

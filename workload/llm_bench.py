@@ -28,14 +28,13 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from model_zoo.datasets import DEFAULT_SST2_DIR, load_sst2
-from triton_backend.llm_setup import load_llm
+from model_zoo.datasets import DEFAULT_SST2_DIR
+from triton_backend.llm_setup import load_llm, parameter_item
+from workload.llm_exit_study import prompts as review_prompts
 from workload.metrics import metric
 from workload.stack import running_stack
 
 ROOT = Path(__file__).resolve().parents[1]
-INSTRUCTIONS = ("Continue this movie review with two more sentences:\n\n{}",
-                "Summarise this movie review in one sentence:\n\n{}")
 
 
 @dataclass
@@ -178,13 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="segments per system, alternating")
     parser.add_argument("--controller", action="store_true",
                         help="run the controller too (thresholds follow the token-agreement budget)")
-    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--param", action="append", default=[], type=parameter_item, metavar="KEY=VALUE",
                         help="override a parameter of the early-exit entry for this run (e.g. partial_exits=true)")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown report here too")
     args = parser.parse_args(argv)
-    overrides = dict(item.partition("=")[::2] for item in args.param)
+    overrides = dict(args.param)
 
-    sentences = load_sst2("dev", args.data_dir).sentences[: args.prompts]
+    texts = review_prompts(args.prompts, args.data_dir)
     vanilla = f"{args.model}_vanilla"
     systems = (vanilla, args.model)
     runs: dict[str, list[tuple[list[Generation], float]]] = {s: [] for s in systems}
@@ -195,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_llm(config["parameters"]["model"]["string_value"], args.repository / args.model / "1")
         num_layers = model.config.num_layers
         del model
-        prompts = [tokenizer.chat(INSTRUCTIONS[i % 2].format(s)) for i, s in enumerate(sentences)]
+        prompts = [tokenizer.chat(text) for text in texts]
         for name in systems:  # warm-up: first passes allocate and load lazily
             run_segment(stack.grpc_url, name, prompts[: args.streams], args.streams, 4)
         before = _verdicts(stack.metrics_url, args.model)
@@ -230,7 +229,7 @@ def _report(args: argparse.Namespace, runs: dict[str, list[tuple[list[Generation
     lines = [f"# {early}: per-token exits vs {vanilla} on one tritonserver", "",
              f"- command: `python -m workload.llm_bench --model {early} --prompts {args.prompts} --max-tokens "
              f"{args.max_tokens} --streams {args.streams} --rounds {args.rounds}"
-             + (" --controller" if args.controller else "") + "".join(f" --param {p}" for p in args.param) + "`",
+             + (" --controller" if args.controller else "") + "".join(f" --param {key}={value}" for key, value in args.param) + "`",
              f"- {args.prompts} chat prompts (SST-2 dev sentences, continue / summarise in turn), greedy, up to "
              f"{args.max_tokens} new tokens; {args.streams} concurrent gRPC streams (closed loop); {args.rounds} "
              "segments per system, alternating; thresholds "

@@ -58,6 +58,8 @@ class Records:
 
 
 def prompts(count: int, data_dir: Path) -> list[str]:
+    """The first ``count`` SST-2 dev sentences, asking in turn to continue or to summarise the review (the study's
+    and ``workload.llm_bench``'s prompts)."""
     sentences = load_sst2("dev", data_dir).sentences[:count]
     return [INSTRUCTIONS[i % 2].format(sentence) for i, sentence in enumerate(sentences)]
 

@@ -50,6 +50,7 @@ from triton_backend.llm_setup import (
     llm_manifest,
     load_llm,
     measure_costs,
+    parameter_item,
     write_entries,
 )
 
@@ -189,7 +190,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--z", type=float, default=AccuracyGuard.z, help="the guard's lower-confidence-bound quantile")
     parser.add_argument("--overhead-budget", type=float, default=PrepareSettings.overhead_budget,
                         help="the chosen ramps may add at most this share to a token that exits nowhere")
-    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--param", action="append", default=[], type=parameter_item, metavar="KEY=VALUE",
                         help="another parameter of the entry (max_rows, mode, threads, ...)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads here (0: torch's default)")
     return parser
@@ -199,12 +200,7 @@ def _entry_parameters(parser: argparse.ArgumentParser, args: argparse.Namespace,
                       exits: dict[int, float], costs: TokenCosts) -> dict[str, str]:
     """The entry's parameters, refused here when the backend would refuse them."""
     parameters = {"model": source, "exits": ",".join(f"{layer}:{t:.7g}" for layer, t in sorted(exits.items())),
-                  **costs.parameters()}
-    for item in args.param:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--param {item!r} is not KEY=VALUE")
-        parameters[key] = value
+                  **costs.parameters(), **dict(args.param)}
     try:
         LLMSettings.from_parameters(parameters)
     except ValueError as exc:
