@@ -66,7 +66,8 @@ class MeasuredExits:
         """Saving per sample at utilisation ``busy`` (default: the measured one).
 
         A sample answered ``answer_ms`` after its batch started would, on the vanilla model, have waited for the
-        whole batch minus the early-exit work (``batch_ms - overhead_ms``). Early-exit work also lengthens the time
+        whole batch minus the early-exit work (``batch_ms + tail_ms - overhead_ms``, where ``tail_ms`` counts the
+        blocks a batch answered at a ramp ran off the request path). Early-exit work also lengthens the time
         the instance is busy, which delays requests queued behind the batch; at utilisation ``rho`` that costs, to
         first order (M/G/1), ``overhead_ms * rho / (1 - rho)`` per sample. Negative when exits do not pay for their
         ramps at that load, e.g. on a model whose compute is small against the serving overhead.
@@ -81,7 +82,7 @@ def measured_exits(view: WindowView, since_version: int = 0) -> MeasuredExits:
     count = int(chosen.sum())
     if not count:
         return MeasuredExits(0.0, 0.0, view.busy, 0)
-    in_batch = (view.batch_ms - view.overhead_ms - view.answer_ms)[chosen].mean()
+    in_batch = (view.batch_ms + view.tail_ms - view.overhead_ms - view.answer_ms)[chosen].mean()
     return MeasuredExits(float(in_batch), float(view.overhead_ms[chosen].mean()), view.busy, count)
 
 

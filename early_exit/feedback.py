@@ -11,7 +11,8 @@ little-endian bytes (float32 confidences and times, int32 predictions, so token 
 Each record names the replica that served the batch (``replica``: the pod on Kubernetes, else host and process), so
 the controller of many Triton replicas can tell whose feedback its window holds. The field is optional on the wire:
 records of older backends, which lack it, decode with an empty replica, so adding it kept the schema version. So
-does ``unreported_ms`` (busy time of batches that sent no record), 0 when absent.
+do ``unreported_ms`` (busy time of batches that sent no record) and ``tail_ms`` (blocks run off the request path),
+0 when absent.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ class BatchTiming:
         unreported_ms: time the instance spent, since the previous record, on batches that published none (with
             sampled feedback, the batches not traced to the end). Without it the controller would judge the
             instance's utilisation from traced batches alone, which run longer than the ones that stop early.
+        tail_ms: for a batch whose every sample exited and whose deeper blocks then ran off the request path (while
+            the instance had nothing to serve), what those blocks would have added to ``batch_ms`` inline: the time
+            its samples' exits saved beyond ``batch_ms``. Not busy time: it delayed no request.
     """
 
     batch_ms: float
@@ -47,6 +51,7 @@ class BatchTiming:
     idle_ms: float
     answer_ms: np.ndarray
     unreported_ms: float = 0.0
+    tail_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,7 @@ class FeedbackRecord:
             "idle_ms": self.timing.idle_ms,
             "answer_ms": np.ascontiguousarray(self.timing.answer_ms, dtype="<f4").tobytes(),
             "unreported_ms": self.timing.unreported_ms,
+            "tail_ms": self.timing.tail_ms,
             "timestamp": self.timestamp,
             "replica": self.replica,
         }
@@ -126,6 +132,7 @@ class FeedbackRecord:
                     idle_ms=float(fields[b"idle_ms"]),
                     answer_ms=np.frombuffer(fields[b"answer_ms"], dtype="<f4").reshape(batch),
                     unreported_ms=float(fields.get(b"unreported_ms", 0.0)),
+                    tail_ms=float(fields.get(b"tail_ms", 0.0)),
                 ),
                 timestamp=float(fields[b"timestamp"]),
                 replica=fields.get(b"replica", b"").decode(),

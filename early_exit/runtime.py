@@ -237,14 +237,39 @@ class EarlyExitModel:
         verdict = self.verdict(ramp_id, self.ramps[ramp_id](feature, *extra))
         return replace(verdict, cost_ms=1000.0 * (time.perf_counter() - started))
 
-    def stages(self, inputs: Mapping[str, torch.Tensor], active_ramps: Sequence[int]) -> Iterator[Verdict]:
+    def stages(self, inputs: Mapping[str, torch.Tensor], active_ramps: Sequence[int],
+               values: dict[str, torch.Tensor] | None = None) -> Iterator[Verdict]:
         """Run the model; after each segment ending at an active ramp, yield that ramp's verdict; finally yield the
         original model's verdict. Callers act on a verdict (send early answers) before resuming the generator.
+
+        ``values``, when given, receives the activations as they are computed: a caller that stops after a ramp's
+        verdict can hand them to ``finish`` to complete the pass later.
         """
-        values: dict[str, torch.Tensor] = {name: t.to(self.device) for name, t in inputs.items()}
+        values = {} if values is None else values
+        values.update((name, t.to(self.device)) for name, t in inputs.items())
         for segment in self.plan(active_ramps):
             outputs = segment.run(*(values[name] for name in segment.inputs))
             values.update(zip(segment.outputs, outputs))
             if segment.ramp is not None:
                 yield self.ramp_verdict(segment.ramp, values, outputs[0])
+        yield self.verdict(self.manifest.final_exit, values[self.manifest.blocks[-1].outputs[0]])
+
+    def finish(self, values: dict[str, torch.Tensor], after_ramp: int, active_ramps: Sequence[int]
+               ) -> Iterator[Verdict | None]:
+        """Complete a pass ``stages`` left after ramp ``after_ramp``'s verdict (its activations in ``values``).
+
+        Runs the remaining blocks one at a time and yields after each: the verdict of an active ramp behind it, else
+        ``None``, so a caller can pause between blocks; the original model's verdict comes last. Block by block
+        rather than fused, because the pause points are what a caller finishing passes off the request path needs.
+        """
+        ramp_behind = {self.manifest.ramps[r].after_block: r for r in active_ramps}
+        for index in range(self.manifest.ramps[after_ramp].after_block + 1, len(self.manifest.blocks)):
+            spec, block = self.manifest.blocks[index], self.blocks[index]
+            if block is None:
+                raise ArtifactError(f"block {index} is not loaded")
+            outputs = block(*(values[name] for name in spec.inputs))
+            outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+            values.update(zip(spec.outputs, outputs))
+            ramp = ramp_behind.get(index)
+            yield None if ramp is None else self.ramp_verdict(ramp, values, outputs[0])
         yield self.verdict(self.manifest.final_exit, values[self.manifest.blocks[-1].outputs[0]])

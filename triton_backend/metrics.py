@@ -38,22 +38,29 @@ class BackendMetrics:
                 "apparate_batches_stopped_total",
                 "Untraced batches stopped at the ramp where their last sample exited (feedback_share < 1)", counter
             ),
+            "deferred": family(
+                "apparate_batches_deferred_total",
+                "Traced batches answered at a ramp whose deeper blocks ran off the request path", counter
+            ),
+            "inline": family(
+                "apparate_batches_finished_inline_total",
+                "Traced batches answered at a ramp whose deeper blocks ran inline (the off-path runner was full)",
+                counter,
+            ),
             "version": family("apparate_config_version", "Exit configuration version in use", gauge),
             "rejections": family(
                 "apparate_config_rejections_total", "Exit configurations rejected as invalid or stale", counter
             ),
         }
         self._exit_metrics = [self._families["exits"].Metric(labels={**labels, "exit": str(i)}) for i in range(num_exits)]
-        self._published_metric = self._families["published"].Metric(labels=labels)
-        self._dropped_metric = self._families["dropped"].Metric(labels=labels)
-        self._stopped_metric = self._families["stopped"].Metric(labels=labels)
+        #: Counters incremented on the request path, flushed to Triton's by the background thread.
+        self._counters = {key: self._families[key].Metric(labels=labels)
+                          for key in ("published", "dropped", "stopped", "deferred", "inline")}
         self._version_metric = self._families["version"].Metric(labels=labels)
         self._rejections_metric = self._families["rejections"].Metric(labels=labels)
         self._lock = threading.Lock()
         self._exits = np.zeros(num_exits, dtype=np.int64)
-        self._published = 0
-        self._dropped = 0
-        self._stopped = 0
+        self._counts = dict.fromkeys(self._counters, 0)
         self._stopping = threading.Event()
         self._flusher = threading.Thread(target=self._run, args=(flush_interval,), name="metrics-flush", daemon=True)
         self._flusher.start()
@@ -63,16 +70,23 @@ class BackendMetrics:
             self._exits += counts
 
     def feedback_published(self, count: int) -> None:
-        with self._lock:
-            self._published += count
+        self._count("published", count)
 
     def feedback_dropped(self, count: int) -> None:
-        with self._lock:
-            self._dropped += count
+        self._count("dropped", count)
 
     def batch_stopped(self) -> None:
+        self._count("stopped")
+
+    def batch_deferred(self) -> None:
+        self._count("deferred")
+
+    def batch_finished_inline(self) -> None:
+        self._count("inline")
+
+    def _count(self, key: str, count: int = 1) -> None:
         with self._lock:
-            self._stopped += 1
+            self._counts[key] += count
 
     def config_applied(self, version: int) -> None:
         self._version_metric.set(version)
@@ -83,17 +97,13 @@ class BackendMetrics:
     def flush(self) -> None:
         with self._lock:
             exits, self._exits = self._exits, np.zeros_like(self._exits)
-            published, dropped, self._published, self._dropped = self._published, self._dropped, 0, 0
-            stopped, self._stopped = self._stopped, 0
+            counts, self._counts = self._counts, dict.fromkeys(self._counters, 0)
         for metric, count in zip(self._exit_metrics, exits.tolist()):
             if count:
                 metric.increment(count)
-        if published:
-            self._published_metric.increment(published)
-        if dropped:
-            self._dropped_metric.increment(dropped)
-        if stopped:
-            self._stopped_metric.increment(stopped)
+        for key, count in counts.items():
+            if count:
+                self._counters[key].increment(count)
 
     def close(self) -> None:
         self._stopping.set()

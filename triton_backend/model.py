@@ -14,6 +14,10 @@ controller's window stays a uniform sample of the traffic. An untraced batch sto
 exits: the deeper blocks would only have produced feedback, and on a CPU they cost as much as they did for the whole
 batch. Its last answers then leave with ``execute``'s return value instead of a blocking send, and the instance is
 free for the next batch at once.
+
+A traced batch whose every sample exits stops there too: its answers leave with ``execute``'s return value and the
+rest of its pass goes to the ``TailRunner``, which computes it while the instance has no batch to serve and then
+publishes the record. Only when the runner has fallen behind does the pass finish inline, as it used to.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +44,7 @@ from triton_backend.feedback_publisher import FeedbackPublisher
 from triton_backend.metrics import BackendMetrics
 from triton_backend.responses import BatchAnswers
 from triton_backend.stub import configure_logging, model_device, model_parameters, model_redis, replica_id, share_cores
+from triton_backend.tail_runner import TailRunner
 
 LOGGER = logging.getLogger("triton_backend")
 
@@ -87,6 +94,7 @@ class TritonPythonModel:
             on_rejected=self.metrics.config_rejected,
         )
         self.publisher: FeedbackPublisher | None = None
+        self.tails: TailRunner | None = None
         # A vanilla model has nothing to learn from. An early-exit one reports with every exit off too: its batch
         # timings tell the controller the load, which decides whether exits switched off for not paying are tried again.
         if manifest.ramps:
@@ -97,10 +105,17 @@ class TritonPythonModel:
                 on_published=self.metrics.feedback_published,
                 on_dropped=self.metrics.feedback_dropped,
             )
+            self.tails = TailRunner(self.name, on_failed=lambda error: self.metrics.feedback_dropped(1))
         LOGGER.info("%s: loaded %d blocks, %d candidate ramps on %s; %.0f %% of batches traced to the end; Redis %s",
                     self.name, len(manifest.blocks), len(manifest.ramps), device, 100 * self.feedback_share, where)
 
     def execute(self, requests: list[Any]) -> list[Any | None]:
+        if self.tails is None:
+            return self._execute(requests)
+        with self.tails.serving():
+            return self._execute(requests)
+
+    def _execute(self, requests: list[Any]) -> list[Any | None]:
         started = time.perf_counter()
         idle_ms = 1000.0 * (started - self._last_end) if self._last_end else 0.0
         config = self.watcher.current  # one snapshot per batch: a swap never splits a batch
@@ -112,32 +127,73 @@ class TritonPythonModel:
         sizes = [array.shape[0] for array in inputs[self.input_names[0]]]
         batch = BatchAnswers(requests, sizes, manifest.classes, manifest.final_exit, started)
         tensors = {name: torch.from_numpy(np.concatenate(arrays)) for name, arrays in inputs.items()}
-        traced = self.feedback_share >= 1.0 or self.rng.random() < self.feedback_share
+        traced = self.publisher is not None and (self.feedback_share >= 1.0 or self.rng.random() < self.feedback_share)
+        values: dict[str, torch.Tensor] = {}
         try:
-            ramp_verdicts, final, overhead_ms = self._run(batch, tensors, config, to_end=traced)
+            ramp_verdicts, final, overhead_ms = self._run(batch, tensors, config, to_end=False, values=values)
         except Exception as exc:  # answer every request, whatever broke; Triton keeps serving
             self._isolate(batch, inputs, config, exc)
             self._end_unreported(started, idle_ms)
             return batch.take_held()
         self.metrics.count_exits(np.bincount(batch.exit, minlength=manifest.final_exit + 1))
-        if final is None:
+        if not traced:
             self.metrics.batch_stopped()
-        if self.publisher is not None and final is not None and traced:
-            recorded = time.perf_counter()
-            n = len(final.prediction)
-            confidence = np.stack([v.confidence for v in ramp_verdicts]) if ramp_verdicts else np.zeros((0, n))
-            prediction = np.stack([v.prediction for v in ramp_verdicts]) if ramp_verdicts else np.zeros((0, n))
-            now = time.perf_counter()
-            overhead_ms += 1000.0 * (now - recorded)
-            timing = BatchTiming(1000.0 * (now - started), overhead_ms, idle_ms + self._unreported_idle_ms,
-                                 batch.answer_ms, self._unreported_busy_ms)
-            self.publisher.offer(FeedbackRecord(self.name, config.version, config.active_ramps, confidence, prediction,
-                                                final.prediction, batch.exit, timing, replica=self.replica))
-            self._unreported_idle_ms = self._unreported_busy_ms = 0.0
-            self._last_end = time.perf_counter()
-        else:
             self._end_unreported(started, idle_ms)
+            return batch.take_held()
+        ended = time.perf_counter()
+        timing = BatchTiming(1000.0 * (ended - started), overhead_ms, idle_ms + self._unreported_idle_ms,
+                             batch.answer_ms, self._unreported_busy_ms)
+        self._unreported_idle_ms = self._unreported_busy_ms = 0.0
+        self._last_end = ended
+        if final is not None:
+            self._publish(config, ramp_verdicts, final, batch.exit, timing)
+        else:  # every sample exited: the rest of the pass only yields feedback, computed when nothing waits for it
+            tail = self._finish(values, ramp_verdicts, config, batch.exit, timing)
+            if self.tails.submit(tail):
+                self.metrics.batch_deferred()
+            else:  # the runner has fallen behind: answer now, then finish here (busy time the next record carries)
+                self.metrics.batch_finished_inline()
+                batch.send_held()
+                with torch.inference_mode():
+                    for _ in tail:
+                        pass
+                self._last_end = time.perf_counter()
+                self._unreported_busy_ms += 1000.0 * (self._last_end - ended)
         return batch.take_held()
+
+    def _publish(self, config: ExitConfig, ramp_verdicts: list[Verdict], final: Verdict, exits: np.ndarray,
+                 timing: BatchTiming) -> None:
+        n = len(final.prediction)
+        confidence = np.stack([v.confidence for v in ramp_verdicts]) if ramp_verdicts else np.zeros((0, n))
+        prediction = np.stack([v.prediction for v in ramp_verdicts]) if ramp_verdicts else np.zeros((0, n))
+        self.publisher.offer(FeedbackRecord(self.name, config.version, config.active_ramps, confidence, prediction,
+                                            final.prediction, exits, timing, replica=self.replica))
+
+    def _finish(self, values: dict[str, torch.Tensor], ramp_verdicts: list[Verdict], config: ExitConfig,
+                exits: np.ndarray, timing: BatchTiming) -> Iterator[None]:
+        """The rest of a traced pass that stopped at the ramp of ``ramp_verdicts[-1]``, one block per step, then its
+        record. The record's ``tail_ms`` is what those blocks would have added to the batch had it run them inline:
+        their profiled time, scaled by how fast the batch's own blocks ran against their profile."""
+        stopped_at = ramp_verdicts[-1].exit
+        verdicts = list(ramp_verdicts)
+        for verdict in self.model.finish(values, stopped_at, config.active_ramps):
+            if verdict is not None and verdict.exit == self.model.manifest.final_exit:
+                tail_ms = self._tail_ms(stopped_at, len(exits), timing.batch_ms - timing.overhead_ms)
+                self._publish(config, verdicts, verdict, exits, replace(timing, tail_ms=tail_ms))
+            elif verdict is not None:
+                verdicts.append(verdict)
+            yield None
+
+    def _tail_ms(self, stopped_at: int, batch_size: int, head_ms: float) -> float:
+        """Time the blocks after ramp ``stopped_at`` would have taken inline, judged by the ``head_ms`` the blocks
+        before it took (0 without a profile)."""
+        profile = self.model.manifest.profile
+        if profile is None:
+            return 0.0
+        blocks, _ = profile.at(batch_size)
+        cut = self.model.manifest.ramps[stopped_at].after_block + 1
+        profiled_head = float(blocks[:cut].sum())
+        return float(blocks[cut:].sum()) * (head_ms / profiled_head if profiled_head > 0 else 1.0)
 
     def _end_unreported(self, started: float, idle_ms: float) -> None:
         """A batch that sent no record ended: its wait and busy time go with the next record."""
@@ -145,17 +201,18 @@ class TritonPythonModel:
         self._unreported_idle_ms += idle_ms
         self._unreported_busy_ms += 1000.0 * (self._last_end - started)
 
-    def _run(self, batch: BatchAnswers, tensors: dict[str, torch.Tensor], config: ExitConfig, to_end: bool = True
-             ) -> tuple[list[Verdict], Verdict | None, float]:
+    def _run(self, batch: BatchAnswers, tensors: dict[str, torch.Tensor], config: ExitConfig, to_end: bool = True,
+             values: dict[str, torch.Tensor] | None = None) -> tuple[list[Verdict], Verdict | None, float]:
         """Run ``batch`` through the active ramps, answering samples as they are decided; to the end when ``to_end``,
-        else only until every sample is decided. Returns the ramps' verdicts, the final verdict (``None`` when the
-        batch stopped at a ramp) and the early-exit overhead in ms (work a vanilla model does not do)."""
+        else only until every sample is decided (the activations then stay in ``values`` for ``EarlyExitModel.finish``).
+        Returns the ramps' verdicts, the final verdict (``None`` when the batch stopped at a ramp) and the early-exit
+        overhead in ms (work a vanilla model does not do)."""
         manifest = self.model.manifest
         ramp_verdicts: list[Verdict] = []
         final: Verdict | None = None
         overhead_ms = 0.0
         with torch.inference_mode():
-            for verdict in self.model.stages(tensors, config.active_ramps):
+            for verdict in self.model.stages(tensors, config.active_ramps, values):
                 if verdict.exit == manifest.final_exit:
                     final = verdict
                     samples = np.flatnonzero(batch.undecided)
@@ -195,6 +252,8 @@ class TritonPythonModel:
                 alone.fail_unsent(f"{self.name}: inference failed: {exc}")
 
     def finalize(self) -> None:
+        if self.tails is not None:
+            self.tails.close()
         self.watcher.close()
         if self.publisher is not None:
             self.publisher.close()

@@ -15,6 +15,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from early_exit.exit_config import NEVER_EXIT, ExitConfig
+from early_exit.feedback import FeedbackRecord
 from early_exit.keys import RedisKeys
 from early_exit.runtime import EarlyExitModel, Verdict
 from tests.conftest import MODEL
@@ -220,4 +221,42 @@ def test_untraced_batches_stop_where_their_last_sample_exits_and_report_nothing(
         time.sleep(1.0)  # the publisher ships every 250 ms
         assert metric(stack.metrics_url, names[1], model=MODEL) == before[names[1]]
     finally:
-        client.load_model(MODEL)  # back to the configuration on disk: every batch traced
+        # Every batch traced again (the default; a load without a configuration keeps the last override).
+        stack.reload(MODEL, {"feedback_share": "1"})
+
+
+def test_traced_batches_answered_at_a_ramp_finish_off_the_request_path_and_report_the_original_answer(
+    stack: Stack, repository: Path, test_images: np.ndarray
+) -> None:
+    """Every batch traced (the default) and every sample exiting at the ramp: the answers leave at the ramp, and each
+    batch's deeper blocks run afterwards, so its record still holds the original model's prediction."""
+    images = test_images[:40]
+    model = EarlyExitModel(repository / MODEL / "1")
+    with torch.inference_mode():
+        verdicts = list(model.stages({"IMAGE": torch.from_numpy(images)}, [EARLY_RAMP]))
+    version = _apply(stack, {EARLY_RAMP: 0.0})
+    client = grpcclient.InferenceServerClient(stack.grpc_url)
+    names = ("apparate_batches_deferred_total", "apparate_batches_finished_inline_total")
+    before = {name: metric(stack.metrics_url, name, model=MODEL) for name in names}
+    stream = redis.Redis.from_url(stack.redis_url)
+    last_id = (stream.xrevrange(RedisKeys(MODEL).feedback, count=1) or [(b"0-0", {})])[0][0]
+    executions = _executions(client)
+    answers = replay(stack.grpc_url, MODEL, {"IMAGE": images}, poisson_arrivals(len(images), 100.0))
+    batches = _executions(client) - executions
+    assert all(a.error is None for a in answers)
+    assert [a.exit for a in answers] == [EARLY_RAMP] * len(images)
+    _wait_for(lambda: sum(metric(stack.metrics_url, n, model=MODEL) - before[n] for n in names) == batches, 5)
+    assert metric(stack.metrics_url, names[0], model=MODEL) > before[names[0]]
+
+    def recorded() -> list[FeedbackRecord]:
+        entries = stream.xrange(RedisKeys(MODEL).feedback, min=f"({last_id.decode()}")
+        return [r for r in (FeedbackRecord.decode(fields) for _, fields in entries) if r.config_version == version]
+
+    _wait_for(lambda: sum(r.batch_size for r in recorded()) == len(images), 10, interval=0.1)
+    records = recorded()
+    served = {a.label for a in answers}
+    assert served <= set(verdicts[0].prediction.tolist())
+    # Each record's final predictions are the original model's for its samples: as a multiset over the replay.
+    finals = sorted(int(p) for r in records for p in r.final)
+    assert finals == sorted(verdicts[-1].prediction.tolist())
+    assert all(r.timing.tail_ms > 0 and (r.exit == EARLY_RAMP).all() for r in records)

@@ -19,7 +19,7 @@ def test_encode_decode_round_trip() -> None:
         final=np.array([1, 5, 6]),
         exit=np.array([9, 1, 3]),
         timing=BatchTiming(batch_ms=5.0, overhead_ms=0.5, idle_ms=2.0, answer_ms=np.array([4.9, 1.0, 3.0]),
-                           unreported_ms=7.5),
+                           unreported_ms=7.5, tail_ms=3.25),
         replica="triton-7d9f-x2x",
     )
     fields = {k.encode(): v if isinstance(v, bytes) else str(v).encode() for k, v in record.encode().items()}
@@ -30,7 +30,7 @@ def test_encode_decode_round_trip() -> None:
     np.testing.assert_array_equal(decoded.prediction, record.prediction)
     np.testing.assert_array_equal(decoded.exit, record.exit)
     assert (decoded.timing.batch_ms, decoded.timing.overhead_ms, decoded.timing.idle_ms) == (5.0, 0.5, 2.0)
-    assert decoded.timing.unreported_ms == 7.5
+    assert (decoded.timing.unreported_ms, decoded.timing.tail_ms) == (7.5, 3.25)
     np.testing.assert_allclose(decoded.timing.answer_ms, record.timing.answer_ms, rtol=1e-6)
 
 
@@ -59,8 +59,10 @@ def test_a_record_of_an_older_backend_without_a_replica_still_decodes() -> None:
     fields = _fields(record)
     del fields[b"replica"]  # what a backend from before replica ids writes, under the same schema version
     del fields[b"unreported_ms"]  # nor did it count batches without a record
+    del fields[b"tail_ms"]  # nor finish batches off the request path
     decoded = FeedbackRecord.decode(fields)
-    assert decoded.replica == "" and decoded.final.tolist() == [1, 2] and decoded.timing.unreported_ms == 0.0
+    assert decoded.replica == "" and decoded.final.tolist() == [1, 2]
+    assert decoded.timing.unreported_ms == 0.0 and decoded.timing.tail_ms == 0.0
     assert FeedbackRecord("m", 1, (), np.ones((0, 1)), np.ones((0, 1)), np.array([1]), np.array([0]),
                           BatchTiming(1.0, 0.0, 0.0, np.zeros(1))).replica == ""
 

@@ -79,3 +79,23 @@ def test_every_ramp_set_runs_fused_segments_with_exact_outputs(repository: Path)
             assert torch.equal(verdicts[-1].probs, expected)
             for verdict in verdicts[:-1]:
                 assert torch.equal(verdict.probs, reference[verdict.exit].probs)
+
+
+def test_a_pass_stopped_at_a_ramp_finishes_block_by_block_with_the_same_verdicts(repository: Path) -> None:
+    """``finish`` continues from the activations ``stages`` left behind: one step per remaining block, the later
+    ramps' verdicts and the final verdict exactly as an uninterrupted pass computes them."""
+    served = EarlyExitModel(repository / MODEL / "1")
+    images = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    active = [1, 4, 6]
+    with torch.inference_mode():
+        whole = list(served.stages({"IMAGE": images}, active))
+        values: dict[str, torch.Tensor] = {}
+        head = served.stages({"IMAGE": images}, active, values)
+        assert next(head).exit == 1
+        steps = list(served.finish(values, 1, active))
+    remaining = len(served.manifest.blocks) - 1 - served.manifest.ramps[1].after_block
+    assert len(steps) == remaining + 1
+    verdicts = [step for step in steps if step is not None]
+    assert [v.exit for v in verdicts] == [4, 6, served.manifest.final_exit]
+    for verdict, expected in zip(verdicts, whole[1:]):
+        torch.testing.assert_close(verdict.probs, expected.probs, rtol=0, atol=1e-6)

@@ -76,3 +76,18 @@ def test_utilisation_counts_batches_that_sent_no_record() -> None:
                                   np.zeros(4, int), np.zeros(4, int), timing))
     busy = 3 * 10.0 + 2 * 6.0
     assert abs(window.view().busy - busy / (busy + 2 * 16.0)) < 1e-9  # 57 %; traced batches alone looked 79 % busy
+
+
+def test_blocks_run_off_the_request_path_count_as_saved_but_not_as_busy() -> None:
+    """A traced batch answered at a ramp finishes its deeper blocks while the instance is idle: their time
+    (``tail_ms``) is what its samples' exits saved beyond the batch, and no request waited for it."""
+    window = FeedbackWindow(capacity=100)
+    for _ in range(2):  # 4 ms to the ramp (0.5 ms of it early-exit work), 6 ms more had it run inline, 10 ms idle
+        timing = BatchTiming(4.0, 0.5, 10.0, np.full(2, 4.0), tail_ms=6.0)
+        window.add(FeedbackRecord("m", 1, (0,), np.ones((1, 2), np.float32), np.zeros((1, 2), int),
+                                  np.zeros(2, int), np.zeros(2, int), timing))
+    view = window.view()
+    assert abs(view.busy - 8.0 / 18.0) < 1e-9
+    saving, count = realised_saving_ms(view)
+    rho = 8.0 / 18.0
+    assert count == 4 and abs(saving - ((4.0 + 6.0 - 0.5 - 4.0) - 0.5 * rho / (1 - rho))) < 1e-6
