@@ -130,14 +130,17 @@ class TritonPythonModel:
         traced = self.publisher is not None and (self.feedback_share >= 1.0 or self.rng.random() < self.feedback_share)
         values: dict[str, torch.Tensor] = {}
         try:
+            run_started = time.perf_counter()
             ramp_verdicts, final, overhead_ms = self._run(batch, tensors, config, to_end=False, values=values)
+            blocks_ms = 1000.0 * (time.perf_counter() - run_started) - overhead_ms  # the model's own blocks
         except Exception as exc:  # answer every request, whatever broke; Triton keeps serving
             self._isolate(batch, inputs, config, exc)
             self._end_unreported(started, idle_ms)
             return batch.take_held()
         self.metrics.count_exits(np.bincount(batch.exit, minlength=manifest.final_exit + 1))
         if not traced:
-            self.metrics.batch_stopped()
+            if final is None:
+                self.metrics.batch_stopped()
             self._end_unreported(started, idle_ms)
             return batch.take_held()
         ended = time.perf_counter()
@@ -148,7 +151,7 @@ class TritonPythonModel:
         if final is not None:
             self._publish(config, ramp_verdicts, final, batch.exit, timing)
         else:  # every sample exited: the rest of the pass only yields feedback, computed when nothing waits for it
-            tail = self._finish(values, ramp_verdicts, config, batch.exit, timing)
+            tail = self._finish(values, ramp_verdicts, config, batch.exit, timing, blocks_ms)
             if self.tails.submit(tail):
                 self.metrics.batch_deferred()
             else:  # the runner has fallen behind: answer now, then finish here (busy time the next record carries)
@@ -170,15 +173,15 @@ class TritonPythonModel:
                                             final.prediction, exits, timing, replica=self.replica))
 
     def _finish(self, values: dict[str, torch.Tensor], ramp_verdicts: list[Verdict], config: ExitConfig,
-                exits: np.ndarray, timing: BatchTiming) -> Iterator[None]:
+                exits: np.ndarray, timing: BatchTiming, blocks_ms: float) -> Iterator[None]:
         """The rest of a traced pass that stopped at the ramp of ``ramp_verdicts[-1]``, one block per step, then its
         record. The record's ``tail_ms`` is what those blocks would have added to the batch had it run them inline:
-        their profiled time, scaled by how fast the batch's own blocks ran against their profile."""
+        their profiled time, scaled by how fast the batch's own blocks ran (``blocks_ms``) against their profile."""
         stopped_at = ramp_verdicts[-1].exit
         verdicts = list(ramp_verdicts)
         for verdict in self.model.finish(values, stopped_at, config.active_ramps):
             if verdict is not None and verdict.exit == self.model.manifest.final_exit:
-                tail_ms = self._tail_ms(stopped_at, len(exits), timing.batch_ms - timing.overhead_ms)
+                tail_ms = self._tail_ms(stopped_at, len(exits), blocks_ms)
                 self._publish(config, verdicts, verdict, exits, replace(timing, tail_ms=tail_ms))
             elif verdict is not None:
                 verdicts.append(verdict)
@@ -186,7 +189,8 @@ class TritonPythonModel:
 
     def _tail_ms(self, stopped_at: int, batch_size: int, head_ms: float) -> float:
         """Time the blocks after ramp ``stopped_at`` would have taken inline, judged by the ``head_ms`` the blocks
-        before it took (0 without a profile)."""
+        before it took (0 without a profile). Not measured on the runner: it runs single-threaded and yields its core
+        to everything else, so its own clock says nothing about the serving thread's speed."""
         profile = self.model.manifest.profile
         if profile is None:
             return 0.0
