@@ -65,8 +65,8 @@ def write_e3_entries(repository: Path, source: str, plan: E3Plan, manifest: Mani
     the router's per-call cost is shared; a client's own batch may still be as large as the Apparate entry takes); the first block model then runs what it is sent without waiting. Later
     block models gather survivors up to twice B within their queue delay, so the survivors of several upstream
     batches merge (a preferred size of B would dispatch each just-under-B chunk alone). On CPUs each instance
-    gets an equal share of the cores as torch threads: instances that each spawn a thread per core oversubscribe
-    them as soon as several blocks run at once.
+    gets an equal share of the cores as torch threads (one thread when the planner gave every group an instance per
+    core): instances that each spawn a thread per core oversubscribe them as soon as several blocks run at once.
     """
     name = f"{source}_e3"
     for stale in repository.glob(f"{name}_b*"):
@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     with np.load(validation) as data:
         confidence, prediction, final = data["confidence"], data["prediction"], data["final"]
     slo_ms = args.slo_ms
-    settings = PlannerSettings(slo_ms, args.instances, args.max_exits, args.hop_ms, profile_threads=torch.get_num_threads(),
+    settings = PlannerSettings(slo_ms, args.instances, shared_cores=args.instance_kind == "cpu",
+                               max_exits=args.max_exits, hop_ms=args.hop_ms, profile_threads=torch.get_num_threads(),
                                sample_rate=args.sample_rate,
                                tuner=TunerSettings(guard=AccuracyGuard(args.accuracy_budget, args.z)))
     exits = None if args.exits is None else tuple(int(r) for r in args.exits.split(",") if r.strip())

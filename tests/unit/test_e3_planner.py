@@ -81,6 +81,15 @@ def test_replicas_follow_the_compute_each_group_carries() -> None:
     assert plan.groups[-1].replicas > plan.groups[0].replicas >= 1
 
 
+def test_groups_sharing_cores_get_an_instance_per_core_each() -> None:
+    settings = _settings(slo_ms=5000.0, hop_latency_ms=0.0, queueing_share=0.0, profile_threads=2, instances=2,
+                         shared_cores=True)
+    plan = make_plan(_manifest((1.0, 1.0, 30.0)), *_window(), settings, exits=(0, 1))
+    assert [g.replicas for g in plan.groups] == [2, 2, 2]
+    # every instance is single-threaded: the profile's two threads' compute takes twice as long
+    assert plan.latency_ms == pytest.approx(2 * sum(g.compute_ms for g in plan.groups))
+
+
 def test_latency_counts_the_slower_compute_of_instances_with_fewer_threads_and_each_hop() -> None:
     settings = _settings(slo_ms=5000.0, hop_latency_ms=3.0, queueing_share=0.0, profile_threads=2, instances=2)
     plan = make_plan(_manifest(), *_window(), settings, exits=(0, 1))
