@@ -18,7 +18,9 @@ block models use it too. E3 is compared with the better of the two, so its gain 
 
 Reports goodput and its ratio to the original model's (best over the offered loads, both repeats), p50/p99,
 agreement with the original model's answers, the plan chosen, each block model's observed survivors and average
-batch size (Triton statistics), and the hop cost. Writes ``e3_report.md`` and ``e3_goodput.png`` to ``--out``.
+batch size (Triton statistics), the hop cost, and the CPU every process spends per request at one offered load
+(``--cpu-load``): at the small batches an SLO allows, a block call's fixed cost weighs more than at saturation.
+Writes ``e3_report.md`` and ``e3_goodput.png`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -152,6 +154,24 @@ def _plan_and_load(stack: Stack, args: argparse.Namespace, slo_ms: float, inputs
     return hop_ms, plan, loaded
 
 
+def cpu_per_request(stack: Stack, systems: dict[str, str], inputs: Inputs, rate: float,
+                    seconds: float) -> dict[str, dict[str, float]]:
+    """CPU milliseconds per request of every process taking part (this client, Triton's own process, each model's
+    stubs) while one Poisson trace at ``rate`` is replayed against each system in turn: what a request costs at the
+    batch sizes that load gives, where the capacity bursts give the largest. Keys: system, then process."""
+    count = int(rate * seconds)
+    sample = _take(inputs, np.arange(count) % len(next(iter(inputs.values()))))
+    triton = stack.process("triton")
+    costs = {}
+    for system, name in systems.items():
+        before, client = triton.cpu_by_model(), time.process_time()
+        replay(stack.grpc_url, name, sample, poisson_arrivals(count, rate, seed=7))
+        client, after = time.process_time() - client, triton.cpu_by_model()
+        used = {"client": client, **{k: v - before.get(k, 0.0) for k, v in after.items()}}
+        costs[system] = {k: 1000.0 * v / count for k, v in used.items() if 1000.0 * v / count >= 0.01}
+    return costs
+
+
 def plot(points: list[LoadPoint], slo_ms: float, out: Path) -> Path:
     import matplotlib
 
@@ -178,7 +198,8 @@ def plot(points: list[LoadPoint], slo_ms: float, out: Path) -> Path:
 
 def report(args: argparse.Namespace, slo_ms: float, v50: float, capacity: dict[str, float], hop_ms: float,
            plan: E3Plan, points: list[LoadPoint], original: np.ndarray, stats: dict[str, tuple[int, int]],
-           requests: int, controller_cpu: float, seconds: float, plot_path: Path) -> str:
+           requests: int, controller_cpu: float, seconds: float, plot_path: Path,
+           cpu: tuple[float, dict[str, dict[str, float]]]) -> str:
     best = {system: max(p.goodput(slo_ms) for p in points if p.system == system)
             for system in dict.fromkeys(p.system for p in points)}
     lines = [
@@ -204,6 +225,15 @@ def report(args: argparse.Namespace, slo_ms: float, v50: float, capacity: dict[s
         errors = sum(a.error is not None for a in p.answers)
         lines.append(f"| {p.offered:.0f} | {p.system} | {p.repeat} | {p.goodput(slo_ms):.1f} | {p50:.1f} | "
                      f"{p99:.1f} | {errors} | {agree:.2%} |")
+    rate, costs = cpu
+    processes = list(dict.fromkeys(k for used in costs.values() for k in used))
+    lines += ["", f"## CPU per request at {rate:.0f} req/s offered (Poisson, no controller)\n",
+              "Milliseconds of CPU time (user + system, from the OS) per request, by process: the client, Triton's own "
+              "process (gRPC, batchers, BLS routing) and each model's Python stubs (all its instances).\n",
+              "| process | " + " | ".join(costs) + " |", "|---|" + "---:|" * len(costs)]
+    for process in [*processes, "total"]:
+        values = [sum(used.values()) if process == "total" else used.get(process) for used in costs.values()]
+        lines.append(f"| {process} | " + " | ".join("" if v is None else f"{v:.2f}" for v in values) + " |")
     expected = plan.expected
     lines += ["", "## Plan\n",
               f"Exits {list(plan.exits)}, thresholds {plan.thresholds}, batch {expected.get('batch_size')}, "
@@ -235,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="offered loads as fractions of the original model's best saturated capacity")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each load point's trace")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--cpu-load", type=float, default=0.7,
+                        help="offered load, as a fraction of the original model's best capacity, at which the CPU "
+                        "each process spends per request is measured")
     parser.add_argument("--instances", type=int, default=2, help="instances the plan may use (cores here)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results")
     args = parser.parse_args(argv)
@@ -256,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
             for system, name in (("vanilla", vanilla), ("apparate", model)):
                 capacity[f"{system} {layout}"] = _capacity(stack, name, inputs)
         capacity["e3"] = _capacity(stack, e3, inputs)
+        cpu_rate = args.cpu_load * max(v for k, v in capacity.items() if k.startswith("vanilla"))
+        # the capacity loop ends in the 2x1 layout, E3's own (one single-threaded instance per core)
+        cpu = cpu_per_request(stack, {"vanilla 2x1": vanilla, "apparate 2x1": model, "e3": e3}, inputs, cpu_rate,
+                              args.seconds)
         original = np.array([a.label for a in replay(stack.grpc_url, vanilla, inputs, poisson_arrivals(pool, 50))])
         rates = [float(f) * max(v for k, v in capacity.items() if k.startswith("vanilla"))
                  for f in args.loads.split(",")]
@@ -283,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     points = sweeper.points
     path = plot(points, slo_ms, out)
     text = report(args, slo_ms, v50, capacity, hop_ms, plan, points, original, stats, sweeper.routed[e3], controller_cpu,
-                  seconds, path)
+                  seconds, path, (cpu_rate, cpu))
     (out / "e3_report.md").write_text(text, encoding="utf-8")
     (out / "e3_points.json").write_text(json.dumps(
         [{"system": p.system, "offered": p.offered, "repeat": p.repeat, "goodput": p.goodput(slo_ms)}

@@ -60,11 +60,25 @@ class Process:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the process has used so far (Linux ``/proc``; 0 once it has exited)."""
-        try:
-            fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        stat = _proc_stat(self.popen.pid)
+        return stat[1] if stat else 0.0
+
+    def cpu_by_model(self) -> dict[str, float]:
+        """CPU seconds used so far by this process (key ``tritonserver``: Triton's core, gRPC and batchers) and by
+        its Python-backend stubs, summed per model over the model's instances (key: the model's name, the folder
+        its stub was started for). Stubs that exited are gone from the sum, so compare readings of a steady set."""
+        used = {"tritonserver": self.cpu_seconds()}
+        for entry in Path("/proc").iterdir():
+            stat = _proc_stat(int(entry.name)) if entry.name.isdigit() else None
+            if stat is None or stat[0] != self.popen.pid:
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            model = Path(argv[1].decode()).parent.parent.name if len(argv) > 1 else entry.name
+            used[model] = used.get(model, 0.0) + stat[1]
+        return used
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop gracefully, then make sure nothing it started outlives it (Triton's Python stubs are its children
@@ -78,6 +92,15 @@ class Process:
                 self.popen.wait(5)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, signal.SIGKILL)  # its own process group: see _spawn
+
+
+def _proc_stat(pid: int) -> tuple[int, float] | None:
+    """Parent pid and CPU seconds (user + system) of a live process, from ``/proc/<pid>/stat``."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _spawn(name: str, command: list[str], log_dir: Path, env: dict[str, str] | None = None,

@@ -133,6 +133,18 @@ def test_later_blocks_batch_the_survivors_of_many_requests(
     assert last / last_runs > in_place
 
 
+def test_cpu_is_accounted_to_the_router_and_each_block_model(
+    e3_stack: Stack, plan: E3Plan, test_images: np.ndarray
+) -> None:
+    triton = e3_stack.process("triton")
+    before = triton.cpu_by_model()
+    replay(e3_stack.grpc_url, E3, {"IMAGE": test_images[:200]}, np.zeros(200))
+    used = {name: seconds - before.get(name, 0.0) for name, seconds in triton.cpu_by_model().items()}
+    blocks = [block_model_name(E3, k) for k in range(len(plan.groups))]
+    assert {"tritonserver", E3, MODEL, *blocks} <= set(used)  # every loaded model's stubs, found by their folder
+    assert used[blocks[0]] > 0 and used[E3] > 4 * used[MODEL]  # MODEL got no traffic: its stub idled
+
+
 def test_a_block_model_unloaded_mid_traffic_costs_errors_not_hangs(
     e3_stack: Stack, plan: E3Plan, test_images: np.ndarray
 ) -> None:
