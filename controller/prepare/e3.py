@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slo-ms", type=float, default=100.0,
                         help="latency objective of a request, serving overheads included (make bench-e3 uses 3x the "
                         "original model's unloaded median)")
-    parser.add_argument("--instances", type=int, default=2, help="instances to spread over the block models "
-                        "(CPU cores, or GPUs)")
+    parser.add_argument("--instances", type=int, default=2, help="CPU cores (every block model then gets one "
+                        "single-threaded instance per core) or GPUs (shared out among the block models by compute)")
     parser.add_argument("--max-exits", type=int, default=PlannerSettings.max_exits)
     parser.add_argument("--exits", default=None,
                         help="comma-separated ramp ids to split at (default: the planner chooses; '' for none)")
