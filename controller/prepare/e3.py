@@ -156,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{plan.cost_ms:.3f} ms vs {plan.vanilla_cost_ms:.3f} ms vanilla ({plan.capacity_gain:.2f}x), "
           f"validation agreement {plan.agreement:.2%}, full-depth latency {plan.latency_ms:.1f} ms of {slo_ms:.1f}")
     print(f"wrote {', '.join(str(args.repository / e) for e in entries)}")
+    if plan.capacity_gain <= 1.0:
+        LOGGER.warning("%s: the cheapest E3 plan computes %.2fx as much per request as the original model (hop %.3f "
+                       "ms per sample): E3 saves no compute on this model here; serve the Apparate entry or the "
+                       "original model for throughput", args.name, 1.0 / plan.capacity_gain, args.hop_ms)
     return 0
 
 

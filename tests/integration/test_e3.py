@@ -4,6 +4,7 @@ mid-traffic costs errors, never hangs."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -75,6 +76,15 @@ def _block_counts(stack: Stack, blocks: list[str]) -> np.ndarray:
 def _feedback(stack: Stack) -> list[FeedbackRecord]:
     client = redis.Redis.from_url(stack.redis_url)
     return [FeedbackRecord.decode(fields) for _, fields in client.xrange(RedisKeys(E3).feedback)]
+
+
+def test_a_plan_that_saves_no_compute_says_so(
+    repository: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    shutil.copytree(repository / MODEL, tmp_path / MODEL)  # the plan is written beside it, not over the fixture's
+    with caplog.at_level("WARNING", logger="controller.prepare.e3"):
+        assert plan_e3(["--name", MODEL, "--repository", str(tmp_path), "--exits", "", "--slo-ms", "2000"]) == 0
+    assert "E3 saves no compute on this model" in caplog.text  # one group: the original model plus a hop
 
 
 def test_the_router_answers_unary_grpc_and_http_calls_like_the_apparate_entry(
