@@ -8,6 +8,7 @@ import signal
 import sys
 
 from controller.adjuster import AdjusterSettings
+from controller.e3_resizer import ResizerSettings
 from controller.guard import AccuracyGuard
 from controller.service import ControllerService, ControllerSettings
 from controller.tuner import TunerSettings
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds of the Redis lease that makes one of several controllers the active one; the "
                         "others stand by, retry every third of it, and take over once a dead holder's lease lapsed")
     parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    parser.add_argument("--resize-drift", type=float, default=ResizerSettings.drift,
+                        help="re-size an E3 entry's block models (queue delays, replicas) when the share of requests "
+                        "reaching one of them moved this much from what they were sized for")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -60,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         probe_after=args.probe_after,
         max_probe_after=max(args.probe_after, ControllerSettings.max_probe_after),
         adjuster=AdjusterSettings(overhead_budget=args.overhead_budget, max_ramps=args.max_ramps),
+        resizer=ResizerSettings(drift=args.resize_drift),
     )
     client = redis_client(args.redis_url, socket_timeout=5, socket_connect_timeout=2)
     service = ControllerService(client, settings, prefix=args.prefix, models=args.model, consumer=args.consumer,

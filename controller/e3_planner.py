@@ -16,7 +16,9 @@ with the per-exit compute as its objective, so the plan's exits are ones the con
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 
@@ -66,6 +68,20 @@ class PlannerSettings:
         if not 0 < self.load <= 1 or not 0 <= self.sample_rate <= 1:
             raise ValueError(f"load must be in (0, 1] and sample_rate in [0, 1], got {self.load}, {self.sample_rate}")
 
+    def sizing_fields(self) -> dict[str, Any]:
+        """What re-sizing a deployed plan needs (every field but the tuner's), JSON-ready: the plan carries it."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tuner"}
+
+    @classmethod
+    def from_sizing_fields(cls, data: Mapping[str, Any]) -> PlannerSettings:
+        """Inverse of ``sizing_fields``; raises ``ValueError`` naming what is missing or malformed."""
+        if "tuner" in data:
+            raise ValueError("planner settings: the tuner is not part of a plan")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ValueError(f"planner settings: {exc}") from exc
+
 
 @dataclass(frozen=True)
 class GroupPlan:
@@ -91,11 +107,22 @@ class Plan:
     vanilla_cost_ms: float  # the same for the original model at the same batch size
     latency_ms: float  # a full-depth sample: compute and queueing at every group
     agreement: float  # with the original model on the validation split
+    threads: int  # torch threads of each block instance on a CPU
 
     @property
     def capacity_gain(self) -> float:
         """Modelled requests per second against the original model's on the same instances."""
         return self.vanilla_cost_ms / self.cost_ms
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """How the groups of one exit set are deployed for given exit rates, and what the model expects of it."""
+
+    groups: tuple[GroupPlan, ...]
+    cost_ms: float  # compute per request, all instances together
+    latency_ms: float  # a full-depth sample
+    threads: int  # torch threads of each block instance on a CPU
 
 
 def _group_bounds(manifest: Manifest, exits: tuple[int, ...]) -> list[tuple[int, int, int | None]]:
@@ -138,20 +165,46 @@ def make_plan(manifest: Manifest, confidence: np.ndarray, prediction: np.ndarray
     return best
 
 
+def _group_compute(manifest: Manifest, bounds: list[tuple[int, int, int | None]], batch_size: int) -> np.ndarray:
+    """Profiled time of one batch of ``batch_size`` through each group: its blocks, then its ramp."""
+    assert manifest.profile is not None
+    block_ms, ramp_ms = manifest.profile.at(batch_size)
+    return np.asarray([block_ms[first : last + 1].sum() + (ramp_ms[ramp] if ramp is not None else 0.0)
+                       for first, last, ramp in bounds])
+
+
 def _evaluate(manifest: Manifest, exits: tuple[int, ...], batch_size: int, confidence: np.ndarray,
               prediction: np.ndarray, final: np.ndarray, settings: PlannerSettings) -> Plan | None:
     assert manifest.profile is not None
-    block_ms, ramp_ms = manifest.profile.at(batch_size)
     bounds = _group_bounds(manifest, exits)
-    compute = np.asarray([block_ms[first : last + 1].sum() + (ramp_ms[ramp] if ramp is not None else 0.0)
-                          for first, last, ramp in bounds])
-    per_sample = compute / batch_size + settings.hop_ms
+    per_sample = _group_compute(manifest, bounds, batch_size) / batch_size + settings.hop_ms
     exit_cost = np.cumsum(per_sample)  # compute spent on a sample answered at each exit, then at the final layer
     rows = list(exits)
     thresholds = ThresholdTuner(settings.tuner).tune(confidence[rows], prediction[rows], final, exit_cost)
     evaluation = evaluate(thresholds, confidence[rows], prediction[rows] == final[None, :], exit_cost)
-    reached = 1.0 - np.concatenate([[0.0], np.cumsum(evaluation.exit_rates)[:-1]])
-    reached = reached + settings.sample_rate * (1.0 - reached)
+    undecided = 1.0 - np.concatenate([[0.0], np.cumsum(evaluation.exit_rates)[:-1]])
+    sizing = resize(manifest, exits, batch_size, undecided, settings)
+    if sizing is None:
+        return None
+    block_ms, _ = manifest.profile.at(batch_size)
+    vanilla = float(block_ms.sum() / batch_size)  # called directly: no hop
+    return Plan(sizing.groups, {r: float(t) for r, t in zip(exits, thresholds)}, batch_size, sizing.cost_ms, vanilla,
+                sizing.latency_ms, evaluation.accuracy, sizing.threads)
+
+
+def resize(manifest: Manifest, exits: tuple[int, ...], batch_size: int, undecided: np.ndarray,
+           settings: PlannerSettings) -> Sizing | None:
+    """Queue delays, replicas and threads of the groups cut at ``exits`` when ``undecided[k]`` of the requests are
+    still unanswered on reaching group ``k``; ``None`` when a full-depth sample would miss the objective.
+
+    ``make_plan`` sizes every candidate this way from the validation split's exit rates; the controller re-sizes a
+    deployed plan from the exit rates it observes (``controller.e3_resizer``), at the plan's batch size and exits.
+    """
+    bounds = _group_bounds(manifest, exits)
+    compute = _group_compute(manifest, bounds, batch_size)
+    per_sample = compute / batch_size + settings.hop_ms
+    reached = np.asarray(undecided, dtype=float)
+    reached = reached + settings.sample_rate * (1.0 - reached)  # the traced share of answered samples runs on
     cost = float((reached * per_sample).sum())
     share = reached * compute / batch_size
     if settings.shared_cores:
@@ -166,8 +219,6 @@ def _evaluate(manifest: Manifest, exits: tuple[int, ...], batch_size: int, confi
     latency = float((compute * slowdown + delays).sum() + settings.hop_latency_ms * len(bounds))
     if latency > settings.slo_ms:
         return None
-    vanilla = float(block_ms.sum() / batch_size)  # called directly: no hop
     groups = tuple(GroupPlan(first, last, ramp, float(r), float(c), int(1000 * d), int(n))
                    for (first, last, ramp), r, c, d, n in zip(bounds, reached, compute, delays, replicas))
-    return Plan(groups, {r: float(t) for r, t in zip(exits, thresholds)}, batch_size, cost, vanilla, latency,
-                evaluation.accuracy)
+    return Sizing(groups, cost, latency, threads)

@@ -43,7 +43,8 @@ import numpy as np
 import redis
 
 from controller.adjuster import AdjusterSettings, RampAdjuster
-from controller.config_store import publish_config, read_config
+from controller.config_store import publish_config, publish_plan, read_config, read_plan
+from controller.e3_resizer import ResizerSettings, resize_plan
 from controller.guard import AccuracyGuard
 from controller.latency import LatencyModel, MeasuredExits, measured_exits, realised_saving_ms
 from controller.lease import Lease, LeaseLostError
@@ -80,6 +81,7 @@ class ControllerSettings:
     probe_after: seconds exits stay off after they stopped paying before the last set is tried again (doubles
         after every failed probe, up to ``max_probe_after``).
     max_probe_after: upper bound of the probe back-off.
+    resizer: when an E3 entry's block models are re-sized for the exit rates observed (``controller.e3_resizer``).
     """
 
     tuner: TunerSettings = TunerSettings()
@@ -90,6 +92,7 @@ class ControllerSettings:
     adjuster: AdjusterSettings = AdjusterSettings()
     probe_after: float = 30.0
     max_probe_after: float = 600.0
+    resizer: ResizerSettings = ResizerSettings()
 
     def __post_init__(self) -> None:
         if self.min_fresh <= 0 or self.min_fresh > self.window:
@@ -418,6 +421,10 @@ class ModelController:
         return self._publishable(thresholds)
 
 
+def _percentages(shares: list[float]) -> str:
+    return "[" + ", ".join(f"{100 * share:.0f}%" for share in shares) + "]"
+
+
 def _snapped(thresholds: np.ndarray, confidence: np.ndarray) -> np.ndarray:
     """Each open threshold raised to the lowest confidence in the window that clears it: the same exits on the
     window, and never looser than needed for them (the tuner's thresholds are chosen the same way)."""
@@ -650,10 +657,33 @@ class ControllerService:
                 LOGGER.warning("%s: Redis does not hold v%d, which is in use; re-publishing v%d's thresholds above "
                                "it", name, in_use, controller.current.version)
                 self._publish(name, controller, controller.current.thresholds, f"controller@{self.consumer}")
+            rounds = controller.rounds
             config = controller.step()
             if config is not None:
                 self._publish(name, controller, config.thresholds, config.writer)
+            if controller.manifest.exits_fixed and controller.rounds > rounds:
+                self._resize(name, controller)
             self._write_status(name, controller)
+
+    def _resize(self, name: str, controller: ModelController) -> None:
+        """After a tuning round of an E3 entry: publish its plan re-sized for the exit rates its window measures
+        under the thresholds now in use, when they moved away from those it was sized for."""
+        keys = RedisKeys(name, self.prefix)
+        try:
+            plan = read_plan(self.client, keys)
+        except EarlyExitError as exc:
+            LOGGER.warning("%s: the stored E3 plan is unreadable (%s); not re-sizing", name, exc)
+            return
+        if plan is None:
+            return
+        resized = resize_plan(plan, controller.manifest, controller.window.view(), controller.current.thresholds,
+                              self.settings.resizer)
+        if resized is not None and publish_plan(self.client, keys, resized, self.lease):
+            LOGGER.info("%s: plan revision %d: block models sized for %s of requests reaching them (sized for %s "
+                        "before); queue delays %s us, replicas %s, threads %d", name, resized.revision,
+                        _percentages(resized.expected["survivors"]), _percentages(plan.expected.get("survivors", [])),
+                        [g.queue_delay_us for g in resized.groups], [g.replicas for g in resized.groups],
+                        resized.threads)
 
     def _publish(self, name: str, controller: ModelController, thresholds: dict[int, float], writer: str) -> None:
         """Write the next version (above the one in use and above any the backends were seen serving, so none goes

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from early_exit.errors import ArtifactError
 from early_exit.manifest import Manifest, TensorSpec
+from early_exit.model_config import INSTANCE_KINDS, InstanceKind, model_config, tensor_config, verdict_configs
 
 SCHEMA_VERSION = 1
 PLAN_FILE = "plan.json"
 #: Outputs of a block group besides its carried values: its exit's verdict on every sample.
 VERDICT_OUTPUTS = ("PROBS", "CONFIDENCE", "LABEL")
+BLOCK_BACKEND = "apparate_e3_block"
 
 
 def tensor_name(value: str) -> str:
@@ -72,7 +74,14 @@ class E3Plan:
         sample_rate: share of samples that run to the final layer after exiting, so feedback stays label-free and
             unbiased (see ``triton_backend.e3_router``).
         slo_ms: the latency objective the plan was made for.
-        expected: the planner's estimates (survivors per group, compute per request, capacity), for reports.
+        expected: the planner's estimates (survivors per group, compute per request, capacity), for reports and for
+            noticing when the exit rates the sizing assumed no longer hold.
+        instance_kind: where the block models' instances run.
+        threads: torch threads of each block instance on a CPU (0: torch's default).
+        max_batch_size: the router's; a block model takes at least twice the plan's batch size.
+        planner: the planner settings the sizing was made with (``controller.e3_planner.PlannerSettings``, tuner
+            aside), so the controller can size the same groups again for other exit rates; empty when unknown.
+        revision: 0 as prepared; the controller counts re-sizings up.
     """
 
     source: str
@@ -81,12 +90,65 @@ class E3Plan:
     sample_rate: float
     slo_ms: float
     expected: dict[str, Any]
+    instance_kind: InstanceKind = "KIND_CPU"
+    threads: int = 0
+    max_batch_size: int = 32
+    planner: dict[str, Any] = field(default_factory=dict)
+    revision: int = 0
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.instance_kind not in INSTANCE_KINDS or self.threads < 0 or self.max_batch_size < 1:
+            raise ArtifactError(f"plan.instance_kind must be one of {INSTANCE_KINDS}, threads >= 0 and "
+                                f"max_batch_size >= 1; got {self.instance_kind!r}, {self.threads}, "
+                                f"{self.max_batch_size}")
 
     @property
     def exits(self) -> tuple[int, ...]:
         """Ramp ids the plan can exit at, in depth order."""
         return tuple(group.ramp for group in self.groups if group.ramp is not None)
+
+    @property
+    def sizing(self) -> tuple[tuple[tuple[int, int], ...], int]:
+        """What re-sizing may change: each group's queue delay and replicas, and the instances' threads."""
+        return tuple((group.queue_delay_us, group.replicas) for group in self.groups), self.threads
+
+    def same_groups(self, other: E3Plan) -> bool:
+        """Whether ``other`` deploys the same block models, sizing aside: then it can replace this plan by
+        reloading block models; otherwise only a new ``prepare.e3`` can."""
+        def unsized(plan: E3Plan) -> tuple[Any, ...]:
+            groups = tuple(replace(group, queue_delay_us=0, replicas=0) for group in plan.groups)
+            return plan.source, groups, plan.instance_kind, plan.max_batch_size
+
+        return unsized(self) == unsized(other)
+
+    def resized(self, queue_delays_us: list[int], replicas: list[int], threads: int,
+                expected: dict[str, Any]) -> E3Plan:
+        """The same groups with new queue delays, replicas and threads, one revision on (``expected`` updates the
+        estimates)."""
+        groups = tuple(replace(group, queue_delay_us=int(delay), replicas=int(count))
+                       for group, delay, count in zip(self.groups, queue_delays_us, replicas, strict=True))
+        return replace(self, groups=groups, threads=threads, expected={**self.expected, **expected},
+                       revision=self.revision + 1)
+
+    def block_model_config(self, router: str, index: int, classes: int) -> dict[str, Any]:
+        """Triton configuration (JSON form) of block model ``index`` of the router ``router``.
+
+        The first block model runs what the router sends at once: the router's own batcher gathered it. Later block
+        models gather survivors up to twice B within their queue delay, so the survivors of several upstream batches
+        merge; there is no preferred size, which would dispatch a just-under-B request alone rather than exceed it.
+        """
+        group = self.groups[index]
+        parameters = {"source": self.source, "first_block": str(group.first_block),
+                      "last_block": str(group.last_block), "ramp": "" if group.ramp is None else str(group.ramp)}
+        if self.instance_kind == "KIND_CPU":
+            parameters["threads"] = str(self.threads)
+        inputs = [replace(spec, name=tensor_name(spec.name)) for spec in group.inputs]
+        outputs = [tensor_config(replace(spec, name=tensor_name(spec.name))) for spec in group.outputs]
+        return model_config(block_model_name(router, index), BLOCK_BACKEND,
+                            max(self.max_batch_size, 2 * group.batch_size), inputs,
+                            [*outputs, *verdict_configs(classes, VERDICT_OUTPUTS)],
+                            0 if index == 0 else group.queue_delay_us, group.replicas, self.instance_kind, parameters)
 
     def validate(self, manifest: Manifest) -> None:
         """Cross-checks against the source manifest; raises ``ArtifactError`` naming the field."""
@@ -144,6 +206,11 @@ class E3Plan:
                 sample_rate=float(data["sample_rate"]),
                 slo_ms=float(data["slo_ms"]),
                 expected=dict(data.get("expected", {})),
+                instance_kind=str(data.get("instance_kind", "KIND_CPU")),  # type: ignore[arg-type]  # validate()
+                threads=int(data.get("threads", 0)),
+                max_batch_size=int(data.get("max_batch_size", 32)),
+                planner=dict(data.get("planner", {})),
+                revision=int(data.get("revision", 0)),
             )
         except ArtifactError:
             raise

@@ -45,6 +45,12 @@ class RedisKeys:
         return f"{self.prefix}:{self.model}:manifest"
 
     @property
+    def e3_plan(self) -> str:
+        """The E3 plan in force (JSON, ``early_exit.e3_plan``) of an E3 router: registered by the router as prepared
+        unless one is stored, re-sized by the controller; every replica's router reloads its block models to match."""
+        return f"{self.prefix}:{self.model}:e3_plan"
+
+    @property
     def status(self) -> str:
         """The active controller's status document for this model (JSON: holder, configuration version, window size,
         samples per replica, time written), rewritten about once a second while a controller is active."""

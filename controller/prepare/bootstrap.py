@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from controller.prepare.triton_config import TRITON_DTYPES as SERVABLE_DTYPES
 from early_exit.manifest import TensorSpec
+from early_exit.model_config import TRITON_DTYPES as SERVABLE_DTYPES
 from triton_backend.raw_inputs import IMAGE_INPUT, TEXT_INPUTS, TextEncoder, decode_image
 
 LOGGER = logging.getLogger(__name__)

@@ -12,7 +12,6 @@ import argparse
 import logging
 import shutil
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +20,11 @@ import torch
 from controller.e3_planner import Plan, PlannerSettings, make_plan
 from controller.guard import AccuracyGuard
 from controller.prepare.pipeline import VALIDATION_FILE
-from controller.prepare.triton_config import ROUTER_BACKEND, InstanceKind, render_block_config, render_config
+from controller.prepare.triton_config import ROUTER_BACKEND, render_config, render_pbtxt
 from controller.tuner import TunerSettings
-from early_exit.e3_plan import PLAN_FILE, BlockGroup, E3Plan, block_model_name, tensor_name
+from early_exit.e3_plan import PLAN_FILE, BlockGroup, E3Plan, block_model_name
 from early_exit.manifest import Manifest, TensorSpec
+from early_exit.model_config import InstanceKind
 from early_exit.runtime import EarlyExitModel
 
 LOGGER = logging.getLogger("controller.prepare.e3")
@@ -57,16 +57,14 @@ def block_groups(manifest: Manifest, plan: Plan, specs: dict[str, TensorSpec]) -
     return tuple(groups)
 
 
-def write_e3_entries(repository: Path, source: str, plan: E3Plan, manifest: Manifest, max_batch_size: int,
-                     instance_kind: InstanceKind = "KIND_CPU", hop_timeout_ms: float = 0.0) -> list[str]:
+def write_e3_entries(repository: Path, source: str, plan: E3Plan, manifest: Manifest,
+                     hop_timeout_ms: float = 0.0) -> list[str]:
     """Write the router and its block models (replacing earlier ones); returns the entry names.
 
-    The router's own batcher gathers the first group's batch, B samples (so one BLS call carries many samples and
-    the router's per-call cost is shared; a client's own batch may still be as large as the Apparate entry takes); the first block model then runs what it is sent without waiting. Later
-    block models gather survivors up to twice B within their queue delay, so the survivors of several upstream
-    batches merge (a preferred size of B would dispatch each just-under-B chunk alone). On CPUs each instance
-    gets an equal share of the cores as torch threads (one thread when the planner gave every group an instance per
-    core): instances that each spawn a thread per core oversubscribe them as soon as several blocks run at once.
+    The router's own batcher gathers the first group's batch, B samples, so one BLS call carries many samples and the
+    router's per-call cost is shared (a client's own batch may still be as large as the Apparate entry takes). Block
+    models are configured by ``E3Plan.block_model_config``, as the router configures them when the controller
+    re-sizes them.
     """
     name = f"{source}_e3"
     for stale in repository.glob(f"{name}_b*"):
@@ -76,23 +74,14 @@ def write_e3_entries(repository: Path, source: str, plan: E3Plan, manifest: Mani
     (router / "1" / PLAN_FILE).write_text(plan.to_json(), encoding="utf-8")
     first = plan.groups[0]
     (router / "config.pbtxt").write_text(render_config(
-        name, manifest.inputs, manifest.classes, max_batch_size, max_queue_delay_us=first.queue_delay_us,
+        name, manifest.inputs, manifest.classes, plan.max_batch_size, max_queue_delay_us=first.queue_delay_us,
         backend=ROUTER_BACKEND, parameters={"hop_timeout_ms": f"{hop_timeout_ms:g}", "max_in_flight": "256"},
         preferred_batch_size=first.batch_size), encoding="utf-8")
-    threads = max(1, int(plan.expected.get("instances", 1)) // sum(g.replicas for g in plan.groups))
     entries = [name]
-    for index, group in enumerate(plan.groups):
+    for index in range(len(plan.groups)):
         block = block_model_name(name, index)
         (repository / block / "1").mkdir(parents=True, exist_ok=True)
-        parameters = {"source": source, "first_block": str(group.first_block), "last_block": str(group.last_block),
-                      "ramp": "" if group.ramp is None else str(group.ramp)}
-        if instance_kind == "KIND_CPU":
-            parameters["threads"] = str(threads)
-        config = render_block_config(
-            block, [replace(s, name=tensor_name(s.name)) for s in group.inputs],
-            [replace(s, name=tensor_name(s.name)) for s in group.outputs], manifest.classes,
-            max(max_batch_size, 2 * group.batch_size),
-            0 if index == 0 else group.queue_delay_us, group.replicas, parameters, instance_kind)
+        config = render_pbtxt(plan.block_model_config(name, index, manifest.classes))
         (repository / block / "config.pbtxt").write_text(config, encoding="utf-8")
         entries.append(block)
     return entries
@@ -146,10 +135,12 @@ def main(argv: list[str] | None = None) -> int:
                 "capacity_gain": plan.capacity_gain, "latency_ms": plan.latency_ms, "agreement": plan.agreement,
                 "survivors": [g.survivors for g in plan.groups], "hop_ms": args.hop_ms,
                 "instances": args.instances}
-    e3 = E3Plan(args.name, groups, plan.thresholds, args.sample_rate, slo_ms, expected)
-    e3.validate(manifest)
     kind: InstanceKind = "KIND_GPU" if args.instance_kind == "gpu" else "KIND_CPU"
-    entries = write_e3_entries(args.repository, args.name, e3, manifest, args.max_batch_size, kind, slo_ms)
+    e3 = E3Plan(args.name, groups, plan.thresholds, args.sample_rate, slo_ms, expected, instance_kind=kind,
+                threads=plan.threads if kind == "KIND_CPU" else 0, max_batch_size=args.max_batch_size,
+                planner=settings.sizing_fields())
+    e3.validate(manifest)
+    entries = write_e3_entries(args.repository, args.name, e3, manifest, slo_ms)
     print(f"exits {list(e3.exits)} (thresholds {', '.join(f'{t:.3f}' for t in plan.thresholds.values())}), "
           f"batch {plan.batch_size}, replicas {[g.replicas for g in plan.groups]}, "
           f"survivors {', '.join(f'{g.survivors:.0%}' for g in plan.groups)}; modelled compute per request "

@@ -25,10 +25,11 @@ from controller.prepare.blocks import BlockPlan, export_block, plan_blocks
 from controller.prepare.cutpoints import CutPoint, find_cut_points, localize_symbolic_scalars, split_at
 from controller.prepare.profiling import profile_model
 from controller.prepare.ramp_training import collect_reduced, train_ramps
-from controller.prepare.triton_config import InstanceKind, render_config
+from controller.prepare.triton_config import render_config
 from controller.tuner import ThresholdTuner, TunerSettings, evaluate
 from early_exit.exit_rule import NEVER_EXIT
 from early_exit.manifest import MANIFEST_FILE, BlockSpec, Manifest, RampSpec, TensorSpec, sha256_of
+from early_exit.model_config import InstanceKind
 from early_exit.ramps import build_ramp, ramp_arch_for
 from early_exit.runtime import EarlyExitModel, ramp_state_key, strip_runtime_asserts
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any
 
 from early_exit.manifest import TensorSpec
+from early_exit.model_config import InstanceKind, model_config, verdict_configs
 
 BACKEND = "apparate"
 ROUTER_BACKEND = "apparate_e3"
-BLOCK_BACKEND = "apparate_e3_block"
-
-InstanceKind = Literal["KIND_CPU", "KIND_GPU"]
 
 #: How long a served entry's batcher holds a request while its instance is idle, hoping for company. Triton's dynamic
 #: batcher is work-conserving without it: requests that arrive while the instance is busy form the next batch, so
@@ -19,37 +18,6 @@ InstanceKind = Literal["KIND_CPU", "KIND_GPU"]
 #: request that finds the instance idle, which is most of them at moderate load (measured on a 2-core CPU: a
 #: ResNet-56 request 7.5 ms with 2 ms, 5.4 ms with 0). Raise it in the config where batching pays more, on a GPU.
 QUEUE_DELAY_US = 0
-
-TRITON_DTYPES = {
-    "uint8": "TYPE_UINT8",
-    "int32": "TYPE_INT32",
-    "int64": "TYPE_INT64",
-    "float32": "TYPE_FP32",
-    "bool": "TYPE_BOOL",
-}
-
-
-def _tensor(name: str, dtype: str, dims: Sequence[int]) -> str:
-    return f'  {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(str(d) for d in dims)} ] }}'
-
-
-def _triton_dtype(spec: TensorSpec) -> str:
-    try:
-        return TRITON_DTYPES[spec.dtype]
-    except KeyError:
-        raise ValueError(f"{spec.name}: dtype {spec.dtype} has no Triton type here ({sorted(TRITON_DTYPES)})") from None
-
-
-def _parameters(parameters: Mapping[str, str]) -> str:
-    return "".join(f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
-                   for key, value in parameters.items())
-
-
-def _preferred(batch_size: int | None) -> str:
-    return f"  preferred_batch_size: [ {batch_size} ]\n" if batch_size else ""
-
-
-VERDICT_TENSORS = {"PROBS": "TYPE_FP32", "LABEL": "TYPE_INT64", "EXIT": "TYPE_INT32", "CONFIDENCE": "TYPE_FP32"}
 
 
 def render_config(
@@ -67,53 +35,43 @@ def render_config(
 
     ``instance_kind`` is the ``instance_group`` kind; with ``KIND_GPU`` Triton gives each instance a GPU and the
     backend runs the blocks and ramps on it. The E3 router (``backend`` ``apparate_e3``) takes and answers the same
-    tensors, so clients cannot tell the modes apart.
-
-    Outputs: ``PROBS`` ``[classes]``, ``LABEL`` ``[1]``, ``EXIT`` ``[1]`` (ramp id; the number of candidate ramps
-    means the final layer) and ``CONFIDENCE`` ``[1]``.
+    tensors, so clients cannot tell the modes apart. Outputs: ``early_exit.model_config.VERDICT_TENSORS``.
     """
-    verdict = [_tensor(n, dtype, [classes if n == "PROBS" else 1]) for n, dtype in VERDICT_TENSORS.items()]
-    return _entry(name, backend, max_batch_size, inputs, verdict, preferred_batch_size, max_queue_delay_us, 1,
-                  instance_kind, parameters or {})
+    return render_pbtxt(model_config(name, backend, max_batch_size, inputs, verdict_configs(classes),
+                                     max_queue_delay_us, 1, instance_kind, parameters or {}, preferred_batch_size))
 
 
-def render_block_config(
-    name: str,
-    inputs: Sequence[TensorSpec],
-    outputs: Sequence[TensorSpec],
-    classes: int,
-    max_batch_size: int,
-    max_queue_delay_us: int,
-    replicas: int,
-    parameters: Mapping[str, str],
-    instance_kind: InstanceKind = "KIND_CPU",
-) -> str:
-    """An E3 block model: a plain batched model whose batcher waits up to ``max_queue_delay_us`` to gather up to
-    ``max_batch_size`` survivors, replicated ``replicas`` times. No preferred size: requests are the survivors of
-    upstream batches, whole and of any size, and a preferred size would dispatch one alone rather than exceed it. Tensor names are the caller's (see
-    ``early_exit.e3_plan.tensor_name``); it also returns its exit's verdict (``PROBS``, ``CONFIDENCE``, ``LABEL``)."""
-    verdict = [_tensor(n, dtype, [classes if n == "PROBS" else 1]) for n, dtype in VERDICT_TENSORS.items() if n != "EXIT"]
-    carried = [_tensor(t.name, _triton_dtype(t), t.shape) for t in outputs]
-    return _entry(name, BLOCK_BACKEND, max_batch_size, inputs, [*carried, *verdict], None,
-                  max_queue_delay_us, replicas, instance_kind, parameters)
+#: Fields whose values are protobuf enum names, written bare.
+_ENUM_FIELDS = frozenset({"data_type", "kind"})
 
 
-def _entry(name: str, backend: str, max_batch_size: int, inputs: Sequence[TensorSpec], output_lines: list[str],
-           preferred_batch_size: int | None, max_queue_delay_us: int, count: int, instance_kind: InstanceKind,
-           parameters: Mapping[str, str]) -> str:
-    input_lines = ",\n".join(_tensor(t.name, _triton_dtype(t), t.shape) for t in inputs)
-    outputs = ",\n".join(output_lines)
-    return f"""name: "{name}"
-backend: "{backend}"
-max_batch_size: {max_batch_size}
-input [
-{input_lines}
-]
-output [
-{outputs}
-]
-dynamic_batching {{
-{_preferred(preferred_batch_size)}  max_queue_delay_microseconds: {max_queue_delay_us}
-}}
-instance_group [ {{ count: {count} kind: {instance_kind} }} ]
-{_parameters(parameters)}"""
+def render_pbtxt(config: Mapping[str, Any]) -> str:
+    """``config.pbtxt`` text of a model configuration in Triton's JSON form (``early_exit.model_config``)."""
+    return "".join(_field(key, value, "") for key, value in config.items())
+
+
+def _field(key: str, value: Any, indent: str) -> str:
+    if key == "parameters":  # a protobuf map: one entry per key
+        return "".join(f'{indent}parameters: {{ key: {json.dumps(k)} value: {{ string_value: '
+                       f'{json.dumps(v["string_value"])} }} }}\n' for k, v in value.items())
+    if isinstance(value, Mapping):
+        inner = "".join(_field(k, v, indent + "  ") for k, v in value.items())
+        return f"{indent}{key} {{\n{inner}{indent}}}\n"
+    if isinstance(value, list) and value and isinstance(value[0], Mapping):
+        items = ",\n".join(f"{indent}  {{ {_inline(item)} }}" for item in value)
+        return f"{indent}{key} [\n{items}\n{indent}]\n"
+    return f"{indent}{key}: {_scalar(key, value)}\n"
+
+
+def _inline(message: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}: {_scalar(k, v)}" for k, v in message.items())
+
+
+def _scalar(key: str, value: Any) -> str:
+    if isinstance(value, list):
+        return f"[ {', '.join(_scalar(key, v) for v in value)} ]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)) or key in _ENUM_FIELDS:
+        return str(value)
+    return json.dumps(value)

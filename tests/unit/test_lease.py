@@ -109,13 +109,17 @@ def test_the_epoch_fences_a_stale_process_that_reused_the_holders_name(client: r
     assert publish_config(client, KEYS, {0: 0.5}, writer="a", lease=successor) is not None
 
 
+def _set_config(pipe: redis.client.Pipeline, config: ExitConfig) -> None:
+    pipe.set(KEYS.config, config.to_json())
+
+
 def test_a_take_over_after_the_check_but_before_the_write_aborts_the_write(redis_url: str,
                                                                            client: redis.Redis) -> None:
     a = _lease(client, "a")
     assert a.acquire_or_renew()
     attempts = []
 
-    def decide(stored: ExitConfig | None) -> ExitConfig:
+    def decide(stored: bytes | None) -> ExitConfig:
         attempts.append(stored)
         if len(attempts) == 1:  # between the transaction's lease check and its EXEC, b takes the lease over
             with redis.Redis.from_url(redis_url) as other:
@@ -124,7 +128,7 @@ def test_a_take_over_after_the_check_but_before_the_write_aborts_the_write(redis
         return ExitConfig("m", 1, {0: 0.9})
 
     with pytest.raises(LeaseLostError):
-        _compare_and_set(client, KEYS, decide, lease=a)
+        _compare_and_set(client, KEYS.config, decide, _set_config, lease=a)
     assert len(attempts) == 1 and read_config(client, KEYS) is None
 
 
@@ -133,14 +137,14 @@ def test_a_write_while_the_holder_is_unchanged_goes_through_a_renewal_in_between
     assert a.acquire_or_renew()
     attempts = 0
 
-    def decide(stored: ExitConfig | None) -> ExitConfig:
+    def decide(stored: bytes | None) -> ExitConfig:
         nonlocal attempts
         attempts += 1
         if attempts == 1:
             assert a.acquire_or_renew()  # touches the watched lease: this attempt aborts, the next one writes
         return ExitConfig("m", 1, {0: 0.9})
 
-    assert _compare_and_set(client, KEYS, decide, lease=a) is not None and attempts == 2
+    assert _compare_and_set(client, KEYS.config, decide, _set_config, lease=a) is not None and attempts == 2
 
 
 # The service: only the holder reads, tunes and publishes; a stand-by takes over and claims what the dead one read.
