@@ -82,6 +82,8 @@ class E3Plan:
         planner: the planner settings the sizing was made with (``controller.e3_planner.PlannerSettings``, tuner
             aside), so the controller can size the same groups again for other exit rates; empty when unknown.
         revision: 0 as prepared; the controller counts re-sizings up.
+        origin: identifies the ``prepare.e3`` run the plan descends from (re-sizings keep it), so a router tells a
+            re-sized revision of its own plan from a stale plan of an earlier deployment.
     """
 
     source: str
@@ -95,6 +97,7 @@ class E3Plan:
     max_batch_size: int = 32
     planner: dict[str, Any] = field(default_factory=dict)
     revision: int = 0
+    origin: str = ""
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -211,6 +214,7 @@ class E3Plan:
                 max_batch_size=int(data.get("max_batch_size", 32)),
                 planner=dict(data.get("planner", {})),
                 revision=int(data.get("revision", 0)),
+                origin=str(data.get("origin", "")),
             )
         except ArtifactError:
             raise

@@ -17,6 +17,9 @@ and its accuracy estimate is unbiased without weights; it fills ``1 / sample_rat
 
 Every request gets exactly one response: its answer, or an error when a block model fails, times out or is unloaded,
 or when more than ``max_in_flight`` requests are already in flight (back-pressure instead of unbounded queues).
+
+Off the request path, a ``PlanFollower`` keeps the block models sized as the plan in force in Redis says: the
+controller re-sizes them when the exit rates drift.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from early_exit.manifest import Manifest, load_manifest
 from triton_backend.config_watcher import ConfigWatcher
 from triton_backend.feedback_publisher import FeedbackPublisher
 from triton_backend.metrics import BackendMetrics
+from triton_backend.plan_follower import PlanFollower
 from triton_backend.responses import BatchAnswers
 from triton_backend.stub import configure_logging, model_parameters, model_redis, replica_id
 
@@ -124,6 +128,8 @@ class TritonPythonModel:
         self.publisher = FeedbackPublisher(client, keys, registered.to_json(),
                                            on_published=self.metrics.feedback_published,
                                            on_dropped=self.metrics.feedback_dropped)
+        self.follower = PlanFollower(client, keys, self.name, self.plan, self.manifest.classes,
+                                     poll_interval=float(parameters.get("plan_poll_seconds", "2.0")))
         LOGGER.info("%s: %d block models %s, exits %s, %.0f%% of samples traced to the end; Redis %s", self.name,
                     len(self.blocks), self.blocks, self.plan.exits, 100 * self.plan.sample_rate, where)
 
@@ -236,6 +242,7 @@ class TritonPythonModel:
             ))
 
     def finalize(self) -> None:
+        self.follower.close()
         self.watcher.close()
         self.publisher.close()
         self.metrics.close()

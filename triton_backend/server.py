@@ -19,6 +19,7 @@ from pathlib import Path
 import pytriton
 
 from early_exit.redis_connection import REDIS_URL_ENV
+from triton_backend.plan_follower import TRITON_HTTP_ENV
 
 BACKEND_NAME = "apparate"
 
@@ -84,9 +85,13 @@ class ServerPorts:
     metrics: int = 8002
 
 
-def server_environment(redis_url: str | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for ``tritonserver``: this interpreter's ``bin`` first on ``PATH``, Triton's libraries loadable."""
+def server_environment(redis_url: str | None = None, base: dict[str, str] | None = None,
+                       http_port: int | None = None) -> dict[str, str]:
+    """Environment for ``tritonserver``: this interpreter's ``bin`` first on ``PATH``, Triton's libraries loadable;
+    with ``http_port``, where the server's own model-control API is (E3 routers reload their block models there)."""
     env = dict(os.environ if base is None else base)
+    if http_port is not None:
+        env[TRITON_HTTP_ENV] = f"127.0.0.1:{http_port}"
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["LD_LIBRARY_PATH"] = f"{_library_dir()}{os.pathsep}{env.get('LD_LIBRARY_PATH', '')}".rstrip(os.pathsep)
     if redis_url:
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                          args.metrics_port), args.model,
         address=args.address,
     )
-    os.execve(command[0], command, server_environment(args.redis_url))
+    os.execve(command[0], command, server_environment(args.redis_url, http_port=args.http_port))
     return 1  # unreachable
 
 

@@ -12,6 +12,7 @@ import argparse
 import logging
 import shutil
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     kind: InstanceKind = "KIND_GPU" if args.instance_kind == "gpu" else "KIND_CPU"
     e3 = E3Plan(args.name, groups, plan.thresholds, args.sample_rate, slo_ms, expected, instance_kind=kind,
                 threads=plan.threads if kind == "KIND_CPU" else 0, max_batch_size=args.max_batch_size,
-                planner=settings.sizing_fields())
+                planner=settings.sizing_fields(), origin=uuid.uuid4().hex)
     e3.validate(manifest)
     entries = write_e3_entries(args.repository, args.name, e3, manifest, slo_ms)
     print(f"exits {list(e3.exits)} (thresholds {', '.join(f'{t:.3f}' for t in plan.thresholds.values())}), "

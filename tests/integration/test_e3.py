@@ -8,6 +8,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import redis
 import torch
 import tritonclient.http as httpclient
 
-from controller.config_store import write_config
+from controller.config_store import publish_plan, read_plan, write_config
 from controller.prepare.e3 import main as plan_e3
 from early_exit.e3_plan import PLAN_FILE, E3Plan, block_model_name
 from early_exit.exit_config import ExitConfig
@@ -28,7 +29,7 @@ from tests.conftest import MODEL
 from tests.integration.conftest import apply_config
 from workload.client import Answer, replay
 from workload.metrics import metric
-from workload.stack import Stack, running_stack
+from workload.stack import Stack, running_stack, start_controller
 
 pytestmark = pytest.mark.integration
 E3 = f"{MODEL}_e3"
@@ -188,3 +189,104 @@ def test_a_configuration_naming_a_ramp_that_is_not_an_exit_is_rejected(
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert metric(e3_stack.metrics_url, "apparate_config_version", model=E3) == version
+
+
+# Re-sizing changes the deployment the tests above measured: these come last, and each restores the prepared sizing.
+
+def _plan_in_force(stack: Stack, timeout: float = 10.0) -> E3Plan:
+    """The plan in Redis (the router registers it as prepared within its first poll)."""
+    client = redis.Redis.from_url(stack.redis_url)
+    deadline = time.monotonic() + timeout
+    while (plan := read_plan(client, RedisKeys(E3))) is None:
+        assert time.monotonic() < deadline, "the router never registered its plan"
+        time.sleep(0.1)
+    return plan
+
+
+def _served_sizing(stack: Stack, plan: E3Plan) -> list[tuple[int, int]]:
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{stack.ports.http}")
+    configs = [client.get_model_config(block_model_name(E3, k)) for k in range(len(plan.groups))]
+    return [(int(c["dynamic_batching"]["max_queue_delay_microseconds"]), int(c["instance_group"][0]["count"]))
+            for c in configs]
+
+
+def _wait_for_sizing(stack: Stack, plan: E3Plan, timeout: float = 90.0) -> None:
+    """Until Triton serves every block model of ``plan`` as it is sized (the first one never waits)."""
+    wanted = [(0 if k == 0 else g.queue_delay_us, g.replicas) for k, g in enumerate(plan.groups)]
+    deadline = time.monotonic() + timeout
+    while _served_sizing(stack, plan) != wanted:
+        assert time.monotonic() < deadline, f"served {_served_sizing(stack, plan)}, plan says {wanted}"
+        time.sleep(0.2)
+
+
+def _restore(stack: Stack, prepared: E3Plan) -> None:
+    in_force = _plan_in_force(stack)
+    again = in_force.resized([g.queue_delay_us for g in prepared.groups], [g.replicas for g in prepared.groups],
+                             prepared.threads, prepared.expected)
+    assert publish_plan(redis.Redis.from_url(stack.redis_url), RedisKeys(E3), again)
+    _wait_for_sizing(stack, again)
+
+
+def test_a_resized_plan_reloads_the_block_models_mid_traffic_and_fails_no_request(
+    e3_stack: Stack, plan: E3Plan, thresholds: dict[int, float], test_images: np.ndarray
+) -> None:
+    _configure(e3_stack, thresholds, 10)
+    prepared = _plan_in_force(e3_stack)
+    assert prepared.revision == 0 and prepared.sizing == plan.sizing
+    resized = prepared.resized([0, *(g.queue_delay_us + 1234 for g in prepared.groups[1:])],
+                               [1 if g.replicas > 1 else 2 for g in prepared.groups], prepared.threads, {})
+    answers: list[Answer] = []
+    traffic = threading.Thread(target=replay, args=(e3_stack.grpc_url, E3, {"IMAGE": test_images[:1000]},
+                                                    np.arange(1000) * 0.01), kwargs={"answers": answers})
+    traffic.start()
+    time.sleep(0.5)
+    assert publish_plan(redis.Redis.from_url(e3_stack.redis_url), RedisKeys(E3), resized)
+    _wait_for_sizing(e3_stack, resized)
+    traffic.join(timeout=120)
+    assert len(answers) == 1000 and not [a.error for a in answers if a.error]
+    stale = replace(resized, revision=0)
+    assert not publish_plan(redis.Redis.from_url(e3_stack.redis_url), RedisKeys(E3), stale)  # never goes back
+    _restore(e3_stack, prepared)
+
+
+def test_the_controller_resizes_the_block_models_when_exit_rates_drift(
+    e3_stack: Stack, plan: E3Plan, thresholds: dict[int, float], test_images: np.ndarray, tmp_path: Path
+) -> None:
+    _configure(e3_stack, thresholds, 20)
+    prepared = _plan_in_force(e3_stack)
+    client = redis.Redis.from_url(e3_stack.redis_url)
+    # As if sized when nearly everything exited at the first exit: whatever the controller's thresholds do now, the
+    # shares reaching the later block models are far from these.
+    stale = prepared.resized([g.queue_delay_us for g in prepared.groups], [g.replicas for g in prepared.groups],
+                             prepared.threads, {"survivors": [1.0, *(0.05 for _ in prepared.groups[1:])]})
+    assert publish_plan(client, RedisKeys(E3), stale)
+    controller = start_controller(e3_stack.redis_url, tmp_path, ["--model", E3, "--min-fresh", "64"])
+    try:
+        time.sleep(3.0)  # it discovers the model and joins its feedback stream from now on
+        answers = replay(e3_stack.grpc_url, E3, {"IMAGE": np.concatenate([test_images] * 2)[:2000]},
+                         np.arange(2000) * 0.004)
+        assert not [a.error for a in answers if a.error]
+        deadline = time.monotonic() + 30
+        while (in_force := _plan_in_force(e3_stack)).revision == stale.revision:
+            assert time.monotonic() < deadline, controller.log.read_text()[-3000:]
+            time.sleep(0.2)
+    finally:
+        controller.stop()
+    assert in_force.revision == stale.revision + 1 and in_force.same_groups(prepared)
+    survivors = in_force.expected["survivors"]
+    assert survivors[0] == pytest.approx(1.0) and max(s - 0.05 for s in survivors[1:]) >= 0.1
+    _wait_for_sizing(e3_stack, in_force)  # every replica's router applied it
+    _restore(e3_stack, prepared)
+
+
+def test_a_plan_left_by_an_earlier_deployment_gives_way_to_the_routers_own(e3_stack: Stack, plan: E3Plan) -> None:
+    client = redis.Redis.from_url(e3_stack.redis_url)
+    earlier = replace(plan, origin="an-earlier-prepare", revision=7,
+                      groups=tuple(replace(g, queue_delay_us=g.queue_delay_us + 999) for g in plan.groups))
+    client.set(RedisKeys(E3).e3_plan, earlier.to_json())
+    deadline = time.monotonic() + 10
+    while (in_force := _plan_in_force(e3_stack)).origin != plan.origin:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert in_force == plan  # as prepared: the earlier deployment's sizing was never applied
+    _wait_for_sizing(e3_stack, plan, timeout=5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -64,3 +65,36 @@ def test_malformed_documents_are_refused_with_the_reason() -> None:
 
 def test_tensor_names_are_valid_triton_names() -> None:
     assert tensor_name("layer.3:out") == "V_layer_3_out"
+
+
+def test_a_plan_written_before_sizing_was_recorded_loads_with_defaults() -> None:
+    data = json.loads(_plan().to_json())
+    for key in ("instance_kind", "threads", "max_batch_size", "planner", "revision"):
+        del data[key]
+    plan = E3Plan.from_json(json.dumps(data))
+    assert (plan.instance_kind, plan.threads, plan.planner, plan.revision) == ("KIND_CPU", 0, {}, 0)
+    with pytest.raises(ArtifactError, match="instance_kind"):
+        E3Plan.from_json(json.dumps({**data, "instance_kind": "KIND_TPU"}))
+
+
+def test_a_resized_plan_keeps_its_block_models_and_only_their_sizing_changes() -> None:
+    plan = _plan(threads=1)
+    resized = plan.resized([0, 5000], [3, 1], 2, {"survivors": [1.0, 0.3]})
+    assert resized.revision == plan.revision + 1 and resized.same_groups(plan)
+    assert resized.sizing == (((0, 3), (5000, 1)), 2) and resized.expected == {"cost_ms": 1.0, "survivors": [1.0, 0.3]}
+    moved = replace(plan, groups=(replace(plan.groups[0], ramp=1), plan.groups[1]))
+    assert not moved.same_groups(plan)
+
+
+def test_block_model_configs_carry_the_sizing_the_block_tensors_and_the_verdict() -> None:
+    plan = _plan(threads=1)
+    first, last = plan.block_model_config("m_e3", 0, 2), plan.block_model_config("m_e3", 1, 2)
+    assert first["name"] == "m_e3_b0" and first["backend"] == "apparate_e3_block"
+    assert first["dynamic_batching"] == {"max_queue_delay_microseconds": 0}  # the router's batcher gathered it
+    assert last["dynamic_batching"] == {"max_queue_delay_microseconds": 2000}
+    assert last["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}] and last["max_batch_size"] == 32
+    assert [t["name"] for t in first["input"]] == [tensor_name("x")]
+    assert [t["name"] for t in first["output"]] == [tensor_name("v0"), "PROBS", "CONFIDENCE", "LABEL"]
+    assert last["parameters"]["threads"] == {"string_value": "1"} and last["parameters"]["ramp"] == {"string_value": ""}
+    on_gpu = replace(plan, instance_kind="KIND_GPU").block_model_config("m_e3", 1, 2)
+    assert "threads" not in on_gpu["parameters"] and on_gpu["instance_group"][0]["kind"] == "KIND_GPU"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from controller.e3_planner import PlannerSettings, make_plan
+from controller.e3_planner import PlannerSettings, make_plan, resize
 from controller.guard import AccuracyGuard
 from controller.tuner import TunerSettings
 from early_exit.manifest import BlockSpec, Manifest, Profile, RampSpec, TensorSpec
@@ -96,3 +99,24 @@ def test_latency_counts_the_slower_compute_of_instances_with_fewer_threads_and_e
     compute = sum(g.compute_ms for g in plan.groups)
     # three single-instance groups on two cores: one thread each, half the profile's two
     assert plan.latency_ms == pytest.approx(2 * compute + 3 * 3.0)
+
+
+def test_a_deployed_plan_is_resized_for_the_exit_rates_observed() -> None:
+    manifest, settings = _manifest((1.0, 1.0, 30.0)), _settings(instances=8, slo_ms=5000.0, sample_rate=0.0)
+    most_exit = resize(manifest, (1,), 8, np.asarray([1.0, 0.1]), settings)
+    few_exit = resize(manifest, (1,), 8, np.asarray([1.0, 0.9]), settings)
+    assert most_exit is not None and few_exit is not None
+    # More survivors: the deep group carries more of the compute, gets more of the instances, fills batches sooner.
+    assert few_exit.groups[1].replicas > most_exit.groups[1].replicas
+    assert few_exit.groups[1].queue_delay_us < most_exit.groups[1].queue_delay_us
+    assert few_exit.cost_ms > most_exit.cost_ms
+    assert resize(manifest, (1,), 8, np.asarray([1.0, 0.9]), replace(settings, slo_ms=1.0)) is None
+
+
+def test_planner_settings_travel_with_the_plan_without_the_tuner() -> None:
+    settings = _settings(instances=4, shared_cores=True)
+    fields = settings.sizing_fields()
+    assert "tuner" not in fields and json.loads(json.dumps(fields)) == fields
+    assert PlannerSettings.from_sizing_fields(fields) == replace(settings, tuner=TunerSettings())
+    with pytest.raises(ValueError, match="planner settings"):
+        PlannerSettings.from_sizing_fields({**fields, "bogus": 1})
