@@ -6,9 +6,9 @@ while a plan left from an earlier deployment is, and a Redis that lost its data 
 sizing differs from what this replica applied, it reloads each block model whose configuration changed, through
 the model-control API of the server it runs in (its HTTP endpoint, ``APPARATE_TRITON_HTTP``; the configuration goes
 as JSON; it needs ``--model-control-mode=explicit``). Triton keeps serving with the old instances until the new ones
-are ready, so no request fails. Not ``pb_utils.load_model``: the stub holds the GIL while Triton loads the model, so
-the router's own event loop, and with it every request, stood still for the whole reload (measured: 11 s, and
-requests beyond ``max_in_flight`` failed).
+are ready, so no request fails. Not ``pb_utils.load_model``: called from a thread of the router's stub, it stalled the
+router's event loop, and with it every request, for the whole reload (measured: 11 s, and requests beyond
+``max_in_flight`` failed); the same call from another model's stub left the router serving.
 
 Each Triton replica (pod) has its own router and block models: each follows the plan in force on its own, and the
 controller never needs to reach a server. A plan that deploys other block models (other exits: a new

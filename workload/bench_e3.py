@@ -9,7 +9,8 @@ SLO is ``--slo-factor`` times the original model's unloaded median latency, meas
    (re)loaded through Triton's model-control API;
 3. every system replays Poisson traces of the same inputs at offered loads from below to well above the original
    model's capacity, twice, in alternating order; goodput is the number of answers within the SLO over the trace's
-   duration. The controller runs throughout, as in production, tuning both early-exit entries.
+   duration. The controller runs throughout, as in production, tuning both early-exit entries and re-sizing E3's
+   block models when the share of requests reaching them drifts (the report says whether it did).
 
 The original model and Apparate mode run in two instance layouts on the same cores, reloaded through the
 model-control API with a configuration override: one instance using every core (``1x2``, the entries as prepared)
@@ -32,10 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import redis
 import tritonclient.http as httpclient
 
+from controller.config_store import read_plan
 from controller.prepare.e3 import main as plan_e3
 from early_exit.e3_plan import PLAN_FILE, E3Plan, block_model_name
+from early_exit.keys import RedisKeys
 from workload.bench import CONTROLLER_ARGS, Inputs, workload_inputs
 from workload.client import Answer, measure_capacity, poisson_arrivals, replay
 from workload.stack import ROOT, Stack, running_stack, start_controller
@@ -199,7 +203,7 @@ def plot(points: list[LoadPoint], slo_ms: float, out: Path) -> Path:
 def report(args: argparse.Namespace, slo_ms: float, v50: float, capacity: dict[str, float], hop_ms: float,
            plan: E3Plan, points: list[LoadPoint], original: np.ndarray, stats: dict[str, tuple[int, int]],
            requests: int, controller_cpu: float, seconds: float, plot_path: Path,
-           cpu: tuple[float, dict[str, dict[str, float]]]) -> str:
+           cpu: tuple[float, dict[str, dict[str, float]]], in_force: E3Plan) -> str:
     best = {system: max(p.goodput(slo_ms) for p in points if p.system == system)
             for system in dict.fromkeys(p.system for p in points)}
     lines = [
@@ -248,6 +252,13 @@ def report(args: argparse.Namespace, slo_ms: float, v50: float, capacity: dict[s
         lines.append(f"| {name} | {group.first_block}-{group.last_block} | "
                      f"{'final' if group.ramp is None else group.ramp} | {expected['survivors'][k]:.0%} | "
                      f"{inferences / max(requests, 1):.0%} | {inferences / max(executions, 1):.1f} |")
+    if in_force.revision:
+        lines += ["", f"The controller re-sized the block models {in_force.revision} time(s) during the sweep; in force "
+                  f"at its end: sized for {', '.join(f'{s:.0%}' for s in in_force.expected['survivors'])} of requests "
+                  f"reaching them, queue delays {[g.queue_delay_us for g in in_force.groups]} us (as prepared "
+                  f"{[g.queue_delay_us for g in plan.groups]}), replicas {[g.replicas for g in in_force.groups]}."]
+    else:
+        lines += ["", "The block models kept the prepared sizing throughout the sweep (no re-sizing)."]
     lines += ["", f"Controller CPU over the load sweep: {controller_cpu:.1f} s in {seconds:.0f} s "
               f"({controller_cpu / max(seconds, 1e-9):.1%} of one core).", "", f"![goodput]({plot_path.name})"]
     return "\n".join(lines) + "\n"
@@ -315,12 +326,13 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - started
         controller_cpu = controller.cpu_seconds()
         controller.stop()
+        in_force = read_plan(redis.Redis.from_url(stack.redis_url), RedisKeys(e3)) or plan
         after = _block_stats(stack, blocks)
         stats = {name: (after[name][0] - before[name][0], after[name][1] - before[name][1]) for name in blocks}
     points = sweeper.points
     path = plot(points, slo_ms, out)
     text = report(args, slo_ms, v50, capacity, hop_ms, plan, points, original, stats, sweeper.routed[e3], controller_cpu,
-                  seconds, path, (cpu_rate, cpu))
+                  seconds, path, (cpu_rate, cpu), in_force)
     (out / "e3_report.md").write_text(text, encoding="utf-8")
     (out / "e3_points.json").write_text(json.dumps(
         [{"system": p.system, "offered": p.offered, "repeat": p.repeat, "goodput": p.goodput(slo_ms)}
