@@ -61,10 +61,14 @@ def resize_plan(plan: E3Plan, manifest: Manifest, view: WindowView, thresholds: 
         return None
     undecided = undecided_shares(plan, view, thresholds)
     reached = undecided + plan.sample_rate * (1.0 - undecided)  # the planner's survivors: traced samples run on
-    sized_for = np.asarray(plan.expected.get("survivors", []), dtype=float)
+    try:
+        sized_for = np.asarray(plan.expected.get("survivors", []), dtype=float)
+        planner = PlannerSettings.from_sizing_fields(plan.planner)
+    except (TypeError, ValueError) as exc:
+        LOGGER.warning("%s: plan revision %d cannot be re-sized: %s", plan.source, plan.revision, exc)
+        return None
     if sized_for.shape == reached.shape and np.abs(reached - sized_for).max() < settings.drift:
         return None
-    planner = PlannerSettings.from_sizing_fields(plan.planner)
     sizing = resize(manifest, plan.exits, plan.groups[0].batch_size, undecided, planner)
     if sizing is None:
         LOGGER.warning("%s: %.0f%% of requests now reach its last block model; no sizing of its block models meets "

@@ -10,7 +10,8 @@ are ready, so no request fails. Not ``pb_utils.load_model``: called from a threa
 router's event loop, and with it every request, for the whole reload (measured: 11 s, and requests beyond
 ``max_in_flight`` failed); the same call from another model's stub left the router serving.
 
-Each Triton replica (pod) has its own router and block models: each follows the plan in force on its own, and the
+The first block model runs what the router sends at once, and the router's own batcher keeps its prepared delay: the
+router is never reloaded under its own requests. Each Triton replica (pod) has its own router and block models: each follows the plan in force on its own, and the
 controller never needs to reach a server. A plan that deploys other block models (other exits: a new
 ``prepare.e3``) is not applied, and a reload that fails (a server not in explicit mode, say) is logged and tried
 again at the next revision or after ``retry_after`` seconds; the replica keeps serving as it was.

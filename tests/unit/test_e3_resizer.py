@@ -69,3 +69,5 @@ def test_small_windows_and_plans_without_planner_settings_are_not_resized() -> N
     assert resize_plan(_plan([1.0, 0.9]), _manifest(), _view(64, exiting=0.7), {0: 0.9}) is None
     assert resize_plan(replace(_plan([1.0, 0.9]), planner={}), _manifest(), view, {0: 0.9}) is None
     assert resize_plan(_plan([1.0, 0.9]), _manifest(), view, {0: 0.9}, ResizerSettings(drift=0.7)) is None
+    hand_edited = replace(_plan([1.0, 0.9]), planner={"slo_ms": "fast"})
+    assert resize_plan(hand_edited, _manifest(), view, {0: 0.9}) is None  # logged; the service keeps running
