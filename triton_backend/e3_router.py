@@ -129,7 +129,8 @@ class TritonPythonModel:
                                            on_published=self.metrics.feedback_published,
                                            on_dropped=self.metrics.feedback_dropped)
         self.follower = PlanFollower(client, keys, self.name, self.plan, self.manifest.classes,
-                                     poll_interval=float(parameters.get("plan_poll_seconds", "2.0")))
+                                     poll_interval=float(parameters.get("plan_poll_seconds", "2.0")),
+                                     on_applied=self.metrics.plan_applied, on_failed=self.metrics.plan_failed)
         LOGGER.info("%s: %d block models %s, exits %s, %.0f%% of samples traced to the end; Redis %s", self.name,
                     len(self.blocks), self.blocks, self.plan.exits, 100 * self.plan.sample_rate, where)
 

@@ -51,6 +51,11 @@ class BackendMetrics:
             "rejections": family(
                 "apparate_config_rejections_total", "Exit configurations rejected as invalid or stale", counter
             ),
+            "plan": family("apparate_e3_plan_revision", "E3 plan revision whose sizing the block models serve", gauge),
+            "plan_failures": family(
+                "apparate_e3_plan_failures_total", "Block-model reloads for a re-sized E3 plan that Triton refused",
+                counter,
+            ),
         }
         self._exit_metrics = [self._families["exits"].Metric(labels={**labels, "exit": str(i)}) for i in range(num_exits)]
         #: Counters incremented on the request path, flushed to Triton's by the background thread.
@@ -58,6 +63,8 @@ class BackendMetrics:
                           for key in ("published", "dropped", "stopped", "deferred", "inline")}
         self._version_metric = self._families["version"].Metric(labels=labels)
         self._rejections_metric = self._families["rejections"].Metric(labels=labels)
+        self._plan_metric = self._families["plan"].Metric(labels=labels)
+        self._plan_failures_metric = self._families["plan_failures"].Metric(labels=labels)
         self._lock = threading.Lock()
         self._exits = np.zeros(num_exits, dtype=np.int64)
         self._counts = dict.fromkeys(self._counters, 0)
@@ -93,6 +100,12 @@ class BackendMetrics:
 
     def config_rejected(self) -> None:
         self._rejections_metric.increment(1)
+
+    def plan_applied(self, revision: int) -> None:
+        self._plan_metric.set(revision)
+
+    def plan_failed(self) -> None:
+        self._plan_failures_metric.increment(1)
 
     def flush(self) -> None:
         with self._lock:

@@ -66,11 +66,13 @@ class PlanFollower:
     load_model: ``(model name, configuration JSON)``, raising when Triton refuses the reload (``reload_model``).
     poll_interval: seconds between two reads of the plan in force.
     retry_after: seconds before a failed revision is tried again.
+    on_applied / on_failed: metric hooks, called with the revision applied, and on a refused reload.
     """
 
     def __init__(self, client: redis.Redis, keys: RedisKeys, router: str, prepared: E3Plan, classes: int,
                  load_model: Callable[[str, str], None] = reload_model, poll_interval: float = 2.0,
-                 retry_after: float = 60.0) -> None:
+                 retry_after: float = 60.0, on_applied: Callable[[int], None] = lambda revision: None,
+                 on_failed: Callable[[], None] = lambda: None) -> None:
         self.client = client
         self.keys = keys
         self.router = router
@@ -80,6 +82,8 @@ class PlanFollower:
         self.load_model = load_model
         self.poll_interval = poll_interval
         self.retry_after = retry_after
+        self.on_applied = on_applied
+        self.on_failed = on_failed
         self._failed: tuple[int, float] | None = None  # revision, monotonic time of its failure
         self._told: set[str] = set()  # warnings already logged (once each)
         self._stopping = threading.Event()
@@ -110,6 +114,7 @@ class PlanFollower:
         self._told.discard("redis")
         if plan.sizing == self.applied.sizing:
             self.applied = plan
+            self.on_applied(plan.revision)
             return
         if not plan.same_groups(self.applied):
             self._warn_once(f"groups:{plan.revision}", "%s: ignoring E3 plan revision %d: it deploys other block "
@@ -142,11 +147,13 @@ class PlanFollower:
                 self.load_model(name, json.dumps(plan.block_model_config(self.router, index, self.classes)))
             except RuntimeError as exc:
                 self._failed = (plan.revision, time.monotonic())
+                self.on_failed()
                 LOGGER.warning("%s: cannot reload %s for E3 plan revision %d (%s); serving as before, retrying in "
                                "%.0f s", self.router, name, plan.revision, exc, self.retry_after)
                 return
         self.applied = plan
         self._failed = None
+        self.on_applied(plan.revision)
         LOGGER.info("%s: applied E3 plan revision %d in %.1f s: reloaded %s; queue delays %s us, replicas %s, "
                     "threads %d", self.router, plan.revision, time.monotonic() - started,
                     [block_model_name(self.router, index) for index in changed],

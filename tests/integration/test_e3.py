@@ -242,6 +242,10 @@ def test_a_resized_plan_reloads_the_block_models_mid_traffic_and_fails_no_reques
     time.sleep(0.5)
     assert publish_plan(redis.Redis.from_url(e3_stack.redis_url), RedisKeys(E3), resized)
     _wait_for_sizing(e3_stack, resized)
+    deadline = time.monotonic() + 5
+    while metric(e3_stack.metrics_url, "apparate_e3_plan_revision", model=E3) != resized.revision:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
     traffic.join(timeout=120)
     assert len(answers) == 1000 and not [a.error for a in answers if a.error]
     stale = replace(resized, revision=0)
