@@ -138,8 +138,9 @@ class E3Plan:
         """Triton configuration (JSON form) of block model ``index`` of the router ``router``.
 
         The first block model runs what the router sends at once: the router's own batcher gathered it. Later block
-        models gather survivors up to twice B within their queue delay, so the survivors of several upstream batches
-        merge; there is no preferred size, which would dispatch a just-under-B request alone rather than exceed it.
+        models gather survivors within their queue delay (up to the router's largest batch, or twice B if larger), so
+        the survivors of several upstream batches merge; there is no preferred size, which would dispatch a
+        just-under-B request alone rather than exceed it.
         """
         group = self.groups[index]
         parameters = {"source": self.source, "first_block": str(group.first_block),
@@ -209,7 +210,7 @@ class E3Plan:
                 sample_rate=float(data["sample_rate"]),
                 slo_ms=float(data["slo_ms"]),
                 expected=dict(data.get("expected", {})),
-                instance_kind=str(data.get("instance_kind", "KIND_CPU")),  # type: ignore[arg-type]  # validate()
+                instance_kind=str(data.get("instance_kind", "KIND_CPU")),  # type: ignore[arg-type]  # __post_init__
                 threads=int(data.get("threads", 0)),
                 max_batch_size=int(data.get("max_batch_size", 32)),
                 planner=dict(data.get("planner", {})),

@@ -1,9 +1,9 @@
 """Triton model configurations of the served entries, as the JSON documents Triton's model-control API takes.
 
 One builder for both places a configuration comes from: ``prepare`` renders these documents to ``config.pbtxt``
-(``controller.prepare.triton_config``), and an E3 router passes them to ``pb_utils.load_model`` when the controller
-re-sizes its block models (``triton_backend.plan_follower``), so a reloaded block model is configured exactly as a
-freshly prepared one.
+(``controller.prepare.triton_config``), and an E3 router sends them to its server's model-control API when the
+controller re-sizes its block models (``triton_backend.plan_follower``), so a reloaded block model is configured
+exactly as a freshly prepared one.
 """
 
 from __future__ import annotations

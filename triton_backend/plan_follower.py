@@ -1,20 +1,22 @@
 """Keep an E3 router's block models sized as the plan in force says (``RedisKeys.e3_plan``).
 
-The router registers its plan as prepared unless Redis holds a plan of the same origin (the same ``prepare.e3`` run),
-so a revision the controller re-sized (``controller.e3_resizer``) is never overwritten by a replica that (re)starts,
-while a plan left from an earlier deployment is, and a Redis that lost its data learns the prepared plan again. Every ``poll_interval`` seconds the follower reads the plan in force; when its
-sizing differs from what this replica applied, it reloads each block model whose configuration changed, through
-the model-control API of the server it runs in (its HTTP endpoint, ``APPARATE_TRITON_HTTP``; the configuration goes
-as JSON; it needs ``--model-control-mode=explicit``). Triton keeps serving with the old instances until the new ones
-are ready, so no request fails. Not ``pb_utils.load_model``: called from a thread of the router's stub, it stalled the
-router's event loop, and with it every request, for the whole reload (measured: 11 s, and requests beyond
-``max_in_flight`` failed); the same call from another model's stub left the router serving.
+The router registers its plan as prepared unless Redis holds a plan of the same origin (the same ``prepare.e3``
+run): a revision the controller re-sized (``controller.e3_resizer``) is never overwritten by a replica that
+(re)starts, a plan left from an earlier deployment is, and a Redis that lost its data learns the prepared plan again.
+Every ``poll_interval`` seconds the follower reads the plan in force; when its sizing differs from what this replica
+applied, it reloads each block model whose configuration changed through the model-control API of the server it runs
+in (its HTTP endpoint, ``APPARATE_TRITON_HTTP``; the configuration goes as JSON; it needs
+``--model-control-mode=explicit``). Triton keeps serving with the old instances until the new ones are ready, so no
+request fails. Not ``pb_utils.load_model``: called from a thread of the router's stub, it stalled the router's event
+loop, and with it every request, for the whole reload (measured: 11 s, and requests beyond ``max_in_flight``
+failed); the same call from another model's stub left the router serving.
 
 The first block model runs what the router sends at once, and the router's own batcher keeps its prepared delay: the
-router is never reloaded under its own requests. Each Triton replica (pod) has its own router and block models: each follows the plan in force on its own, and the
-controller never needs to reach a server. A plan that deploys other block models (other exits: a new
-``prepare.e3``) is not applied, and a reload that fails (a server not in explicit mode, say) is logged and tried
-again at the next revision or after ``retry_after`` seconds; the replica keeps serving as it was.
+router is never reloaded under its own requests. Each Triton replica (pod) has its own router and block models, each
+follows the plan in force on its own, and the controller never needs to reach a server. A plan that deploys other
+block models (other exits: a new ``prepare.e3``) is not applied, and a reload that fails (a server not in explicit
+mode, say) is logged and tried again at the next revision or after ``retry_after`` seconds; the replica keeps
+serving as it was.
 """
 
 from __future__ import annotations

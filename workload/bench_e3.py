@@ -253,8 +253,8 @@ def report(args: argparse.Namespace, slo_ms: float, v50: float, capacity: dict[s
                      f"{'final' if group.ramp is None else group.ramp} | {expected['survivors'][k]:.0%} | "
                      f"{inferences / max(requests, 1):.0%} | {inferences / max(executions, 1):.1f} |")
     if in_force.revision:
-        lines += ["", f"The controller re-sized the block models {in_force.revision} time(s) during the sweep; in force "
-                  f"at its end: sized for {', '.join(f'{s:.0%}' for s in in_force.expected['survivors'])} of requests "
+        lines += ["", f"The controller re-sized the block models {in_force.revision} time(s) during the sweep; "
+                  f"in force at its end: sized for {', '.join(f'{s:.0%}' for s in in_force.expected['survivors'])} of requests "
                   f"reaching them, queue delays {[g.queue_delay_us for g in in_force.groups]} us (as prepared "
                   f"{[g.queue_delay_us for g in plan.groups]}), replicas {[g.replicas for g in in_force.groups]}."]
     else:

@@ -141,7 +141,8 @@ def start_triton(repository: Path, ports: ServerPorts, redis_url: str, log_dir: 
     one Redis: ``APPARATE_REPLICA_ID``, each in its own ``log_dir``)."""
     backends = assemble_backends(ROOT / "build" / "triton" / "backends")
     command = server_command(repository.resolve(), backends.resolve(), ports, models)
-    process = _spawn("triton", command, log_dir, env={**server_environment(redis_url, http_port=ports.http), **(env or {})}, detach=detach)
+    environment = {**server_environment(redis_url, http_port=ports.http), **(env or {})}
+    process = _spawn("triton", command, log_dir, env=environment, detach=detach)
 
     def ready() -> bool:
         with urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v2/health/ready", timeout=1) as response:
