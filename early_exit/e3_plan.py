@@ -138,9 +138,12 @@ class E3Plan:
         """Triton configuration (JSON form) of block model ``index`` of the router ``router``.
 
         The first block model runs what the router sends at once: the router's own batcher gathered it. Later block
-        models gather survivors within their queue delay (up to the router's largest batch, or twice B if larger), so
-        the survivors of several upstream batches merge; there is no preferred size, which would dispatch a
-        just-under-B request alone rather than exceed it.
+        models gather survivors within their queue delay, so the survivors of several upstream batches merge, up to
+        the router's largest batch (or twice B, if larger). They dispatch as soon as the queue holds B, 2B, 4B, ...
+        samples: without preferred sizes Triton's batcher waits for a full batch or the whole delay, which below
+        saturation is every time (measured on MiniLM, two later block models with 4.4 ms delays, E3 alone, two
+        repeats per load: goodput within the SLO 85.4/86.3 against 83.1/79.9 req/s at 97 req/s offered,
+        102.1/68.7 against 93.1/50.1 at 135).
         """
         group = self.groups[index]
         parameters = {"source": self.source, "first_block": str(group.first_block),
@@ -149,10 +152,13 @@ class E3Plan:
             parameters["threads"] = str(self.threads)
         inputs = [replace(spec, name=tensor_name(spec.name)) for spec in group.inputs]
         outputs = [tensor_config(replace(spec, name=tensor_name(spec.name))) for spec in group.outputs]
-        return model_config(block_model_name(router, index), BLOCK_BACKEND,
-                            max(self.max_batch_size, 2 * group.batch_size), inputs,
+        max_batch_size = max(self.max_batch_size, 2 * group.batch_size)
+        ladder = [] if index == 0 else [group.batch_size << k for k in range(max_batch_size.bit_length())
+                                        if group.batch_size << k <= max_batch_size]
+        return model_config(block_model_name(router, index), BLOCK_BACKEND, max_batch_size, inputs,
                             [*outputs, *verdict_configs(classes, VERDICT_OUTPUTS)],
-                            0 if index == 0 else group.queue_delay_us, group.replicas, self.instance_kind, parameters)
+                            0 if index == 0 else group.queue_delay_us, group.replicas, self.instance_kind, parameters,
+                            ladder)
 
     def validate(self, manifest: Manifest) -> None:
         """Cross-checks against the source manifest; raises ``ArtifactError`` naming the field."""

@@ -55,13 +55,14 @@ def model_config(
     count: int,
     instance_kind: InstanceKind,
     parameters: Mapping[str, str],
-    preferred_batch_size: int | None = None,
+    preferred_batch_sizes: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """A batched Python-backend model: dynamic batching, ``count`` instances of ``instance_kind``, string
+    """A batched Python-backend model: dynamic batching (dispatching at once when the queue holds one of
+    ``preferred_batch_sizes``, else after ``max_queue_delay_us``), ``count`` instances of ``instance_kind``, string
     parameters."""
     batching: dict[str, Any] = {"max_queue_delay_microseconds": max_queue_delay_us}
-    if preferred_batch_size:
-        batching = {"preferred_batch_size": [preferred_batch_size], **batching}
+    if preferred_batch_sizes:
+        batching = {"preferred_batch_size": list(preferred_batch_sizes), **batching}
     return {
         "name": name,
         "backend": backend,

@@ -38,7 +38,8 @@ def render_config(
     tensors, so clients cannot tell the modes apart. Outputs: ``early_exit.model_config.VERDICT_TENSORS``.
     """
     return render_pbtxt(model_config(name, backend, max_batch_size, inputs, verdict_configs(classes),
-                                     max_queue_delay_us, 1, instance_kind, parameters or {}, preferred_batch_size))
+                                     max_queue_delay_us, 1, instance_kind, parameters or {},
+                                     (preferred_batch_size,) if preferred_batch_size else ()))
 
 
 #: Fields whose values are protobuf enum names, written bare.

@@ -91,7 +91,8 @@ def test_block_model_configs_carry_the_sizing_the_block_tensors_and_the_verdict(
     first, last = plan.block_model_config("m_e3", 0, 2), plan.block_model_config("m_e3", 1, 2)
     assert first["name"] == "m_e3_b0" and first["backend"] == "apparate_e3_block"
     assert first["dynamic_batching"] == {"max_queue_delay_microseconds": 0}  # the router's batcher gathered it
-    assert last["dynamic_batching"] == {"max_queue_delay_microseconds": 2000}
+    # later block models dispatch as soon as B, 2B, 4B ... samples wait, up to their largest batch
+    assert last["dynamic_batching"] == {"preferred_batch_size": [8, 16, 32], "max_queue_delay_microseconds": 2000}
     assert last["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}] and last["max_batch_size"] == 32
     assert [t["name"] for t in first["input"]] == [tensor_name("x")]
     assert [t["name"] for t in first["output"]] == [tensor_name("v0"), "PROBS", "CONFIDENCE", "LABEL"]

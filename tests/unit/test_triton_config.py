@@ -9,7 +9,7 @@ from early_exit.model_config import model_config, verdict_configs
 
 def test_a_configuration_renders_as_protobuf_text() -> None:
     config = model_config("m", "apparate", 8, [TensorSpec("IMAGE", "uint8", (32, 32, 3))], verdict_configs(10),
-                          250, 2, "KIND_GPU", {"source": 'say "hi"'}, preferred_batch_size=4)
+                          250, 2, "KIND_GPU", {"source": 'say "hi"'}, preferred_batch_sizes=[4])
     text = render_pbtxt(config)
     assert 'name: "m"\nbackend: "apparate"\nmax_batch_size: 8\n' in text
     assert '{ name: "IMAGE" data_type: TYPE_UINT8 dims: [ 32, 32, 3 ] }' in text  # enums bare, strings quoted
