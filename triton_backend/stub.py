@@ -81,4 +81,3 @@ def replica_id() -> str:
     (the pod name on Kubernetes, shared by the pod's model instances), else ``<host name>:<process id>``, which is
     unique per model instance because Triton runs every instance of a Python model in its own stub process."""
     return os.environ.get(REPLICA_ID_ENV) or f"{socket.gethostname()}:{os.getpid()}"
-

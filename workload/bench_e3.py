@@ -253,9 +253,10 @@ def report(args: argparse.Namespace, slo_ms: float, v50: float, capacity: dict[s
                      f"{'final' if group.ramp is None else group.ramp} | {expected['survivors'][k]:.0%} | "
                      f"{inferences / max(requests, 1):.0%} | {inferences / max(executions, 1):.1f} |")
     if in_force.revision:
+        sized_for = ", ".join(f"{share:.0%}" for share in in_force.expected["survivors"])
         lines += ["", f"The controller re-sized the block models {in_force.revision} time(s) during the sweep; "
-                  f"in force at its end: sized for {', '.join(f'{s:.0%}' for s in in_force.expected['survivors'])} of requests "
-                  f"reaching them, queue delays {[g.queue_delay_us for g in in_force.groups]} us (as prepared "
+                  f"in force at its end: sized for {sized_for} of requests reaching them, queue delays "
+                  f"{[g.queue_delay_us for g in in_force.groups]} us (as prepared "
                   f"{[g.queue_delay_us for g in plan.groups]}), replicas {[g.replicas for g in in_force.groups]}."]
     else:
         lines += ["", "The block models kept the prepared sizing throughout the sweep (no re-sizing)."]
