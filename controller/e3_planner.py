@@ -39,8 +39,9 @@ class PlannerSettings:
         the same compute per request). Extra instances cost memory, not compute. GPUs are not shared this way: each
         device serves the groups it is assigned, in proportion to their compute.
     max_exits: most exits (block boundaries) a plan may have.
-    hop_ms: compute one router-to-block call costs per sample (serialising, shared-memory copies); measured by
-        ``make bench-e3``.
+    hop_ms: compute one router-to-block call costs per sample (serialising, shared-memory copies), in the unit of
+        the profile's block times (in-process milliseconds with ``profile_threads`` threads); ``make bench-e3``
+        measures it in CPU time and converts it.
     hop_latency_ms: time one hop adds to a request beyond compute (inter-process messages, scheduling).
     queueing_share: share of the SLO that the batchers of all groups together may spend waiting to fill batches.
     profile_threads: threads per process when the profile was taken (``prepare`` profiles with torch's default, one

@@ -3,8 +3,11 @@
 Goodput is what E3 is for: requests answered correctly-formed within the latency objective (SLO) per second. The
 SLO is ``--slo-factor`` times the original model's unloaded median latency, measured first in the same run. Then:
 
-1. the cost of a router-to-block hop is measured: an E3 entry with a single block group (no exit) against the
-   original model at saturation; the difference in compute per request is the hop the planner must pay for;
+1. the cost of a router-to-block hop is measured: an E3 entry cut in two at its middle ramp, that exit closed, against
+   the original model, both replaying the same Poisson trace at ``--cpu-load`` in alternation, three times; the
+   median difference in the CPU the server's processes spend per request, per hop, converted to the unit of the
+   profile the planner weighs it against, is the hop the planner must pay for (capacity bursts, used before, spread
+   the same figure from 0.55 to 1.53 ms an hour apart);
 2. the planner chooses the exits, batch size and replicas for that SLO and hop cost, and the E3 entries are
    (re)loaded through Triton's model-control API;
 3. every system replays Poisson traces of the same inputs at offered loads from below to well above the original
@@ -40,7 +43,8 @@ from controller.config_store import read_plan
 from controller.prepare.e3 import main as plan_e3
 from early_exit.e3_plan import PLAN_FILE, E3Plan, block_model_name
 from early_exit.keys import RedisKeys
-from workload.bench import CONTROLLER_ARGS, Inputs, workload_inputs
+from early_exit.manifest import Profile, load_manifest
+from workload.bench import CONTROLLER_ARGS, Inputs, _set_config, workload_inputs
 from workload.client import Answer, measure_capacity, poisson_arrivals, replay
 from workload.stack import ROOT, Stack, running_stack, start_controller
 
@@ -137,32 +141,108 @@ def _capacity(stack: Stack, model: str, inputs: Inputs, repeats: int = 3) -> flo
     return float(np.median([measure_capacity(stack.grpc_url, model, sample) for _ in range(repeats)]))
 
 
+@dataclass(frozen=True)
+class HopCost:
+    """What one router-to-block hop costs.
+
+    ``pairs``: ms of server CPU per request and hop, each the cost of an E3 entry cut in two with its exit closed
+    (``groups`` block models, so as many hops, the hidden state travelling between them) minus the original model's
+    on the same trace at ``rate`` requests per second, divided by ``groups``. ``scale``: the original model's
+    profiled time per sample (the unit of the planner's block costs: ``prepare``'s in-process profile, taken with
+    torch's default threads) over the CPU its stub measured per request on those traces, at the batch sizes they
+    had. The planner weighs a hop against profiled block times, so it takes the hop in that unit (``planner_ms``): a
+    CPU millisecond of a single-threaded instance is not a profiled millisecond of a two-threaded one (measured on
+    MiniLM: 0.4-0.6 of it).
+    """
+
+    pairs: tuple[float, ...]
+    rate: float
+    scale: float
+    groups: int
+
+    @property
+    def cpu_ms(self) -> float:
+        return max(0.0, float(np.median(self.pairs)))
+
+    @property
+    def planner_ms(self) -> float:
+        return self.cpu_ms * self.scale
+
+
+def measure_hop(stack: Stack, e3: str, vanilla: str, inputs: Inputs, rate: float, seconds: float,
+                profile: Profile, groups: int, repeats: int = 3) -> HopCost:
+    """Server CPU per request (Triton's process and every stub; not this client) of the E3 entry ``e3`` (``groups``
+    block models, every exit closed) minus the original model's, per hop, measured in alternation ``repeats`` times
+    at ``rate``; ``profile`` is the original model's (``HopCost.scale``).
+
+    CPU seconds are counted at a load where the machine is not saturated, so the machine's drift between the two
+    measurements of a pair is small against the hop, and the batches are the small ones an SLO allows. Both must
+    batch alike (no queue delay on either), or the difference measures batching, not the hop."""
+    pairs, stub_ms = [], []
+    before = _block_stats(stack, [vanilla])[vanilla]
+    for _ in range(repeats):
+        costs = cpu_per_request(stack, {"e3": e3, "vanilla": vanilla}, inputs, rate, seconds)
+        server = {system: sum(ms for process, ms in cost.items() if process != "client")
+                  for system, cost in costs.items()}
+        pairs.append((server["e3"] - server["vanilla"]) / groups)
+        stub_ms.append(costs["vanilla"][vanilla])
+    after = _block_stats(stack, [vanilla])[vanilla]
+    batch = (after[0] - before[0]) / max(1, after[1] - before[1])
+    profiled = float(profile.at(batch)[0].sum()) / batch
+    return HopCost(tuple(pairs), rate, profiled / float(np.median(stub_ms)), groups)
+
+
+def _middle_ramp(repository: Path, model: str) -> int:
+    """The candidate ramp nearest half the model's profiled time: where the hop measurement cuts it in two."""
+    manifest = load_manifest(repository / model / "1")
+    assert manifest.profile is not None, f"{model} has no latency profile: run prepare again"
+    blocks, _ = manifest.profile.at(1)
+    done = np.cumsum(blocks) / blocks.sum()
+    return min(manifest.ramps, key=lambda ramp: abs(done[ramp.after_block] - 0.5)).id
+
+
 def _plan_and_load(stack: Stack, args: argparse.Namespace, slo_ms: float, inputs: Inputs,
-                   warm: Inputs) -> tuple[float, E3Plan, list[str]]:
-    """Measure the hop cost with a one-group E3 entry against the original model in the same layout (one
-    single-threaded instance per core), then plan for the SLO and that cost and load the plan."""
-    model, e3 = args.model, f"{args.model}_e3"
+                   warm: Inputs) -> tuple[HopCost, E3Plan, list[str]]:
+    """Measure the hop cost with an E3 entry cut in two, its exit closed, against the original model in the same
+    layout (one single-threaded instance per core), then plan for the SLO and that cost and load the plan.
+
+    Two block models, not one: the hop between them carries the hidden state, which a one-group entry never ships
+    (measured on MiniLM with one group: 1.2 ms per hop, and a four-group plan modelled on it spent 8 % less CPU per
+    request than the original model instead of the 33 % modelled)."""
+    model, e3, vanilla = args.model, f"{args.model}_e3", f"{args.model}_vanilla"
     common = ["--name", model, "--repository", str(args.repository), "--slo-ms", f"{slo_ms:.3f}",
               "--instances", str(args.instances)]
-    plan_e3([*common, "--exits", ""])
+    plan_e3([*common, "--exits", str(_middle_ramp(args.repository, model))])
     loaded = _load_e3(stack, args.repository, model, [])
+    # Batch as the original model does (whatever is queued, no waiting): a queue delay would buy the E3 entry larger
+    # batches, cheaper per sample on a CPU, and hide the hop (measured: -0.1 to -0.5 ms at 98 req/s).
+    for name in loaded:
+        stack.reload(name, {}, dynamic_batching={"max_queue_delay_microseconds": 0})
+    client = redis.Redis.from_url(stack.redis_url)
+    _set_config(client, e3, {})  # every exit closed: every sample makes both hops
     replay(stack.grpc_url, e3, warm, poisson_arrivals(len(next(iter(warm.values()))), 50))
-    _relayout(stack, [f"{model}_vanilla"], "2x1", warm)
-    single, base = _capacity(stack, e3, inputs), _capacity(stack, f"{model}_vanilla", inputs)
-    hop_ms = max(0.0, 1000.0 * args.instances * (1.0 / single - 1.0 / base))
-    print(f"SLO {slo_ms:.1f} ms; hop {hop_ms:.3f} ms (one-group E3 {single:.0f} vs {base:.0f} req/s)", flush=True)
-    plan_e3([*common, "--hop-ms", f"{hop_ms:.4f}"])
+    _relayout(stack, [vanilla], "2x1", warm)
+    profile = load_manifest(args.repository / vanilla / "1").profile
+    assert profile is not None, f"{vanilla} has no latency profile: run prepare again"
+    hop = measure_hop(stack, e3, vanilla, inputs, args.cpu_load * _capacity(stack, vanilla, inputs), args.seconds,
+                      profile, len(loaded) - 1)
+    print(f"SLO {slo_ms:.1f} ms; hop {hop.cpu_ms:.3f} ms of CPU (pairs {', '.join(f'{p:.3f}' for p in hop.pairs)} "
+          f"at {hop.rate:.0f} req/s), {hop.planner_ms:.3f} profiled ms", flush=True)
+    plan_e3([*common, "--hop-ms", f"{hop.planner_ms:.4f}"])
     plan = E3Plan.from_json((args.repository / e3 / "1" / PLAN_FILE).read_text())
     loaded = _load_e3(stack, args.repository, model, loaded)
+    _set_config(client, e3, plan.thresholds)  # the closed exit above is in Redis, and routers follow Redis
     replay(stack.grpc_url, e3, warm, poisson_arrivals(len(next(iter(warm.values()))), 50))
-    return hop_ms, plan, loaded
+    return hop, plan, loaded
 
 
 def cpu_per_request(stack: Stack, systems: dict[str, str], inputs: Inputs, rate: float,
-                    seconds: float) -> dict[str, dict[str, float]]:
+                    seconds: float, settle: float = 1.0) -> dict[str, dict[str, float]]:
     """CPU milliseconds per request of every process taking part (this client, Triton's own process, each model's
     stubs) while one Poisson trace at ``rate`` is replayed against each system in turn: what a request costs at the
-    batch sizes that load gives, where the capacity bursts give the largest. Keys: system, then process."""
+    batch sizes that load gives, where the capacity bursts give the largest. Each system is charged for ``settle``
+    seconds after its last answer too: work it left running (an Apparate entry's deferred tails, E3's traced samples)
+    is its own, not the next system's. Keys: system, then process."""
     count = int(rate * seconds)
     sample = _take(inputs, np.arange(count) % len(next(iter(inputs.values()))))
     triton = stack.process("triton")
@@ -170,7 +250,9 @@ def cpu_per_request(stack: Stack, systems: dict[str, str], inputs: Inputs, rate:
     for system, name in systems.items():
         before, client = triton.cpu_by_model(), time.process_time()
         replay(stack.grpc_url, name, sample, poisson_arrivals(count, rate, seed=7))
-        client, after = time.process_time() - client, triton.cpu_by_model()
+        client = time.process_time() - client
+        time.sleep(settle)
+        after = triton.cpu_by_model()
         used = {"client": client, **{k: v - before.get(k, 0.0) for k, v in after.items()}}
         costs[system] = {k: 1000.0 * v / count for k, v in used.items() if 1000.0 * v / count >= 0.01}
     return costs
@@ -200,7 +282,7 @@ def plot(points: list[LoadPoint], slo_ms: float, out: Path) -> Path:
     return path
 
 
-def report(args: argparse.Namespace, slo_ms: float, v50: float, capacity: dict[str, float], hop_ms: float,
+def report(args: argparse.Namespace, slo_ms: float, v50: float, capacity: dict[str, float], hop: HopCost,
            plan: E3Plan, points: list[LoadPoint], original: np.ndarray, stats: dict[str, tuple[int, int]],
            requests: int, controller_cpu: float, seconds: float, plot_path: Path,
            cpu: tuple[float, dict[str, dict[str, float]]], in_force: E3Plan) -> str:
@@ -211,8 +293,12 @@ def report(args: argparse.Namespace, slo_ms: float, v50: float, capacity: dict[s
         f"SLO {slo_ms:.1f} ms = {args.slo_factor:g} x the original model's unloaded median ({v50:.2f} ms). "
         f"Saturated capacity (closed loop, median of 3): "
         + ", ".join(f"{k} {v:.0f} req/s" for k, v in capacity.items()) + ".",
-        f"Hop cost (a one-group E3 entry against the original model at saturation): {hop_ms:.3f} ms of compute per "
-        "sample and hop.\n",
+        f"Hop cost: {hop.cpu_ms:.3f} ms of server CPU per sample and hop (an E3 entry of {hop.groups} block models "
+        f"with its exit closed against the original model at {hop.rate:.0f} req/s, per hop, median of "
+        f"{len(hop.pairs)} alternating pairs: "
+        + ", ".join(f"{p:.3f}" for p in hop.pairs) + f" ms); {hop.planner_ms:.3f} ms in the profile's unit, which "
+        f"the planner took (x{hop.scale:.2f}: the original model's profiled time per sample over its stub's CPU "
+        "per request).\n",
         "## Best goodput over the offered loads (both repeats)\n",
         "| system | goodput req/s | vs best original | vs best Apparate mode |", "|---|---:|---:|---:|",
     ]
@@ -294,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             replay(stack.grpc_url, name, warm, poisson_arrivals(300, 50))
         v50 = _unloaded_median(stack, vanilla, inputs)
         slo_ms = args.slo_factor * v50
-        hop_ms, plan, loaded = _plan_and_load(stack, args, slo_ms, inputs, warm)
+        hop, plan, loaded = _plan_and_load(stack, args, slo_ms, inputs, warm)
         capacity: dict[str, float] = {}
         for layout in LAYOUTS:
             _relayout(stack, [vanilla, model], layout, warm)
@@ -332,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         stats = {name: (after[name][0] - before[name][0], after[name][1] - before[name][1]) for name in blocks}
     points = sweeper.points
     path = plot(points, slo_ms, out)
-    text = report(args, slo_ms, v50, capacity, hop_ms, plan, points, original, stats, sweeper.routed[e3], controller_cpu,
+    text = report(args, slo_ms, v50, capacity, hop, plan, points, original, stats, sweeper.routed[e3], controller_cpu,
                   seconds, path, (cpu_rate, cpu), in_force)
     (out / "e3_report.md").write_text(text, encoding="utf-8")
     (out / "e3_points.json").write_text(json.dumps(

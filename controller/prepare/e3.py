@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exits", default=None,
                         help="comma-separated ramp ids to split at (default: the planner chooses; '' for none)")
     parser.add_argument("--hop-ms", type=float, default=PlannerSettings.hop_ms,
-                        help="cost of one router-to-block call per sample (make bench-e3 measures it)")
+                        help="cost of one router-to-block call per sample, in the profile's unit (ms of the in-process "
+                        "profile at torch's default threads; make bench-e3 measures and converts it)")
     parser.add_argument("--sample-rate", type=float, default=PlannerSettings.sample_rate,
                         help="share of samples traced to the final layer after exiting, for feedback")
     parser.add_argument("--accuracy-budget", type=float, default=AccuracyGuard.budget)
