@@ -92,7 +92,7 @@ class GroupPlan:
     last_block: int
     ramp: int | None
     survivors: float  # share of requests that reach it (traced samples included)
-    compute_ms: float  # one batch of ``batch_size``
+    compute_ms: float  # one batch of the size this group is expected to get (at most the plan's batch size)
     queue_delay_us: int
     replicas: int
 
@@ -166,12 +166,17 @@ def make_plan(manifest: Manifest, confidence: np.ndarray, prediction: np.ndarray
     return best
 
 
-def _group_compute(manifest: Manifest, bounds: list[tuple[int, int, int | None]], batch_size: int) -> np.ndarray:
-    """Profiled time of one batch of ``batch_size`` through each group: its blocks, then its ramp."""
+def _group_compute(manifest: Manifest, bounds: list[tuple[int, int, int | None]],
+                   batch_sizes: float | np.ndarray) -> np.ndarray:
+    """Profiled time of one batch through each group (its blocks, then its ramp), at one batch size for all groups
+    or one per group."""
     assert manifest.profile is not None
-    block_ms, ramp_ms = manifest.profile.at(batch_size)
-    return np.asarray([block_ms[first : last + 1].sum() + (ramp_ms[ramp] if ramp is not None else 0.0)
-                       for first, last, ramp in bounds])
+    sizes = np.broadcast_to(np.asarray(batch_sizes, dtype=float), (len(bounds),))
+    compute = []
+    for (first, last, ramp), size in zip(bounds, sizes):
+        block_ms, ramp_ms = manifest.profile.at(float(size))
+        compute.append(block_ms[first : last + 1].sum() + (ramp_ms[ramp] if ramp is not None else 0.0))
+    return np.asarray(compute)
 
 
 def _evaluate(manifest: Manifest, exits: tuple[int, ...], batch_size: int, confidence: np.ndarray,
@@ -187,10 +192,39 @@ def _evaluate(manifest: Manifest, exits: tuple[int, ...], batch_size: int, confi
     sizing = resize(manifest, exits, batch_size, undecided, settings)
     if sizing is None:
         return None
-    block_ms, _ = manifest.profile.at(batch_size)
-    vanilla = float(block_ms.sum() / batch_size)  # called directly: no hop
+    # The original model under the same batching rules (its own batcher at the same load), called directly: no hop.
+    vanilla = _Batching.settle(manifest, _group_bounds(manifest, ()), np.ones(1), batch_size, 0.0, settings).cost_ms
     return Plan(sizing.groups, {r: float(t) for r, t in zip(exits, thresholds)}, batch_size, sizing.cost_ms, vanilla,
                 sizing.latency_ms, evaluation.accuracy, sizing.threads)
+
+
+@dataclass(frozen=True)
+class _Batching:
+    """What each group's batcher gives it at the load a plan is sized for: queue delays, batch sizes, the compute of
+    one such batch, and the cost per request that follows."""
+
+    delays: np.ndarray
+    batches: np.ndarray
+    compute: np.ndarray
+    cost_ms: float
+
+    @classmethod
+    def settle(cls, manifest: Manifest, bounds: list[tuple[int, int, int | None]], reached: np.ndarray,
+               batch_size: int, hop_ms: float, settings: PlannerSettings) -> _Batching:
+        """A group gets full batches only when enough samples reach it within its queue delay; at the load the plan
+        is sized for, deep groups that few samples reach run smaller batches, whose calls cost more per sample
+        (measured on MiniLM: batches of 1.3-1.7 for B = 4). The cost sets the arrival rates, which set each group's
+        batch, which sets the cost: a few rounds from full batches settle it."""
+        batches = np.full(len(bounds), float(batch_size))
+        limit = settings.queueing_share * settings.slo_ms / len(bounds)
+        for _ in range(4):
+            compute = _group_compute(manifest, bounds, batches)
+            cost = float((reached * (compute / batches + hop_ms)).sum())
+            arrivals = settings.load * settings.instances / cost * reached  # samples per ms reaching each group
+            delays = np.minimum(batch_size / np.maximum(arrivals, 1e-9), limit)
+            batches = np.clip(1.0 + arrivals * delays, 1.0, batch_size)
+        compute = _group_compute(manifest, bounds, batches)
+        return cls(delays, batches, compute, float((reached * (compute / batches + hop_ms)).sum()))
 
 
 def resize(manifest: Manifest, exits: tuple[int, ...], batch_size: int, undecided: np.ndarray,
@@ -202,12 +236,11 @@ def resize(manifest: Manifest, exits: tuple[int, ...], batch_size: int, undecide
     deployed plan from the exit rates it observes (``controller.e3_resizer``), at the plan's batch size and exits.
     """
     bounds = _group_bounds(manifest, exits)
-    compute = _group_compute(manifest, bounds, batch_size)
-    per_sample = compute / batch_size + settings.hop_ms
     reached = np.asarray(undecided, dtype=float)
     reached = reached + settings.sample_rate * (1.0 - reached)  # the traced share of answered samples runs on
-    cost = float((reached * per_sample).sum())
-    share = reached * compute / batch_size
+    batching = _Batching.settle(manifest, bounds, reached, batch_size, settings.hop_ms, settings)
+    compute, delays, cost = batching.compute, batching.delays, batching.cost_ms
+    share = reached * compute / batching.batches
     if settings.shared_cores:
         replicas = np.full(len(bounds), settings.instances)
         threads = 1
@@ -215,8 +248,6 @@ def resize(manifest: Manifest, exits: tuple[int, ...], batch_size: int, undecide
         replicas = np.maximum(1, np.round(settings.instances * share / share.sum())).astype(int)
         threads = max(1, settings.instances // int(replicas.sum()))
     slowdown = max(1.0, settings.profile_threads / threads)
-    arrivals = settings.load * settings.instances / cost * reached  # samples per ms reaching each group
-    delays = np.minimum(batch_size / np.maximum(arrivals, 1e-9), settings.queueing_share * settings.slo_ms / len(bounds))
     latency = float((compute * slowdown + delays).sum() + settings.hop_latency_ms * len(bounds))
     if latency > settings.slo_ms:
         return None

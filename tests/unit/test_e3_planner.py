@@ -60,10 +60,24 @@ def test_exits_are_not_worth_a_hop_that_costs_more_than_they_save() -> None:
     assert plan.thresholds == {} and len(plan.groups) == 1
 
 
-def test_the_slo_bounds_the_batch_size() -> None:
+def test_the_slo_bounds_the_batches_groups_wait_for() -> None:
     relaxed = make_plan(_manifest(), *_window(), _settings(slo_ms=5000.0))
     tight = make_plan(_manifest(), *_window(), _settings(slo_ms=100.0))
-    assert relaxed.batch_size == 32 and tight.batch_size < 32 and tight.latency_ms <= 100.0
+    assert tight.latency_ms <= 100.0 < relaxed.latency_ms
+    # Waiting less, the tight plan's groups run smaller batches, which cost more per sample.
+    assert tight.groups[0].compute_ms < relaxed.groups[0].compute_ms and tight.cost_ms > relaxed.cost_ms
+
+
+def test_a_group_few_samples_reach_is_costed_at_the_batches_it_gets() -> None:
+    manifest, settings = _manifest(), _settings(slo_ms=200.0, sample_rate=0.0)
+    undecided = np.asarray([1.0, 0.05])
+    sizing = resize(manifest, (1,), 32, undecided, settings)
+    assert sizing is not None
+    block_ms, ramp_ms = manifest.profile.at(32)
+    full_batches = (block_ms[:2].sum() + ramp_ms[1]) / 32 + 0.05 * block_ms[2:].sum() / 32 + 2 * settings.hop_ms
+    # the deep group's 5 % of the samples cannot fill batches of 32 within its delay
+    assert sizing.groups[1].compute_ms < block_ms[2:].sum()
+    assert sizing.cost_ms > full_batches
 
 
 def test_an_objective_nothing_meets_is_an_error() -> None:
