@@ -152,7 +152,7 @@ class HopCost:
     torch's default threads) over the CPU its stub measured per request on those traces, at the batch sizes they
     had. The planner weighs a hop against profiled block times, so it takes the hop in that unit (``planner_ms``): a
     CPU millisecond of a single-threaded instance is not a profiled millisecond of a two-threaded one (measured on
-    MiniLM: 0.4-0.6 of it).
+    MiniLM: 0.38-0.40 of it).
     """
 
     pairs: tuple[float, ...]
