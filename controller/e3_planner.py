@@ -155,10 +155,14 @@ def make_plan(manifest: Manifest, confidence: np.ndarray, prediction: np.ndarray
         subset for count in range(min(settings.max_exits, len(manifest.ramps)) + 1)
         for subset in itertools.combinations(range(len(manifest.ramps)), count)
     ]
+    # The original model under the same batching rules (its own batcher at the same load), called directly: no hop.
+    vanilla = {size: _Batching.settle(manifest, _group_bounds(manifest, ()), np.ones(1), int(size), 0.0,
+                                      settings).cost_ms for size in manifest.profile.batch_sizes}
     best: Plan | None = None
     for subset in candidates:
         for batch_size in manifest.profile.batch_sizes:
-            plan = _evaluate(manifest, subset, int(batch_size), confidence, prediction, final, settings)
+            plan = _evaluate(manifest, subset, int(batch_size), confidence, prediction, final, settings,
+                             vanilla[batch_size])
             if plan is not None and (best is None or plan.cost_ms < best.cost_ms - 1e-9):
                 best = plan
     if best is None:
@@ -180,7 +184,8 @@ def _group_compute(manifest: Manifest, bounds: list[tuple[int, int, int | None]]
 
 
 def _evaluate(manifest: Manifest, exits: tuple[int, ...], batch_size: int, confidence: np.ndarray,
-              prediction: np.ndarray, final: np.ndarray, settings: PlannerSettings) -> Plan | None:
+              prediction: np.ndarray, final: np.ndarray, settings: PlannerSettings,
+              vanilla_cost_ms: float) -> Plan | None:
     assert manifest.profile is not None
     bounds = _group_bounds(manifest, exits)
     per_sample = _group_compute(manifest, bounds, batch_size) / batch_size + settings.hop_ms
@@ -192,10 +197,8 @@ def _evaluate(manifest: Manifest, exits: tuple[int, ...], batch_size: int, confi
     sizing = resize(manifest, exits, batch_size, undecided, settings)
     if sizing is None:
         return None
-    # The original model under the same batching rules (its own batcher at the same load), called directly: no hop.
-    vanilla = _Batching.settle(manifest, _group_bounds(manifest, ()), np.ones(1), batch_size, 0.0, settings).cost_ms
-    return Plan(sizing.groups, {r: float(t) for r, t in zip(exits, thresholds)}, batch_size, sizing.cost_ms, vanilla,
-                sizing.latency_ms, evaluation.accuracy, sizing.threads)
+    return Plan(sizing.groups, {r: float(t) for r, t in zip(exits, thresholds)}, batch_size, sizing.cost_ms,
+                vanilla_cost_ms, sizing.latency_ms, evaluation.accuracy, sizing.threads)
 
 
 @dataclass(frozen=True)

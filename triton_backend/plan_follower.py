@@ -86,6 +86,7 @@ class PlanFollower:
         self.retry_after = retry_after
         self.on_applied = on_applied
         self.on_failed = on_failed
+        on_applied(prepared.revision)
         self._failed: tuple[int, float] | None = None  # revision, monotonic time of its failure
         self._told: set[str] = set()  # warnings already logged (once each)
         self._stopping = threading.Event()
@@ -115,8 +116,9 @@ class PlanFollower:
             return
         self._told.discard("redis")
         if plan.sizing == self.applied.sizing:
+            if plan.revision != self.applied.revision:  # a metric update is a round trip to the server: only changes
+                self.on_applied(plan.revision)
             self.applied = plan
-            self.on_applied(plan.revision)
             return
         if not plan.same_groups(self.applied):
             self._warn_once(f"groups:{plan.revision}", "%s: ignoring E3 plan revision %d: it deploys other block "
