@@ -1,11 +1,12 @@
 """E3 planner: which exits split the model into block models, at which batch size, with how many replicas.
 
 Its cost model is throughput mode's own: what a request *costs in compute*, not how long it waits. A sample that
-reaches block group ``k`` pays that group's per-sample compute at the plan's batch size ``B`` (its blocks plus its
-ramp, from the profile, divided by ``B``) plus one router-to-block hop; exited samples pay nothing further, except the
-traced share that runs on to feed the controller. Capacity is the compute the instances have divided by that cost.
+reaches block group ``k`` pays that group's per-sample compute at the batch its batcher gets (its blocks plus its
+ramp, from the profile, divided by the batch) plus, for every group after the first (the router runs the first
+itself), one router-to-block hop; exited samples pay nothing further, except the traced share that runs on to feed
+the controller. Capacity is the compute the instances have divided by that cost.
 A plan must also answer within the latency objective: a sample that runs every group waits, per group, for its batch
-to fill (survivors arrive slower deeper in the model), for one hop, and for its compute, which is slower when an
+to fill (survivors arrive slower deeper in the model), for one hop (but the first), and for its compute, which is slower when an
 instance gets fewer threads than the profile had (measured in ``make bench-e3``: a four-group MiniLM plan whose
 latency ignored both served its p99 beyond the SLO even at a quarter of its capacity).
 
@@ -41,7 +42,7 @@ class PlannerSettings:
     max_exits: most exits (block boundaries) a plan may have.
     hop_ms: compute one router-to-block call costs per sample (serialising, shared-memory copies), in the unit of
         the profile's block times (in-process milliseconds with ``profile_threads`` threads); ``make bench-e3``
-        measures it in CPU time and converts it.
+        measures it in CPU time and converts it. Every group after the first pays it.
     hop_latency_ms: time one hop adds to a request beyond compute (inter-process messages, scheduling).
     queueing_share: share of the SLO that the batchers of all groups together may spend waiting to fill batches.
     profile_threads: threads per process when the profile was taken (``prepare`` profiles with torch's default, one
@@ -155,9 +156,9 @@ def make_plan(manifest: Manifest, confidence: np.ndarray, prediction: np.ndarray
         subset for count in range(min(settings.max_exits, len(manifest.ramps)) + 1)
         for subset in itertools.combinations(range(len(manifest.ramps)), count)
     ]
-    # The original model under the same batching rules (its own batcher at the same load), called directly: no hop.
-    vanilla = {size: _Batching.settle(manifest, _group_bounds(manifest, ()), np.ones(1), int(size), 0.0,
-                                      settings).cost_ms for size in manifest.profile.batch_sizes}
+    # The original model under the same batching rules (its own batcher at the same load): one group, no hop.
+    vanilla = {size: _Batching.settle(manifest, _group_bounds(manifest, ()), np.ones(1), int(size), settings).cost_ms
+               for size in manifest.profile.batch_sizes}
     best: Plan | None = None
     for subset in candidates:
         for batch_size in manifest.profile.batch_sizes:
@@ -188,7 +189,7 @@ def _evaluate(manifest: Manifest, exits: tuple[int, ...], batch_size: int, confi
               vanilla_cost_ms: float) -> Plan | None:
     assert manifest.profile is not None
     bounds = _group_bounds(manifest, exits)
-    per_sample = _group_compute(manifest, bounds, batch_size) / batch_size + settings.hop_ms
+    per_sample = _group_compute(manifest, bounds, batch_size) / batch_size + _hops(len(bounds), settings.hop_ms)
     exit_cost = np.cumsum(per_sample)  # compute spent on a sample answered at each exit, then at the final layer
     rows = list(exits)
     thresholds = ThresholdTuner(settings.tuner).tune(confidence[rows], prediction[rows], final, exit_cost)
@@ -199,6 +200,11 @@ def _evaluate(manifest: Manifest, exits: tuple[int, ...], batch_size: int, confi
         return None
     return Plan(sizing.groups, {r: float(t) for r, t in zip(exits, thresholds)}, batch_size, sizing.cost_ms,
                 vanilla_cost_ms, sizing.latency_ms, evaluation.accuracy, sizing.threads)
+
+
+def _hops(groups: int, hop_ms: float) -> np.ndarray:
+    """Hop cost per sample reaching each group: the router runs the first group itself, the others are calls."""
+    return np.where(np.arange(groups) > 0, hop_ms, 0.0)
 
 
 @dataclass(frozen=True)
@@ -213,21 +219,22 @@ class _Batching:
 
     @classmethod
     def settle(cls, manifest: Manifest, bounds: list[tuple[int, int, int | None]], reached: np.ndarray,
-               batch_size: int, hop_ms: float, settings: PlannerSettings) -> _Batching:
+               batch_size: int, settings: PlannerSettings) -> _Batching:
         """A group gets full batches only when enough samples reach it within its queue delay; at the load the plan
         is sized for, deep groups that few samples reach run smaller batches, whose calls cost more per sample
         (measured on MiniLM: batches of 1.3-1.7 for B = 4). The cost sets the arrival rates, which set each group's
         batch, which sets the cost: a few rounds from full batches settle it."""
         batches = np.full(len(bounds), float(batch_size))
+        hops = _hops(len(bounds), settings.hop_ms)
         limit = settings.queueing_share * settings.slo_ms / len(bounds)
         for _ in range(4):
             compute = _group_compute(manifest, bounds, batches)
-            cost = float((reached * (compute / batches + hop_ms)).sum())
+            cost = float((reached * (compute / batches + hops)).sum())
             arrivals = settings.load * settings.instances / cost * reached  # samples per ms reaching each group
             delays = np.minimum(batch_size / np.maximum(arrivals, 1e-9), limit)
             batches = np.clip(1.0 + arrivals * delays, 1.0, batch_size)
         compute = _group_compute(manifest, bounds, batches)
-        return cls(delays, batches, compute, float((reached * (compute / batches + hop_ms)).sum()))
+        return cls(delays, batches, compute, float((reached * (compute / batches + hops)).sum()))
 
 
 def resize(manifest: Manifest, exits: tuple[int, ...], batch_size: int, undecided: np.ndarray,
@@ -241,7 +248,7 @@ def resize(manifest: Manifest, exits: tuple[int, ...], batch_size: int, undecide
     bounds = _group_bounds(manifest, exits)
     reached = np.asarray(undecided, dtype=float)
     reached = reached + settings.sample_rate * (1.0 - reached)  # the traced share of answered samples runs on
-    batching = _Batching.settle(manifest, bounds, reached, batch_size, settings.hop_ms, settings)
+    batching = _Batching.settle(manifest, bounds, reached, batch_size, settings)
     compute, delays, cost = batching.compute, batching.delays, batching.cost_ms
     share = reached * compute / batching.batches
     if settings.shared_cores:
@@ -251,7 +258,7 @@ def resize(manifest: Manifest, exits: tuple[int, ...], batch_size: int, undecide
         replicas = np.maximum(1, np.round(settings.instances * share / share.sum())).astype(int)
         threads = max(1, settings.instances // int(replicas.sum()))
     slowdown = max(1.0, settings.profile_threads / threads)
-    latency = float((compute * slowdown + delays).sum() + settings.hop_latency_ms * len(bounds))
+    latency = float((compute * slowdown + delays).sum() + settings.hop_latency_ms * (len(bounds) - 1))
     if latency > settings.slo_ms:
         return None
     groups = tuple(GroupPlan(first, last, ramp, float(r), float(c), int(1000 * d), int(n))

@@ -1,10 +1,11 @@
 """E3 deployment plan: how a ramp-augmented model is split into block models. The one owner of its JSON format.
 
-In throughput mode (E3) the model is cut at its exits into *block groups*; each group is its own Triton model
-(``<entry>_b<k>``: its blocks fused, then the ramp at its end, or the final layer for the last group) with its own
-dynamic batcher and instance count. The router entry ``<entry>`` (``plan.json`` in its version folder) sends each
-request through the groups and stops at the first exit that is confident enough, so later groups only see survivors
-and Triton's batcher merges the survivors of many upstream batches into full batches.
+In throughput mode (E3) the model is cut at its exits into *block groups* (blocks fused, then the ramp at the group's
+end, or the final layer for the last group). The router entry ``<entry>`` (``plan.json`` in its version folder) is
+the model clients call: its own batcher gathers the first group's batch and it runs the first group itself, since
+every request needs it; each later group ``k`` is its own Triton model ``<entry>_b<k>`` with its own dynamic batcher
+and instance count. The router stops each sample at the first exit that is confident enough, so later groups only see
+survivors, and Triton's batcher merges the survivors of many upstream batches into full batches.
 
 Values cross between groups as Triton tensors; a value's tensor name is derived from its name in the manifest by
 :func:`tensor_name`, so the router and the block models agree without a table.
@@ -49,8 +50,8 @@ class BlockGroup:
             shape and dtype.
         outputs: values it passes on (the first is its primary output).
         batch_size: preferred batch size of its dynamic batcher (the plan's B).
-        queue_delay_us: how long its batcher may wait to fill ``batch_size``.
-        replicas: Triton instances of the block model.
+        queue_delay_us: how long its batcher may wait to fill ``batch_size`` (the first group's: the router's).
+        replicas: Triton instances of the block model (the first group's: the router's workers that run it).
     """
 
     first_block: int
@@ -134,17 +135,22 @@ class E3Plan:
         return replace(self, groups=groups, threads=threads, expected={**self.expected, **expected},
                        revision=self.revision + 1)
 
-    def block_model_config(self, router: str, index: int, classes: int) -> dict[str, Any]:
-        """Triton configuration (JSON form) of block model ``index`` of the router ``router``.
+    def block_models(self, router: str) -> list[str]:
+        """Names of the block models of the router ``router``: one per group after the first (which it runs)."""
+        return [block_model_name(router, index) for index in range(1, len(self.groups))]
 
-        The first block model runs what the router sends at once: the router's own batcher gathered it. Later block
-        models gather survivors within their queue delay, so the survivors of several upstream batches merge, up to
-        the router's largest batch (or twice B, if larger). They dispatch as soon as the queue holds B, 2B, 4B, ...
+    def block_model_config(self, router: str, index: int, classes: int) -> dict[str, Any]:
+        """Triton configuration (JSON form) of block model ``index`` (>= 1) of the router ``router``.
+
+        A block model gathers survivors within its queue delay, so the survivors of several upstream batches merge,
+        up to the router's largest batch (or twice B, if larger). It dispatches as soon as the queue holds B, 2B, 4B, ...
         samples: without preferred sizes Triton's batcher waits for a full batch or the whole delay, which below
         saturation is every time (measured on MiniLM, two later block models with 4.4 ms delays, E3 alone, two
         repeats per load: goodput within the SLO 85.4/86.3 against 83.1/79.9 req/s at 97 req/s offered,
         102.1/68.7 against 93.1/50.1 at 135).
         """
+        if not 0 < index < len(self.groups):
+            raise IndexError(f"{router} has block models 1-{len(self.groups) - 1}, not {index}")
         group = self.groups[index]
         parameters = {"source": self.source, "first_block": str(group.first_block),
                       "last_block": str(group.last_block), "ramp": "" if group.ramp is None else str(group.ramp)}
@@ -153,12 +159,11 @@ class E3Plan:
         inputs = [replace(spec, name=tensor_name(spec.name)) for spec in group.inputs]
         outputs = [tensor_config(replace(spec, name=tensor_name(spec.name))) for spec in group.outputs]
         max_batch_size = max(self.max_batch_size, 2 * group.batch_size)
-        ladder = [] if index == 0 else [group.batch_size << k for k in range(max_batch_size.bit_length())
-                                        if group.batch_size << k <= max_batch_size]
+        ladder = [group.batch_size << k for k in range(max_batch_size.bit_length())
+                  if group.batch_size << k <= max_batch_size]
         return model_config(block_model_name(router, index), BLOCK_BACKEND, max_batch_size, inputs,
                             [*outputs, *verdict_configs(classes, VERDICT_OUTPUTS)],
-                            0 if index == 0 else group.queue_delay_us, group.replicas, self.instance_kind, parameters,
-                            ladder)
+                            group.queue_delay_us, group.replicas, self.instance_kind, parameters, ladder)
 
     def validate(self, manifest: Manifest) -> None:
         """Cross-checks against the source manifest; raises ``ArtifactError`` naming the field."""

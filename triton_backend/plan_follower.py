@@ -11,8 +11,9 @@ request fails. Not ``pb_utils.load_model``: called from a thread of the router's
 loop, and with it every request, for the whole reload (measured: 11 s, and requests beyond ``max_in_flight``
 failed); the same call from another model's stub left the router serving.
 
-The first block model runs what the router sends at once, and the router's own batcher keeps its prepared delay: the
-router is never reloaded under its own requests. Each Triton replica (pod) has its own router and block models, each
+The first block group runs in the router's own worker threads, which the follower re-sizes through ``resize_first``
+(new workers take the next batches), and the router's batcher keeps its prepared delay: the router is never reloaded
+under its own requests. Each Triton replica (pod) has its own router and block models, each
 follows the plan in force on its own, and the controller never needs to reach a server. A plan that deploys other
 block models (other exits: a new ``prepare.e3``) is not applied, and a reload that fails (a server not in explicit
 mode, say) is logged and tried again at the next revision or after ``retry_after`` seconds; the replica keeps
@@ -66,13 +67,15 @@ class PlanFollower:
     prepared: the plan in the router's version folder, applied when the server loaded the block models.
     classes: output classes (block models answer probabilities over them).
     load_model: ``(model name, configuration JSON)``, raising when Triton refuses the reload (``reload_model``).
+    resize_first: ``(replicas, threads)`` of the first group, which the router runs itself.
     poll_interval: seconds between two reads of the plan in force.
     retry_after: seconds before a failed revision is tried again.
     on_applied / on_failed: metric hooks, called with the revision applied, and on a refused reload.
     """
 
     def __init__(self, client: redis.Redis, keys: RedisKeys, router: str, prepared: E3Plan, classes: int,
-                 load_model: Callable[[str, str], None] = reload_model, poll_interval: float = 2.0,
+                 load_model: Callable[[str, str], None] = reload_model,
+                 resize_first: Callable[[int, int], None] = lambda replicas, threads: None, poll_interval: float = 2.0,
                  retry_after: float = 60.0, on_applied: Callable[[int], None] = lambda revision: None,
                  on_failed: Callable[[], None] = lambda: None) -> None:
         self.client = client
@@ -82,6 +85,7 @@ class PlanFollower:
         self.applied = prepared
         self.classes = classes
         self.load_model = load_model
+        self.resize_first = resize_first
         self.poll_interval = poll_interval
         self.retry_after = retry_after
         self.on_applied = on_applied
@@ -142,7 +146,7 @@ class PlanFollower:
 
     def _apply(self, plan: E3Plan) -> None:
         started = time.monotonic()
-        changed = [index for index in range(len(plan.groups))
+        changed = [index for index in range(1, len(plan.groups))
                    if plan.block_model_config(self.router, index, self.classes)
                    != self.applied.block_model_config(self.router, index, self.classes)]
         for index in changed:
@@ -155,6 +159,9 @@ class PlanFollower:
                 LOGGER.warning("%s: cannot reload %s for E3 plan revision %d (%s); serving as before, retrying in "
                                "%.0f s", self.router, name, plan.revision, exc, self.retry_after)
                 return
+        first = (plan.groups[0].replicas, plan.threads)
+        if first != (self.applied.groups[0].replicas, self.applied.threads):
+            self.resize_first(*first)
         self.applied = plan
         self._failed = None
         self.on_applied(plan.revision)

@@ -41,7 +41,7 @@ import tritonclient.http as httpclient
 
 from controller.config_store import read_plan
 from controller.prepare.e3 import main as plan_e3
-from early_exit.e3_plan import PLAN_FILE, E3Plan, block_model_name
+from early_exit.e3_plan import PLAN_FILE, E3Plan
 from early_exit.keys import RedisKeys
 from early_exit.manifest import Profile, load_manifest
 from workload.bench import CONTROLLER_ARGS, Inputs, _set_config, workload_inputs
@@ -104,7 +104,7 @@ def _load_e3(stack: Stack, repository: Path, model: str, previous: list[str]) ->
     client = httpclient.InferenceServerClient(f"127.0.0.1:{stack.ports.http}", network_timeout=300)
     e3 = f"{model}_e3"
     plan = E3Plan.from_json((repository / e3 / "1" / PLAN_FILE).read_text())
-    blocks = [block_model_name(e3, k) for k in range(len(plan.groups))]
+    blocks = plan.block_models(e3)
     for name in previous:
         if name not in blocks and name != e3:
             client.unload_model(name)
@@ -146,8 +146,9 @@ class HopCost:
     """What one router-to-block hop costs.
 
     ``pairs``: ms of server CPU per request and hop, each the cost of an E3 entry cut in two with its exit closed
-    (``groups`` block models, so as many hops, the hidden state travelling between them) minus the original model's
-    on the same trace at ``rate`` requests per second, divided by ``groups``. ``scale``: the original model's
+    (the router runs the first group, then ``hops`` block models, each a hop with the hidden state travelling to it)
+    minus the original model's on the same trace at ``rate`` requests per second, divided by ``hops``: the router's
+    own bookkeeping is charged to the hop, which a plan with one hop pays once. ``scale``: the original model's
     profiled time per sample (the unit of the planner's block costs: ``prepare``'s in-process profile, taken with
     torch's default threads) over the CPU its stub measured per request on those traces, at the batch sizes they
     had. The planner weighs a hop against profiled block times, so it takes the hop in that unit (``planner_ms``): a
@@ -158,7 +159,7 @@ class HopCost:
     pairs: tuple[float, ...]
     rate: float
     scale: float
-    groups: int
+    hops: int
 
     @property
     def cpu_ms(self) -> float:
@@ -170,8 +171,8 @@ class HopCost:
 
 
 def measure_hop(stack: Stack, e3: str, vanilla: str, inputs: Inputs, rate: float, seconds: float,
-                profile: Profile, groups: int, repeats: int = 3) -> HopCost:
-    """Server CPU per request (Triton's process and every stub; not this client) of the E3 entry ``e3`` (``groups``
+                profile: Profile, hops: int, repeats: int = 3) -> HopCost:
+    """Server CPU per request (Triton's process and every stub; not this client) of the E3 entry ``e3`` (``hops``
     block models, every exit closed) minus the original model's, per hop, measured in alternation ``repeats`` times
     at ``rate``; ``profile`` is the original model's (``HopCost.scale``).
 
@@ -184,12 +185,12 @@ def measure_hop(stack: Stack, e3: str, vanilla: str, inputs: Inputs, rate: float
         costs = cpu_per_request(stack, {"e3": e3, "vanilla": vanilla}, inputs, rate, seconds)
         server = {system: sum(ms for process, ms in cost.items() if process != "client")
                   for system, cost in costs.items()}
-        pairs.append((server["e3"] - server["vanilla"]) / groups)
+        pairs.append((server["e3"] - server["vanilla"]) / hops)
         stub_ms.append(costs["vanilla"][vanilla])
     after = _block_stats(stack, [vanilla])[vanilla]
     batch = (after[0] - before[0]) / max(1, after[1] - before[1])
     profiled = float(profile.at(batch)[0].sum()) / batch
-    return HopCost(tuple(pairs), rate, profiled / float(np.median(stub_ms)), groups)
+    return HopCost(tuple(pairs), rate, profiled / float(np.median(stub_ms)), hops)
 
 
 def _middle_ramp(repository: Path, model: str) -> int:
@@ -206,9 +207,9 @@ def _plan_and_load(stack: Stack, args: argparse.Namespace, slo_ms: float, inputs
     """Measure the hop cost with an E3 entry cut in two, its exit closed, against the original model in the same
     layout (one single-threaded instance per core), then plan for the SLO and that cost and load the plan.
 
-    Two block models, not one: the hop between them carries the hidden state, which a one-group entry never ships
-    (measured on MiniLM with one group: 1.2 ms per hop, and a four-group plan modelled on it spent 8 % less CPU per
-    request than the original model instead of the 33 % modelled)."""
+    Two groups, not one: the hop between them carries the hidden state, which a one-group entry never ships (measured
+    on MiniLM when the router called a block model for every group, one group: 1.2 ms per hop, and a four-group plan
+    modelled on it spent 8 % less CPU per request than the original model instead of the 33 % modelled)."""
     model, e3, vanilla = args.model, f"{args.model}_e3", f"{args.model}_vanilla"
     common = ["--name", model, "--repository", str(args.repository), "--slo-ms", f"{slo_ms:.3f}",
               "--instances", str(args.instances)]
@@ -219,7 +220,7 @@ def _plan_and_load(stack: Stack, args: argparse.Namespace, slo_ms: float, inputs
     for name in loaded:
         stack.reload(name, {}, dynamic_batching={"max_queue_delay_microseconds": 0})
     client = redis.Redis.from_url(stack.redis_url)
-    _set_config(client, e3, {})  # every exit closed: every sample makes both hops
+    _set_config(client, e3, {})  # every exit closed: every sample makes the hop
     replay(stack.grpc_url, e3, warm, poisson_arrivals(len(next(iter(warm.values()))), 50))
     _relayout(stack, [vanilla], "2x1", warm)
     profile = load_manifest(args.repository / vanilla / "1").profile
@@ -293,8 +294,8 @@ def report(args: argparse.Namespace, slo_ms: float, v50: float, capacity: dict[s
         f"SLO {slo_ms:.1f} ms = {args.slo_factor:g} x the original model's unloaded median ({v50:.2f} ms). "
         f"Saturated capacity (closed loop, median of 3): "
         + ", ".join(f"{k} {v:.0f} req/s" for k, v in capacity.items()) + ".",
-        f"Hop cost: {hop.cpu_ms:.3f} ms of server CPU per sample and hop (an E3 entry of {hop.groups} block models "
-        f"with its exit closed against the original model at {hop.rate:.0f} req/s, per hop, median of "
+        f"Hop cost: {hop.cpu_ms:.3f} ms of server CPU per sample and hop (an E3 entry of {hop.hops + 1} block groups, "
+        f"the first in the router, with its exit closed against the original model at {hop.rate:.0f} req/s, per hop, median of "
         f"{len(hop.pairs)} alternating pairs: "
         + ", ".join(f"{p:.3f}" for p in hop.pairs) + f" ms); {hop.planner_ms:.3f} ms in the profile's unit, which "
         f"the planner took (x{hop.scale:.2f}: the original model's profiled time per sample over its stub's CPU "
@@ -330,10 +331,11 @@ def report(args: argparse.Namespace, slo_ms: float, v50: float, capacity: dict[s
               f"replicas {[g.replicas for g in plan.groups]}, traced share {plan.sample_rate:.0%}. Modelled compute "
               f"per request {expected.get('cost_ms', 0):.3f} ms vs {expected.get('vanilla_cost_ms', 0):.3f} ms "
               f"({expected.get('capacity_gain', 0):.2f}x), validation agreement {expected.get('agreement', 0):.2%}.",
-              "", "| block model | blocks | exit | modelled survivors | observed survivors | average batch |",
+              "", "| model (the router runs the first group) | blocks | exit | modelled survivors | observed survivors | "
+              "average batch |",
               "|---|---|---|---:|---:|---:|"]
-    for k, group in enumerate(plan.groups):
-        name = block_model_name(f"{args.model}_e3", k)
+    e3 = f"{args.model}_e3"
+    for k, (name, group) in enumerate(zip([e3, *plan.block_models(e3)], plan.groups)):
         inferences, executions = stats.get(name, (0, 0))
         lines.append(f"| {name} | {group.first_block}-{group.last_block} | "
                      f"{'final' if group.ramp is None else group.ramp} | {expected['survivors'][k]:.0%} | "
@@ -396,8 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                  for f in args.loads.split(",")]
         print(f"plan: exits {plan.exits}; capacity {capacity}; offered {[round(r) for r in rates]}", flush=True)
         controller = start_controller(stack.redis_url, out / "logs", CONTROLLER_ARGS)
-        blocks = [name for name in loaded if name != e3]
-        before = _block_stats(stack, blocks)
+        before = _block_stats(stack, loaded)
         sweeper = Sweeper(stack, inputs, rates, args.seconds, slo_ms)
         started = time.perf_counter()
         for repeat in range(args.repeats):
@@ -414,8 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         controller_cpu = controller.cpu_seconds()
         controller.stop()
         in_force = read_plan(redis.Redis.from_url(stack.redis_url), RedisKeys(e3)) or plan
-        after = _block_stats(stack, blocks)
-        stats = {name: (after[name][0] - before[name][0], after[name][1] - before[name][1]) for name in blocks}
+        after = _block_stats(stack, loaded)
+        stats = {name: (after[name][0] - before[name][0], after[name][1] - before[name][1]) for name in loaded}
     points = sweeper.points
     path = plot(points, slo_ms, out)
     text = report(args, slo_ms, v50, capacity, hop, plan, points, original, stats, sweeper.routed[e3], controller_cpu,

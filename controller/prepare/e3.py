@@ -2,8 +2,8 @@
 
 Reads ``<repository>/<name>/1`` (manifest with its latency profile, and the validation split's per-ramp verdicts
 that ``prepare`` saved), chooses exits, batch size and replicas with ``controller.e3_planner``, and writes
-``<name>_e3`` (the router clients call, with ``plan.json``) and one ``<name>_e3_b<k>`` block model per group. The
-block models load their blocks from ``<name>``'s version folder, so the Apparate entry must be in the same repository.
+``<name>_e3`` (the router clients call, with ``plan.json``; it runs the first block group itself) and one
+``<name>_e3_b<k>`` block model per later group. The router and the block models load their blocks from ``<name>``'s version folder, so the Apparate entry must be in the same repository.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from controller.guard import AccuracyGuard
 from controller.prepare.pipeline import VALIDATION_FILE
 from controller.prepare.triton_config import ROUTER_BACKEND, render_config, render_pbtxt
 from controller.tuner import TunerSettings
-from early_exit.e3_plan import PLAN_FILE, BlockGroup, E3Plan, block_model_name
+from early_exit.e3_plan import PLAN_FILE, BlockGroup, E3Plan
 from early_exit.manifest import Manifest, TensorSpec
 from early_exit.model_config import InstanceKind
 from early_exit.runtime import EarlyExitModel
@@ -62,8 +62,9 @@ def write_e3_entries(repository: Path, source: str, plan: E3Plan, manifest: Mani
                      hop_timeout_ms: float = 0.0) -> list[str]:
     """Write the router and its block models (replacing earlier ones); returns the entry names.
 
-    The router's own batcher gathers the first group's batch, B samples, so one BLS call carries many samples and the
-    router's per-call cost is shared (a client's own batch may still be as large as the Apparate entry takes). Block
+    The router's own batcher gathers the first group's batch, B samples, which the router runs itself, so the first
+    hop carries many samples and the router's per-call cost is shared (a client's own batch may still be as large as
+    the Apparate entry takes). It runs on the plan's instance kind, so a GPU plan runs its first group on a GPU. Block
     models are configured by ``E3Plan.block_model_config``, as the router configures them when the controller
     re-sizes them.
     """
@@ -76,11 +77,11 @@ def write_e3_entries(repository: Path, source: str, plan: E3Plan, manifest: Mani
     first = plan.groups[0]
     (router / "config.pbtxt").write_text(render_config(
         name, manifest.inputs, manifest.classes, plan.max_batch_size, max_queue_delay_us=first.queue_delay_us,
-        backend=ROUTER_BACKEND, parameters={"hop_timeout_ms": f"{hop_timeout_ms:g}", "max_in_flight": "256"},
+        instance_kind=plan.instance_kind, backend=ROUTER_BACKEND,
+        parameters={"hop_timeout_ms": f"{hop_timeout_ms:g}", "max_in_flight": "256"},
         preferred_batch_size=first.batch_size), encoding="utf-8")
     entries = [name]
-    for index in range(len(plan.groups)):
-        block = block_model_name(name, index)
+    for index, block in enumerate(plan.block_models(name), start=1):
         (repository / block / "1").mkdir(parents=True, exist_ok=True)
         config = render_pbtxt(plan.block_model_config(name, index, manifest.classes))
         (repository / block / "config.pbtxt").write_text(config, encoding="utf-8")
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{plan.cost_ms:.3f} ms vs {plan.vanilla_cost_ms:.3f} ms vanilla ({plan.capacity_gain:.2f}x), "
           f"validation agreement {plan.agreement:.2%}, full-depth latency {plan.latency_ms:.1f} ms of {slo_ms:.1f}")
     print(f"wrote {', '.join(str(args.repository / e) for e in entries)}")
-    if plan.capacity_gain <= 1.0:
+    if len(plan.groups) == 1 or plan.capacity_gain <= 1.0:
         LOGGER.warning("%s: the cheapest E3 plan computes %.2fx as much per request as the original model (hop %.3f "
                        "ms per sample): E3 saves no compute on this model here; serve the Apparate entry or the "
                        "original model for throughput", args.name, 1.0 / plan.capacity_gain, args.hop_ms)

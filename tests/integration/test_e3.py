@@ -19,7 +19,7 @@ import tritonclient.http as httpclient
 
 from controller.config_store import publish_plan, read_plan, write_config
 from controller.prepare.e3 import main as plan_e3
-from early_exit.e3_plan import PLAN_FILE, E3Plan, block_model_name
+from early_exit.e3_plan import PLAN_FILE, E3Plan
 from early_exit.exit_config import ExitConfig
 from early_exit.feedback import FeedbackRecord
 from early_exit.keys import RedisKeys
@@ -48,8 +48,7 @@ def plan(repository: Path) -> E3Plan:
 
 @pytest.fixture(scope="module")
 def e3_stack(repository: Path, plan: E3Plan, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    blocks = [block_model_name(E3, k) for k in range(len(plan.groups))]
-    with running_stack(repository, models=[MODEL, E3, *blocks], with_controller=False,
+    with running_stack(repository, models=[MODEL, E3, *plan.block_models(E3)], with_controller=False,
                        log_dir=tmp_path_factory.mktemp("e3_logs")) as stack:
         yield stack
 
@@ -85,7 +84,7 @@ def test_a_plan_that_saves_no_compute_says_so(
     shutil.copytree(repository / MODEL, tmp_path / MODEL)  # the plan is written beside it, not over the fixture's
     with caplog.at_level("WARNING", logger="controller.prepare.e3"):
         assert plan_e3(["--name", MODEL, "--repository", str(tmp_path), "--exits", "", "--slo-ms", "2000"]) == 0
-    assert "E3 saves no compute on this model" in caplog.text  # one group: the original model plus a hop
+    assert "E3 saves no compute on this model" in caplog.text  # one group: the original model, run by the router
 
 
 def test_the_router_answers_unary_grpc_and_http_calls_like_the_apparate_entry(
@@ -113,7 +112,7 @@ def test_exited_samples_reach_later_blocks_only_when_traced(
 ) -> None:
     _configure(e3_stack, thresholds, 2)
     time.sleep(1.0)  # feedback of earlier requests is on its way (the publisher ships every 0.25 s)
-    blocks = [block_model_name(E3, k) for k in range(len(plan.groups))]
+    blocks = plan.block_models(E3)
     before, traced_before = _block_counts(e3_stack, blocks), len(_feedback(e3_stack))
     answers = replay(e3_stack.grpc_url, E3, {"IMAGE": test_images[200:600]}, np.arange(400) * 0.005)
     assert not [a.error for a in answers if a.error]
@@ -123,9 +122,9 @@ def test_exited_samples_reach_later_blocks_only_when_traced(
     traces = _feedback(e3_stack)[traced_before:]
     traced_exits = np.concatenate([r.exit for r in traces])
     traced_at = np.asarray([plan.exits.index(e) if e in plan.exits else len(plan.exits) for e in traced_exits])
-    for k in range(len(blocks)):
-        # Block k sees the samples that did not exit before it, plus the traced ones that did.
-        assert reached[k] == (exits >= k).sum() + (traced_at < k).sum()
+    for group, count in enumerate(reached, start=1):
+        # A group's block model sees the samples that did not exit before it, plus the traced ones that did.
+        assert count == (exits >= group).sum() + (traced_at < group).sum()
     assert 0 < len(traced_exits) < 400 * SAMPLE_RATE * 2  # a sampled share, not everything
     assert all(r.ramps == plan.exits for r in traces)
 
@@ -134,7 +133,7 @@ def test_later_blocks_batch_the_survivors_of_many_requests(
     e3_stack: Stack, plan: E3Plan, thresholds: dict[int, float], test_images: np.ndarray
 ) -> None:
     _configure(e3_stack, thresholds, 3)
-    models = [E3, *(block_model_name(E3, k) for k in range(len(plan.groups)))]
+    models = [E3, *plan.block_models(E3)]
     before = _block_counts(e3_stack, models)
     replay(e3_stack.grpc_url, E3, {"IMAGE": test_images[:256]}, np.zeros(256))
     (routed, batches), (last, last_runs) = (_block_counts(e3_stack, models) - before)[[0, -1]]
@@ -151,7 +150,7 @@ def test_cpu_is_accounted_to_the_router_and_each_block_model(
     before = triton.cpu_by_model()
     replay(e3_stack.grpc_url, E3, {"IMAGE": test_images[:200]}, np.zeros(200))
     used = {name: seconds - before.get(name, 0.0) for name, seconds in triton.cpu_by_model().items()}
-    blocks = [block_model_name(E3, k) for k in range(len(plan.groups))]
+    blocks = plan.block_models(E3)
     assert {"tritonserver", E3, MODEL, *blocks} <= set(used)  # every loaded model's stubs, found by their folder
     assert used[blocks[0]] > 0 and used[E3] > 4 * used[MODEL]  # MODEL got no traffic: its stub idled
 
@@ -159,7 +158,7 @@ def test_cpu_is_accounted_to_the_router_and_each_block_model(
 def test_a_block_model_unloaded_mid_traffic_costs_errors_not_hangs(
     e3_stack: Stack, plan: E3Plan, test_images: np.ndarray
 ) -> None:
-    middle = block_model_name(E3, 1)
+    middle = plan.block_models(E3)[0]
     client = httpclient.InferenceServerClient(f"127.0.0.1:{e3_stack.ports.http}")
     answers: list[Answer] = []
     traffic = threading.Thread(target=replay, args=(e3_stack.grpc_url, E3, {"IMAGE": test_images[:600]},
@@ -205,14 +204,14 @@ def _plan_in_force(stack: Stack, timeout: float = 10.0) -> E3Plan:
 
 def _served_sizing(stack: Stack, plan: E3Plan) -> list[tuple[int, int]]:
     client = httpclient.InferenceServerClient(f"127.0.0.1:{stack.ports.http}")
-    configs = [client.get_model_config(block_model_name(E3, k)) for k in range(len(plan.groups))]
+    configs = [client.get_model_config(name) for name in plan.block_models(E3)]
     return [(int(c["dynamic_batching"]["max_queue_delay_microseconds"]), int(c["instance_group"][0]["count"]))
             for c in configs]
 
 
 def _wait_for_sizing(stack: Stack, plan: E3Plan, timeout: float = 90.0) -> None:
-    """Until Triton serves every block model of ``plan`` as it is sized (the first one never waits)."""
-    wanted = [(0 if k == 0 else g.queue_delay_us, g.replicas) for k, g in enumerate(plan.groups)]
+    """Until Triton serves every block model of ``plan`` as it is sized (the router runs the first group)."""
+    wanted = [(g.queue_delay_us, g.replicas) for g in plan.groups[1:]]
     deadline = time.monotonic() + timeout
     while _served_sizing(stack, plan) != wanted:
         assert time.monotonic() < deadline, f"served {_served_sizing(stack, plan)}, plan says {wanted}"
@@ -233,7 +232,7 @@ def test_a_resized_plan_reloads_the_block_models_mid_traffic_and_fails_no_reques
     _configure(e3_stack, thresholds, 10)
     prepared = _plan_in_force(e3_stack)
     assert prepared.revision == 0 and prepared.sizing == plan.sizing
-    resized = prepared.resized([0, *(g.queue_delay_us + 1234 for g in prepared.groups[1:])],
+    resized = prepared.resized([g.queue_delay_us + 1234 * (k > 0) for k, g in enumerate(prepared.groups)],
                                [1 if g.replicas > 1 else 2 for g in prepared.groups], prepared.threads, {})
     answers: list[Answer] = []
     traffic = threading.Thread(target=replay, args=(e3_stack.grpc_url, E3, {"IMAGE": test_images[:1000]},

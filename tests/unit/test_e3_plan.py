@@ -88,14 +88,16 @@ def test_a_resized_plan_keeps_its_block_models_and_only_their_sizing_changes() -
 
 def test_block_model_configs_carry_the_sizing_the_block_tensors_and_the_verdict() -> None:
     plan = _plan(threads=1)
-    first, last = plan.block_model_config("m_e3", 0, 2), plan.block_model_config("m_e3", 1, 2)
-    assert first["name"] == "m_e3_b0" and first["backend"] == "apparate_e3_block"
-    assert first["dynamic_batching"] == {"max_queue_delay_microseconds": 0}  # the router's batcher gathered it
-    # later block models dispatch as soon as B, 2B, 4B ... samples wait, up to their largest batch
+    assert plan.block_models("m_e3") == ["m_e3_b1"]  # the router runs the first group itself
+    with pytest.raises(IndexError, match="block models 1-1"):
+        plan.block_model_config("m_e3", 0, 2)
+    last = plan.block_model_config("m_e3", 1, 2)
+    assert last["name"] == "m_e3_b1" and last["backend"] == "apparate_e3_block"
+    # block models dispatch as soon as B, 2B, 4B ... samples wait, up to their largest batch
     assert last["dynamic_batching"] == {"preferred_batch_size": [8, 16, 32], "max_queue_delay_microseconds": 2000}
     assert last["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}] and last["max_batch_size"] == 32
-    assert [t["name"] for t in first["input"]] == [tensor_name("x")]
-    assert [t["name"] for t in first["output"]] == [tensor_name("v0"), "PROBS", "CONFIDENCE", "LABEL"]
+    assert [t["name"] for t in last["input"]] == [tensor_name("v0")]
+    assert [t["name"] for t in last["output"]] == ["PROBS", "CONFIDENCE", "LABEL"]  # the final layer passes nothing on
     assert last["parameters"]["threads"] == {"string_value": "1"} and last["parameters"]["ramp"] == {"string_value": ""}
     on_gpu = replace(plan, instance_kind="KIND_GPU").block_model_config("m_e3", 1, 2)
     assert "threads" not in on_gpu["parameters"] and on_gpu["instance_group"][0]["kind"] == "KIND_GPU"

@@ -74,7 +74,7 @@ def test_a_group_few_samples_reach_is_costed_at_the_batches_it_gets() -> None:
     sizing = resize(manifest, (1,), 32, undecided, settings)
     assert sizing is not None
     block_ms, ramp_ms = manifest.profile.at(32)
-    full_batches = (block_ms[:2].sum() + ramp_ms[1]) / 32 + 0.05 * block_ms[2:].sum() / 32 + 2 * settings.hop_ms
+    full_batches = (block_ms[:2].sum() + ramp_ms[1]) / 32 + 0.05 * (block_ms[2:].sum() / 32 + settings.hop_ms)
     # the deep group's 5 % of the samples cannot fill batches of 32 within its delay
     assert sizing.groups[1].compute_ms < block_ms[2:].sum()
     assert sizing.cost_ms > full_batches
@@ -111,8 +111,18 @@ def test_latency_counts_the_slower_compute_of_instances_with_fewer_threads_and_e
     settings = _settings(slo_ms=5000.0, hop_latency_ms=3.0, queueing_share=0.0, profile_threads=2, instances=2)
     plan = make_plan(_manifest(), *_window(), settings, exits=(0, 1))
     compute = sum(g.compute_ms for g in plan.groups)
-    # three single-instance groups on two cores: one thread each, half the profile's two
-    assert plan.latency_ms == pytest.approx(2 * compute + 3 * 3.0)
+    # three single-instance groups on two cores: one thread each, half the profile's two; the router runs the
+    # first group, so two hops
+    assert plan.latency_ms == pytest.approx(2 * compute + 2 * 3.0)
+
+
+def test_the_first_group_pays_no_hop_and_a_plan_without_exits_costs_what_the_original_model_does() -> None:
+    manifest = _manifest()
+    no_exit = make_plan(manifest, *_window(), _settings(hop_ms=5.0), exits=())
+    assert no_exit.cost_ms == pytest.approx(no_exit.vanilla_cost_ms)
+    cheap, dear = (make_plan(manifest, *_window(), _settings(hop_ms=hop), exits=(1,)) for hop in (0.0, 5.0))
+    # the hop is paid by the samples reaching the second group only
+    assert dear.cost_ms - cheap.cost_ms == pytest.approx(5.0 * dear.groups[1].survivors, rel=0.05)
 
 
 def test_a_deployed_plan_is_resized_for_the_exit_rates_observed() -> None:

@@ -60,6 +60,19 @@ def test_the_prepared_plan_is_registered_and_a_resized_revision_reloads_only_cha
     assert len(reloads.calls) == 1  # nothing new
 
 
+def test_the_first_group_is_resized_in_the_router_and_never_reloaded(client: redis.Redis) -> None:
+    reloads, resizes = Reloads(), []
+    follower = _follower(client, reloads, resize_first=lambda replicas, threads: resizes.append((replicas, threads)))
+    follower.follow()
+    client.set(KEYS.e3_plan, _prepared().resized([0, 3000], [1, 2], 1, {}).to_json())
+    follower.follow()
+    assert resizes == [(1, 1)] and not reloads.calls  # only the router's workers changed
+    client.set(KEYS.e3_plan, follower.applied.resized([0, 3000], [1, 2], 2, {}).to_json())
+    follower.follow()
+    # more threads per instance: the router's workers and the block model alike
+    assert resizes == [(1, 1), (1, 2)] and [model for model, _ in reloads.calls] == ["m_e3_b1"]
+
+
 def test_a_replica_restarting_keeps_the_resized_revision_and_a_stale_deployment_gives_way(client: redis.Redis) -> None:
     resized = _prepared().resized([0, 9000], [2, 1], 1, {})
     client.set(KEYS.e3_plan, resized.to_json())
