@@ -5,9 +5,9 @@ reaches block group ``k`` pays that group's per-sample compute at the batch its 
 ramp, from the profile, divided by the batch) plus, for every group after the first (the router runs the first
 itself), one router-to-block hop; exited samples pay nothing further, except the traced share that runs on to feed
 the controller. Capacity is the compute the instances have divided by that cost.
-A plan must also answer within the latency objective: a sample that runs every group waits, per group, for its batch
-to fill (survivors arrive slower deeper in the model), for one hop (but the first), and for its compute, which is slower when an
-instance gets fewer threads than the profile had (measured in ``make bench-e3``: a four-group MiniLM plan whose
+A plan must also answer within the latency objective: a sample that runs every group waits, per group, for its batch to
+fill (survivors arrive slower deeper in the model), for one hop (but the first), and for its compute, which is slower
+when an instance gets fewer threads than the profile had (measured in ``make bench-e3``: a four-group MiniLM plan whose
 latency ignored both served its p99 beyond the SLO even at a quarter of its capacity).
 
 Thresholds are tuned for each candidate exit set on the validation split with the controller's own tuner and guard,

@@ -142,12 +142,12 @@ class E3Plan:
     def block_model_config(self, router: str, index: int, classes: int) -> dict[str, Any]:
         """Triton configuration (JSON form) of block model ``index`` (>= 1) of the router ``router``.
 
-        A block model gathers survivors within its queue delay, so the survivors of several upstream batches merge,
-        up to the router's largest batch (or twice B, if larger). It dispatches as soon as the queue holds B, 2B, 4B, ...
+        A block model gathers survivors within its queue delay, so the survivors of several upstream batches merge, up
+        to the router's largest batch (or twice B, if larger). It dispatches as soon as the queue holds B, 2B, 4B, ...
         samples: without preferred sizes Triton's batcher waits for a full batch or the whole delay, which below
-        saturation is every time (measured on MiniLM, two later block models with 4.4 ms delays, E3 alone, two
-        repeats per load: goodput within the SLO 85.4/86.3 against 83.1/79.9 req/s at 97 req/s offered,
-        102.1/68.7 against 93.1/50.1 at 135).
+        saturation is every time (measured on MiniLM, two later block models with 4.4 ms delays, E3 alone, two repeats
+        per load: goodput within the SLO 85.4/86.3 against 83.1/79.9 req/s at 97 req/s offered, 102.1/68.7 against
+        93.1/50.1 at 135).
         """
         if not 0 < index < len(self.groups):
             raise IndexError(f"{router} has block models 1-{len(self.groups) - 1}, not {index}")

@@ -1,10 +1,10 @@
 """Request path of an E3 block model (backend ``apparate_e3_block``): batch in → fused blocks → exit verdict → out.
 
-One later block group of an E3 plan (``early_exit.e3_plan``; the router runs the first itself): the blocks between
-two exits, fused into one graph, then the ramp at its end (or the original model's final layer). It is a plain
-non-decoupled model with dynamic batching, one response per request, so Triton's batcher merges the survivors that
-the router forwards from many upstream batches into full batches, and Triton's instance groups replicate it. It keeps no state between requests; the router decides
-who exits.
+One later block group of an E3 plan (``early_exit.e3_plan``; the router runs the first itself): the blocks between two
+exits, fused into one graph, then the ramp at its end (or the original model's final layer). It is a plain non-decoupled
+model with dynamic batching, one response per request, so Triton's batcher merges the survivors that the router forwards
+from many upstream batches into full batches, and Triton's instance groups replicate it. It keeps no state between
+requests; the router decides who exits.
 
 Parameters (``config.pbtxt``): ``source`` (the Apparate entry in the same repository whose version folder holds the
 artifacts), ``source_version`` (default ``1``), ``first_block``, ``last_block``, ``ramp`` (a ramp id, or empty for

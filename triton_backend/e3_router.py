@@ -2,16 +2,17 @@
 answer at the first confident exit → sampled samples run on to the end → feedback.
 
 The router is the model plain clients call (same inputs and outputs as the Apparate entry, non-decoupled, so unary
-gRPC and HTTP work). ``execute`` is a coroutine that starts one asyncio task for the batch Triton's batcher gave it and
-returns at once; the task runs the plan's first block group on the batch itself, in one of the router's worker
+gRPC and HTTP work). ``execute`` is a coroutine that starts one asyncio task for the batch Triton's batcher gave it
+and returns at once; the task runs the plan's first block group on the batch itself, in one of the router's worker
 threads (every request needs that group: a call to another model would only add a hop, measured at 2.1-2.5 ms of
-server CPU per request on MiniLM), then sends the samples still computing through the later groups' block models by BLS
-(``async_exec``), one call per group for the whole batch, and answers each request through its response sender as
-soon as its samples are decided. One router instance thus keeps many batches in flight, and each block model's own
-dynamic batcher merges the survivors of many of them into full batches: exited samples stop computing, later blocks
-still run full batches. A call per group and batch, not per request, keeps the router's cost per sample small under
-load, when its batches are large. The first group's replicas are the router's worker threads (torch computes outside
-Python's lock, and the event loop keeps answering while they compute).
+server CPU per request on MiniLM), then sends the samples still computing through the later groups' block models by
+BLS (``async_exec``), one call per group for the whole batch, and answers each request through its response sender as
+soon as its samples are decided. Batches waiting for the first group are merged into one call when a worker frees up
+(``MergingWorkers``), as Triton's batcher would merge them at a block model. One router instance thus keeps many
+batches in flight, and each block model's own dynamic batcher merges the survivors of many of them into full batches:
+exited samples stop computing, later blocks still run full batches. A call per group and batch, not per request, keeps
+the router's cost per sample small under load, when its batches are large. The first group's replicas are the router's
+worker threads (torch computes outside Python's lock, and the event loop keeps answering while they compute).
 
 Feedback without running everything: a share ``sample_rate`` of samples, drawn uniformly before any exit is known,
 keeps running to the final layer after its answer was sent. Only those *traced* samples are reported, with every
@@ -31,7 +32,6 @@ import asyncio
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from early_exit.exit_config import ExitConfig
 from early_exit.exit_rule import NEVER_EXIT, exits_at
 from early_exit.feedback import BatchTiming, FeedbackRecord
 from early_exit.manifest import Manifest, load_manifest
-from triton_backend.block_group import BlockGroupRunner
+from triton_backend.block_group import BlockGroupRunner, MergingWorkers
 from triton_backend.config_watcher import ConfigWatcher
 from triton_backend.feedback_publisher import FeedbackPublisher
 from triton_backend.metrics import BackendMetrics
@@ -113,7 +113,9 @@ class TritonPythonModel:
                                           first.ramp)
         except (OSError, EarlyExitError, IndexError) as exc:
             raise pb_utils.TritonModelException(f"{self.name}: cannot load its plan: {exc}") from exc
-        self.workers = self._first_group_workers(first.replicas, self.plan.threads)
+        self._use_threads(self.plan.threads)
+        self.workers = MergingWorkers(self.first.run, self.first.inputs[0], first.replicas,
+                                      max(self.plan.max_batch_size, 2 * first.batch_size), f"{self.name}-first")
         self.blocks = self.plan.block_models(self.name)
         self.max_in_flight = int(parameters.get("max_in_flight", "256"))
         self.hop_timeout_us = int(float(parameters.get("hop_timeout_ms", "0")) * 1000)
@@ -147,18 +149,16 @@ class TritonPythonModel:
                     first.replicas, self.first.model.device, self.blocks, self.plan.exits,
                     100 * self.plan.sample_rate, where)
 
-    def _first_group_workers(self, replicas: int, threads: int) -> ThreadPoolExecutor:
-        """Threads that run the first group, ``replicas`` batches at a time; on a CPU each batch gets ``threads``
-        torch threads (new worker threads take torch's thread count on their first parallel call)."""
+    def _use_threads(self, threads: int) -> None:
+        """On a CPU, each call of the first group gets ``threads`` torch threads (worker threads take torch's thread
+        count on their first parallel call, so a re-sizing applies to the new workers it starts)."""
         if self.plan.instance_kind == "KIND_CPU" and threads > 0:
             torch.set_num_threads(threads)
-        return ThreadPoolExecutor(max_workers=replicas, thread_name_prefix=f"{self.name}-first")
 
     def _resize_first(self, replicas: int, threads: int) -> None:
-        """Apply a re-sized plan to the first group (called by the plan follower's thread): new workers take the next
-        batches. The old ones finish the batches they were given and exit once their pool is unreferenced; shutting
-        it down here instead could refuse a batch the event loop is handing it at that moment."""
-        self.workers = self._first_group_workers(replicas, threads)
+        """Apply a re-sized plan to the first group (called by the plan follower's thread)."""
+        self._use_threads(threads)
+        self.workers.resize(replicas)
 
     def _check_exits(self, config: ExitConfig) -> None:
         outside = sorted(set(config.active_ramps) - set(self.plan.exits))
@@ -206,7 +206,7 @@ class TritonPythonModel:
                 if not alive.size:
                     break
                 if position == 0:
-                    outputs = await asyncio.get_running_loop().run_in_executor(self.workers, self.first.run, values)
+                    outputs = await self.workers.run(values)
                 else:
                     outputs = await self._hop(self.blocks[position - 1], group, values)
                 confidence, label = outputs["CONFIDENCE"][:, 0], outputs["LABEL"][:, 0]
@@ -273,7 +273,7 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.follower.close()
-        self.workers.shutdown(wait=False)
+        self.workers.close()
         self.watcher.close()
         self.publisher.close()
         self.metrics.close()

@@ -295,8 +295,8 @@ def report(args: argparse.Namespace, slo_ms: float, v50: float, capacity: dict[s
         f"Saturated capacity (closed loop, median of 3): "
         + ", ".join(f"{k} {v:.0f} req/s" for k, v in capacity.items()) + ".",
         f"Hop cost: {hop.cpu_ms:.3f} ms of server CPU per sample and hop (an E3 entry of {hop.hops + 1} block groups, "
-        f"the first in the router, with its exit closed against the original model at {hop.rate:.0f} req/s, per hop, median of "
-        f"{len(hop.pairs)} alternating pairs: "
+        f"the first in the router, with its exit closed against the original model at {hop.rate:.0f} req/s, per hop, "
+        f"median of {len(hop.pairs)} alternating pairs: "
         + ", ".join(f"{p:.3f}" for p in hop.pairs) + f" ms); {hop.planner_ms:.3f} ms in the profile's unit, which "
         f"the planner took (x{hop.scale:.2f}: the original model's profiled time per sample over its stub's CPU "
         "per request).\n",
@@ -331,8 +331,8 @@ def report(args: argparse.Namespace, slo_ms: float, v50: float, capacity: dict[s
               f"replicas {[g.replicas for g in plan.groups]}, traced share {plan.sample_rate:.0%}. Modelled compute "
               f"per request {expected.get('cost_ms', 0):.3f} ms vs {expected.get('vanilla_cost_ms', 0):.3f} ms "
               f"({expected.get('capacity_gain', 0):.2f}x), validation agreement {expected.get('agreement', 0):.2%}.",
-              "", "| model (the router runs the first group) | blocks | exit | modelled survivors | observed survivors | "
-              "average batch |",
+              "", "| model (the router runs the first group) | blocks | exit | modelled survivors | observed survivors "
+              "| average batch |",
               "|---|---|---|---:|---:|---:|"]
     e3 = f"{args.model}_e3"
     for k, (name, group) in enumerate(zip([e3, *plan.block_models(e3)], plan.groups)):

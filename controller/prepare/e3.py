@@ -1,9 +1,10 @@
 """``python -m controller.prepare.e3``: plan an E3 (throughput-mode) deployment of a prepared entry and write it.
 
-Reads ``<repository>/<name>/1`` (manifest with its latency profile, and the validation split's per-ramp verdicts
-that ``prepare`` saved), chooses exits, batch size and replicas with ``controller.e3_planner``, and writes
-``<name>_e3`` (the router clients call, with ``plan.json``; it runs the first block group itself) and one
-``<name>_e3_b<k>`` block model per later group. The router and the block models load their blocks from ``<name>``'s version folder, so the Apparate entry must be in the same repository.
+Reads ``<repository>/<name>/1`` (manifest with its latency profile, and the validation split's per-ramp verdicts that
+``prepare`` saved), chooses exits, batch size and replicas with ``controller.e3_planner``, and writes ``<name>_e3`` (the
+router clients call, with ``plan.json``; it runs the first block group itself) and one ``<name>_e3_b<k>`` block model
+per later group. The router and the block models load their blocks from ``<name>``'s version folder, so the Apparate
+entry must be in the same repository.
 """
 
 from __future__ import annotations

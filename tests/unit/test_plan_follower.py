@@ -62,7 +62,7 @@ def test_the_prepared_plan_is_registered_and_a_resized_revision_reloads_only_cha
 
 def test_the_first_group_is_resized_in_the_router_and_never_reloaded(client: redis.Redis) -> None:
     reloads, resizes = Reloads(), []
-    follower = _follower(client, reloads, resize_first=lambda replicas, threads: resizes.append((replicas, threads)))
+    follower = _follower(client, reloads, resize_first=lambda *sizing: resizes.append(sizing))
     follower.follow()
     client.set(KEYS.e3_plan, _prepared().resized([0, 3000], [1, 2], 1, {}).to_json())
     follower.follow()
