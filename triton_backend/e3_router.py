@@ -4,15 +4,18 @@ answer at the first confident exit → sampled samples run on to the end → fee
 The router is the model plain clients call (same inputs and outputs as the Apparate entry, non-decoupled, so unary
 gRPC and HTTP work). ``execute`` is a coroutine that starts one asyncio task for the batch Triton's batcher gave it
 and returns at once; the task runs the plan's first block group on the batch itself, in one of the router's worker
-threads (every request needs that group: a call to another model would only add a hop, measured at 2.1-2.5 ms of
-server CPU per request on MiniLM), then sends the samples still computing through the later groups' block models by
-BLS (``async_exec``), one call per group for the whole batch, and answers each request through its response sender as
-soon as its samples are decided. Batches waiting for the first group are merged into one call when a worker frees up
-(``MergingWorkers``), as Triton's batcher would merge them at a block model. One router instance thus keeps many
-batches in flight, and each block model's own dynamic batcher merges the survivors of many of them into full batches:
-exited samples stop computing, later blocks still run full batches. A call per group and batch, not per request, keeps
-the router's cost per sample small under load, when its batches are large. The first group's replicas are the router's
-worker threads (torch computes outside Python's lock, and the event loop keeps answering while they compute).
+threads (every request needs that group: a call to another model would only add a BLS call; on MiniLM, E3's CPU per
+request fell from 13 % to 20-31 % below the original model's when the router took the group over), then sends the
+samples still computing through the later groups' block models by BLS (``async_exec``), one call per group for the
+whole batch, and answers each request through its response sender as soon as its samples are decided. Batches waiting
+for the first group are merged into one call when a worker frees up (``MergingWorkers``), as Triton's batcher would
+merge them at a block model. One router instance thus keeps many batches in flight, and each block model's own dynamic
+batcher merges the survivors of many of them into full batches: exited samples stop computing, later blocks still run
+full batches. A call per group and batch, not per request, keeps the router's cost per sample small under load, when
+its batches are large. The first group's replicas are the router's worker threads: kernels run outside Python's lock,
+so the event loop keeps answering while they compute, but each operator's dispatch takes the lock, which a model of
+many small operators pays for (ResNet-56 on a CPU: E3's median at light load doubled against the same group in a block
+model's process).
 
 Feedback without running everything: a share ``sample_rate`` of samples, drawn uniformly before any exit is known,
 keeps running to the final layer after its answer was sent. Only those *traced* samples are reported, with every
