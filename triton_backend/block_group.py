@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -90,7 +91,7 @@ class MergingWorkers:
         self.replicas = replicas
         self._pool = ThreadPoolExecutor(max_workers=replicas, thread_name_prefix=name)
         self.running = 0
-        self.waiting: list[tuple[dict[str, np.ndarray], asyncio.Future[dict[str, np.ndarray]]]] = []
+        self.waiting: deque[tuple[dict[str, np.ndarray], asyncio.Future[dict[str, np.ndarray]]]] = deque()
 
     async def run(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The group's outputs for ``values``, computed alone or merged with other waiting batches."""
@@ -113,7 +114,7 @@ class MergingWorkers:
         while self.waiting and self.running < self.replicas:
             taken, rows = [], 0
             while self.waiting and (not taken or rows + len(self.waiting[0][0][self._rows_of]) <= self.max_batch):
-                taken.append(self.waiting.pop(0))
+                taken.append(self.waiting.popleft())
                 rows += len(taken[-1][0][self._rows_of])
             names = taken[0][0].keys()
             merged = taken[0][0] if len(taken) == 1 else {
@@ -126,6 +127,7 @@ class MergingWorkers:
                   call: asyncio.Future[dict[str, np.ndarray]]) -> None:
         self.running -= 1
         error = call.exception()
+        outputs = call.result() if error is None else {}
         bounds = np.cumsum([0, *(len(values[self._rows_of]) for values, _ in taken)])
         for (_, future), lo, hi in zip(taken, bounds[:-1], bounds[1:]):
             if future.done():  # its request's task was cancelled
@@ -133,5 +135,5 @@ class MergingWorkers:
             if error is not None:
                 future.set_exception(error)
             else:
-                future.set_result({name: array[lo:hi] for name, array in call.result().items()})
+                future.set_result({name: array[lo:hi] for name, array in outputs.items()})
         self._dispatch()
