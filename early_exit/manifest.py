@@ -9,6 +9,7 @@ with one block and no ramps, so the baseline runs through exactly the same code 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -76,12 +77,22 @@ class Profile:
     block_ms: tuple[tuple[float, ...], ...]
     ramp_ms: tuple[tuple[float, ...], ...]
 
-    def at(self, batch_size: float) -> tuple[np.ndarray, np.ndarray]:
-        """Per-block and per-ramp latency at ``batch_size``, linearly interpolated between profiled sizes."""
+    @functools.cached_property
+    def _tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         sizes = np.asarray(self.batch_sizes, dtype=float)
-        blocks = np.asarray([np.interp(batch_size, sizes, row) for row in self.block_ms])
-        ramps = np.asarray([np.interp(batch_size, sizes, row) for row in self.ramp_ms]) if self.ramp_ms else np.zeros(0)
-        return blocks, ramps
+        return (sizes, np.asarray(self.block_ms, dtype=float).reshape(-1, len(sizes)),
+                np.asarray(self.ramp_ms, dtype=float).reshape(-1, len(sizes)))
+
+    def at(self, batch_size: float) -> tuple[np.ndarray, np.ndarray]:
+        """Per-block and per-ramp latency at ``batch_size``, linearly interpolated between profiled sizes (clamped
+        to the profiled range), every row at once: the E3 planner asks for thousands of sizes."""
+        sizes, blocks, ramps = self._tables
+        size = min(max(float(batch_size), sizes[0]), sizes[-1])
+        right = min(max(int(np.searchsorted(sizes, size)), 1), len(sizes) - 1)
+        left = max(right - 1, 0)
+        weight = (size - sizes[left]) / (sizes[right] - sizes[left]) if right > left else 0.0
+        return (blocks[:, left] * (1.0 - weight) + blocks[:, right] * weight,
+                ramps[:, left] * (1.0 - weight) + ramps[:, right] * weight)
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,7 @@ class HopCost:
 
 
 def measure_hop(stack: Stack, e3: str, vanilla: str, inputs: Inputs, rate: float, seconds: float,
-                profile: Profile, hops: int, repeats: int = 3) -> HopCost:
+                profile: Profile, hops: int, repeats: int = 5) -> HopCost:
     """Server CPU per request (Triton's process and every stub; not this client) of the E3 entry ``e3`` (``hops``
     block models, every exit closed) minus the original model's, per hop, measured in alternation ``repeats`` times
     at ``rate``; ``profile`` is the original model's (``HopCost.scale``).

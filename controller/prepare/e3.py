@@ -63,9 +63,10 @@ def write_e3_entries(repository: Path, source: str, plan: E3Plan, manifest: Mani
                      hop_timeout_ms: float = 0.0) -> list[str]:
     """Write the router and its block models (replacing earlier ones); returns the entry names.
 
-    The router's own batcher gathers the first group's batch, B samples, which the router runs itself, so the first
-    hop carries many samples and the router's per-call cost is shared (a client's own batch may still be as large as
-    the Apparate entry takes). It runs on the plan's instance kind, so a GPU plan runs its first group on a GPU. Block
+    The router runs the first group itself, on the batches its own batcher forms (the plan's first queue delay,
+    which the planner leaves at zero: the router's workers merge whatever waits while they are busy), and a client's
+    own batch may be as large as the Apparate entry takes. It runs on the plan's instance kind, so a GPU plan runs its
+    first group on a GPU. Block
     models are configured by ``E3Plan.block_model_config``, as the router configures them when the controller
     re-sizes them.
     """

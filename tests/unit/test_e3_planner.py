@@ -16,12 +16,12 @@ from early_exit.manifest import BlockSpec, Manifest, Profile, RampSpec, TensorSp
 SIZES = (1, 8, 32)
 
 
-def _manifest(block_ms: tuple[float, float, float] = (1.0, 4.0, 16.0)) -> Manifest:
+def _manifest(block_ms: tuple[float, float, float] = (1.0, 4.0, 16.0), fixed: float = 0.25) -> Manifest:
     """Four blocks, ramps after the first three; block latency grows linearly with the batch (per-sample cost
-    falls with batching: a fixed 25 % of the batch-1 time)."""
+    falls with batching: a ``fixed`` share of the batch-1 time)."""
     blocks = tuple(BlockSpec(f"b{i}", ("x",) if i == 0 else (f"v{i - 1}",), (f"v{i}",), "") for i in range(4))
     ramps = tuple(RampSpec(i, i, {"kind": "linear", "features": 4, "classes": 2}) for i in range(3))
-    rows = tuple(tuple(ms * (0.25 + 0.75 * b) for b in SIZES) for ms in (*block_ms, 1.0))
+    rows = tuple(tuple(ms * (fixed + (1 - fixed) * b) for b in SIZES) for ms in (*block_ms, 1.0))
     profile = Profile("cpu", SIZES, rows, ((0.01, 0.02, 0.05),) * 3)
     return Manifest("m", 2, (TensorSpec("x", "float32", (4,)),), blocks, ramps, "r", "", {}, profile)
 
@@ -64,8 +64,20 @@ def test_the_slo_bounds_the_batches_groups_wait_for() -> None:
     relaxed = make_plan(_manifest(), *_window(), _settings(slo_ms=5000.0))
     tight = make_plan(_manifest(), *_window(), _settings(slo_ms=100.0))
     assert tight.latency_ms <= 100.0 < relaxed.latency_ms
-    # Waiting less, the tight plan's groups run smaller batches, which cost more per sample.
-    assert tight.groups[0].compute_ms < relaxed.groups[0].compute_ms and tight.cost_ms > relaxed.cost_ms
+    # Waiting less, the tight plan's later group runs smaller batches, which cost more per sample.
+    assert tight.groups[-1].compute_ms < relaxed.groups[-1].compute_ms and tight.cost_ms > relaxed.cost_ms
+    # The router's first group never waits: its workers take what queued while they were busy.
+    assert tight.groups[0].queue_delay_us == relaxed.groups[0].queue_delay_us == 0
+
+
+def test_on_shared_cores_no_group_waits_and_batches_grow_with_the_load() -> None:
+    manifest, window = _manifest(), _window()
+    light, heavy = (make_plan(manifest, *window, _settings(shared_cores=True, load=load), exits=(0,))
+                    for load in (0.2, 0.9))
+    assert all(g.queue_delay_us == 0 for g in (*light.groups, *heavy.groups))
+    # a work-conserving batch holds what arrived while the group computed the one before: more at higher load
+    assert all(busy.compute_ms > idle.compute_ms for busy, idle in zip(heavy.groups, light.groups))
+    assert heavy.cost_ms < light.cost_ms
 
 
 def test_a_group_few_samples_reach_is_costed_at_the_batches_it_gets() -> None:
@@ -117,7 +129,7 @@ def test_latency_counts_the_slower_compute_of_instances_with_fewer_threads_and_e
 
 
 def test_the_first_group_pays_no_hop_and_a_plan_without_exits_costs_what_the_original_model_does() -> None:
-    manifest = _manifest()
+    manifest = _manifest(fixed=0.0)  # per-sample compute independent of the batch, which a hop's cost changes
     no_exit = make_plan(manifest, *_window(), _settings(hop_ms=5.0), exits=())
     assert no_exit.cost_ms == pytest.approx(no_exit.vanilla_cost_ms)
     cheap, dear = (make_plan(manifest, *_window(), _settings(hop_ms=hop), exits=(1,)) for hop in (0.0, 5.0))
