@@ -228,16 +228,16 @@ class _Batching:
 
         Work-conserving, no queue delay: the router's first group (its merging workers take every waiting batch
         when one frees up) and, on shared CPU cores, every group (Triton's batcher with no delay sends what queued
-        while the instances were busy). A batch holds what arrived while a replica ran its last one, shared among
-        the replicas. A delay would only make an idle core wait: measured on ResNet-56 at light load, the planned
-        4.1 ms delays of router and block model made E3's median 19.9 ms against the original model's 15.3; with
-        none, 16.1 against 15.9.
+        while the instances were busy). A batch holds what arrived while the group computed the one before, its
+        replicas together getting its share of the instances. A delay would only make an idle core wait: measured
+        on ResNet-56 at light load, the planned 4.1 ms delays of router and block model made E3's median 19.9 ms
+        against the original model's 15.3; with none, 16.1 against 15.9.
         Filled within a delay (later groups on dedicated devices, where a larger batch costs little more): the
         batcher waits up to the time B samples take to arrive, within the group's share of the SLO.
 
         Deep groups that few samples reach get smaller batches, whose calls cost more per sample (measured on
         MiniLM: batches of 1.3-1.7 for B = 4). The cost sets the arrival rates, which set each group's batch, which
-        sets the cost: iterating from full batches settles it."""
+        sets the cost: a few rounds settle it."""
         conserving = np.full(len(bounds), settings.shared_cores)
         conserving[0] = True
         # start where a batch whose compute grows in proportion settles (it forms over one batch's compute, during
