@@ -11,8 +11,9 @@ batch to fill (survivors arrive slower deeper in the model). Compute is slower w
 than the profile had (measured in ``make bench-e3``: a four-group MiniLM plan whose latency ignored threads and delays
 served its p99 beyond the SLO even at a quarter of its capacity).
 
-Thresholds are tuned for each candidate exit set on the validation split with the controller's own tuner and guard,
-with the per-exit compute as its objective, so the plan's exits are ones the controller can keep within the budget.
+Thresholds are tuned for each candidate exit set on half the validation split with the controller's own tuner and
+guard, with the per-exit compute as its objective, and must pass the guard on the other half, as the controller's
+choices must on its window: so the plan's exits are ones the controller can keep within the budget.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from controller.tuner import ThresholdTuner, TunerSettings, evaluate
+from controller.tuner import TunerSettings, evaluate, tune_held_out
+from early_exit.exit_rule import NEVER_EXIT
 from early_exit.manifest import Manifest
 
 
@@ -109,7 +111,7 @@ class Plan:
     cost_ms: float  # compute per request, all instances together
     vanilla_cost_ms: float  # the same for the original model at the same batch size
     latency_ms: float  # a full-depth sample: compute and queueing at every group
-    agreement: float  # with the original model on the validation split
+    agreement: float  # with the original model on the held-out half of the validation split
     threads: int  # torch threads of each block instance on a CPU
 
     @property
@@ -193,14 +195,19 @@ def _evaluate(manifest: Manifest, exits: tuple[int, ...], batch_size: int, confi
     per_sample = _group_compute(manifest, bounds, batch_size) / batch_size + _hops(len(bounds), settings.hop_ms)
     exit_cost = np.cumsum(per_sample)  # compute spent on a sample answered at each exit, then at the final layer
     rows = list(exits)
-    thresholds = ThresholdTuner(settings.tuner).tune(confidence[rows], prediction[rows], final, exit_cost)
-    evaluation = evaluate(thresholds, confidence[rows], prediction[rows] == final[None, :], exit_cost)
+    held_out = np.arange(len(final)) % 2 == 1
+    thresholds = tune_held_out(settings.tuner, confidence[rows], prediction[rows], final, exit_cost, held_out)
+    if thresholds is None:
+        thresholds = np.full(len(rows), NEVER_EXIT)
+    correct = prediction[rows] == final[None, :]
+    evaluation = evaluate(thresholds, confidence[rows], correct, exit_cost)
+    agreement = evaluate(thresholds, confidence[rows][:, held_out], correct[:, held_out], exit_cost).accuracy
     undecided = 1.0 - np.concatenate([[0.0], np.cumsum(evaluation.exit_rates)[:-1]])
     sizing = resize(manifest, exits, batch_size, undecided, settings)
     if sizing is None:
         return None
     return Plan(sizing.groups, {r: float(t) for r, t in zip(exits, thresholds)}, batch_size, sizing.cost_ms,
-                vanilla_cost_ms, sizing.latency_ms, evaluation.accuracy, sizing.threads)
+                vanilla_cost_ms, sizing.latency_ms, agreement, sizing.threads)
 
 
 def _hops(groups: int, hop_ms: float) -> np.ndarray:

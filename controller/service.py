@@ -37,7 +37,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import redis
@@ -48,7 +48,7 @@ from controller.e3_resizer import ResizerSettings, resize_plan
 from controller.guard import AccuracyGuard
 from controller.latency import LatencyModel, MeasuredExits, measured_exits, realised_saving_ms
 from controller.lease import Lease, LeaseLostError
-from controller.tuner import ThresholdTuner, TunerSettings, evaluate
+from controller.tuner import TunerSettings, evaluate, tune_held_out
 from controller.window import FeedbackWindow, WindowView
 from early_exit.errors import EarlyExitError
 from early_exit.exit_config import ExitConfig
@@ -56,12 +56,6 @@ from early_exit.exit_rule import NEVER_EXIT, first_exit
 from early_exit.feedback import FeedbackRecord
 from early_exit.keys import DEFAULT_PREFIX, RedisKeys
 from early_exit.manifest import Manifest
-
-#: Times a round halves the budget it tunes to when the held-out half rejects what was chosen. Halving, not
-#: subtracting the gap between the halves: on windows of a few hundred samples that gap is mostly noise and often
-#: exceeds the budget, and tuning to a zero budget closes every exit (measured on MiniLM: held-out agreement of the
-#: halved choices rose 0.984 -> 0.991 -> 0.994 where subtracting the gap closed everything).
-TIGHTENINGS = 5
 
 LOGGER = logging.getLogger(__name__)
 
@@ -143,7 +137,6 @@ class ModelController:
         self.manifest = manifest
         self.settings = settings
         self.window = FeedbackWindow(settings.window)
-        self.tuner = ThresholdTuner(settings.tuner)
         self.adjuster = RampAdjuster(len(manifest.ramps), settings.adjuster)
         self.clock = clock
         self.rounds = 0
@@ -286,8 +279,8 @@ class ModelController:
         ``1 - threshold`` scaled down until the guard admits them), and the climb starts from there.
         """
         choose = view.sequence % 2 == 0
-        picked, held_out = view.subset(np.flatnonzero(choose)), view.subset(np.flatnonzero(~choose))
-        if not self.guard.decidable(picked.size):
+        held_out = view.subset(np.flatnonzero(~choose))
+        if not self.guard.decidable(int(choose.sum())):
             return None
         current = np.asarray([self.current.thresholds[r] for r in view.ramps])
         correct = view.prediction == view.final
@@ -296,17 +289,11 @@ class ModelController:
         short = evaluate(current, held_out.confidence, held_out.prediction == held_out.final, exit_ms).accuracy \
             < self.guard.floor
         start = self._back_off(current, view, exit_ms, self._admitted_on(view)) if failing else current
-        guard = self.guard
-        for _ in range(TIGHTENINGS):
-            tuner = ThresholdTuner(replace(self.tuner.settings, guard=guard))
-            thresholds = tuner.tune(picked.confidence, picked.prediction, picked.final, exit_ms, start)
-            candidate = evaluate(thresholds, held_out.confidence, held_out.prediction == held_out.final, exit_ms)
-            if self.guard.admits(round(candidate.accuracy * held_out.size), held_out.size):
-                whole = evaluate(thresholds, view.confidence, correct, exit_ms)
-                if failing or whole.saving_ms >= now.saving_ms:
-                    return thresholds
-                break  # admitted, but saves less than what is in use
-            guard = replace(guard, budget=guard.budget / 2)
+        thresholds = tune_held_out(self.settings.tuner, view.confidence, view.prediction, view.final, exit_ms,
+                                   ~choose, start)
+        if thresholds is not None and (failing or evaluate(thresholds, view.confidence, correct, exit_ms).saving_ms
+                                       >= now.saving_ms):
+            return thresholds  # else admitted, but saves less than what is in use
         if failing:
             return np.full(len(view.ramps), NEVER_EXIT)
         if short:

@@ -18,7 +18,7 @@ a contiguous slice, so one round evaluates every candidate move by touching only
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -201,3 +201,43 @@ class ThresholdTuner:
                 if saving + s.churn_ms >= best_saving:
                     best = thresholds
         return best
+
+
+#: Times the budget a choice is tuned to halves when the held-out samples reject it. Halving, not subtracting the gap
+#: between the two parts: on windows of a few hundred samples that gap is mostly noise and often exceeds the budget,
+#: and tuning to a zero budget closes every exit (measured on MiniLM: held-out agreement of the halved choices rose
+#: 0.984 -> 0.991 -> 0.994 where subtracting the gap closed everything).
+TIGHTENINGS = 5
+
+
+def tune_held_out(
+    settings: TunerSettings,
+    confidence: np.ndarray,
+    prediction: np.ndarray,
+    final: np.ndarray,
+    exit_ms: np.ndarray,
+    held_out: np.ndarray,
+    current: np.ndarray | None = None,
+) -> np.ndarray | None:
+    """Thresholds chosen on the samples outside ``held_out`` (a ``[N]`` mask) that ``settings.guard`` also admits on
+    the held-out ones, tuning to half the budget each time they do not (at most ``TIGHTENINGS`` times, so a choice
+    that opens nothing, which always passes, may be the answer); ``None`` when no choice passes.
+
+    Why: thresholds chosen on a set of samples are judged optimistically on that same set, where the climb stopped
+    exactly at the guard's edge; the held-out samples say what they will serve. The controller splits its window this
+    way every round (measured on ResNet-20 before it did: 1-1.5 points less agreement served than expected), and the
+    E3 planner its validation split.
+    """
+    held_out = np.asarray(held_out, dtype=bool)
+    picked = ~held_out
+    correct = np.asarray(prediction)[:, held_out] == np.asarray(final)[None, held_out]
+    count = int(held_out.sum())
+    guard = settings.guard
+    for _ in range(TIGHTENINGS):
+        thresholds = ThresholdTuner(replace(settings, guard=guard)).tune(
+            confidence[:, picked], prediction[:, picked], final[picked], exit_ms, current)
+        accuracy = evaluate(thresholds, confidence[:, held_out], correct, exit_ms).accuracy
+        if settings.guard.admits(round(accuracy * count), count):
+            return thresholds
+        guard = replace(guard, budget=guard.budget / 2)
+    return None

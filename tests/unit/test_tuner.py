@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from controller.guard import AccuracyGuard
-from controller.tuner import ThresholdTuner, TunerSettings, evaluate
+from controller.tuner import ThresholdTuner, TunerSettings, evaluate, tune_held_out
 from early_exit.exit_rule import NEVER_EXIT
 
 
@@ -108,3 +108,31 @@ def test_settings_reject_out_of_range_values() -> None:
         AccuracyGuard(budget=1.5)
     with pytest.raises(ValueError, match="initial_steps"):
         TunerSettings(initial_steps=(0.0,))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_held_out_tuning_returns_only_what_the_held_out_samples_admit(seed: int) -> None:
+    confidence, prediction, final, exit_ms = _window(np.random.default_rng(seed), 3, 2000)
+    settings = TunerSettings(guard=AccuracyGuard(budget=0.02, z=1.0))
+    held_out = np.arange(2000) % 2 == 1
+    thresholds = tune_held_out(settings, confidence, prediction, final, exit_ms, held_out)
+    assert thresholds is not None and (thresholds < NEVER_EXIT).any()
+    correct = prediction[:, held_out] == final[None, held_out]
+    accuracy = evaluate(thresholds, confidence[:, held_out], correct, exit_ms).accuracy
+    assert settings.guard.admits(round(accuracy * 1000), 1000)
+
+
+def test_held_out_tuning_refuses_a_ramp_that_is_right_only_on_the_samples_it_was_chosen_on() -> None:
+    n = 2000
+    held_out = np.arange(n) % 2 == 1
+    final = np.zeros(n, dtype=int)
+    confidence = np.full((1, n), 0.9, dtype=np.float32)
+    prediction = np.where(held_out & (np.arange(n) % 10 == 1), 1, 0)[None, :]  # wrong on a fifth of the held-out
+    settings = TunerSettings(guard=AccuracyGuard(budget=0.01, z=1.0))
+    exit_ms = np.array([1.0, 10.0])
+    # chosen and judged on the same samples, the ramp looks perfect
+    assert ThresholdTuner(settings).tune(confidence[:, ~held_out], prediction[:, ~held_out], final[~held_out],
+                                         exit_ms)[0] < NEVER_EXIT
+    # held out, it is refused at every halving of the budget, until the halved budget cannot open anything at all
+    chosen = tune_held_out(settings, confidence, prediction, final, exit_ms, held_out)
+    assert chosen is not None and (chosen == NEVER_EXIT).all()
