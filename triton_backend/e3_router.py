@@ -53,7 +53,7 @@ from triton_backend.block_group import BlockGroupRunner, MergingWorkers
 from triton_backend.config_watcher import ConfigWatcher
 from triton_backend.feedback_publisher import FeedbackPublisher
 from triton_backend.metrics import BackendMetrics
-from triton_backend.plan_follower import PlanFollower
+from triton_backend.plan_follower import PlanFollower, reload_model
 from triton_backend.responses import BatchAnswers
 from triton_backend.stub import configure_logging, model_device, model_parameters, model_redis, replica_id
 
@@ -96,6 +96,10 @@ class _Traces:
         return [(self.version, rows)] if rows else []
 
 
+def _reloaded_by_another_instance(name: str, config: str) -> None:
+    """The block-model reload of router instances other than the first: it reloads them once for all."""
+
+
 class TritonPythonModel:
     """Triton entry points for the router instance of an E3 entry."""
 
@@ -117,7 +121,10 @@ class TritonPythonModel:
         except (OSError, EarlyExitError, IndexError) as exc:
             raise pb_utils.TritonModelException(f"{self.name}: cannot load its plan: {exc}") from exc
         self._use_threads(self.plan.threads)
-        self.workers = MergingWorkers(self.first.run, self.first.inputs[0], first.replicas,
+        # The first group's replicas are spread over the router's instances (on a CPU, one process per replica).
+        self.instances = max(1, sum(int(group.get("count", 1)) for group in
+                                    json.loads(args["model_config"]).get("instance_group", [{}])))
+        self.workers = MergingWorkers(self.first.run, self.first.inputs[0], self._workers(first.replicas),
                                       max(self.plan.max_batch_size, 2 * first.batch_size), f"{self.name}-first")
         self.blocks = self.plan.block_models(self.name)
         self.max_in_flight = int(parameters.get("max_in_flight", "256"))
@@ -143,13 +150,17 @@ class TritonPythonModel:
         self.publisher = FeedbackPublisher(client, keys, registered.to_json(),
                                            on_published=self.metrics.feedback_published,
                                            on_dropped=self.metrics.feedback_dropped)
+        # Every instance re-sizes its own workers; one (Triton names them <model>_<group>_<index>) reloads the
+        # block models.
+        reloads = args["model_instance_name"].endswith("_0_0")
         self.follower = PlanFollower(client, keys, self.name, self.plan, self.manifest.classes,
+                                     load_model=reload_model if reloads else _reloaded_by_another_instance,
                                      resize_first=self._resize_first,
                                      poll_interval=float(parameters.get("plan_poll_seconds", "2.0")),
                                      on_applied=self.metrics.plan_applied, on_failed=self.metrics.plan_failed)
         LOGGER.info("%s: first group (blocks %d-%d) in %d workers on %s, then block models %s; exits %s, %.0f%% of "
                     "samples traced to the end; Redis %s", self.name, first.first_block, first.last_block,
-                    first.replicas, self.first.model.device, self.blocks, self.plan.exits,
+                    self._workers(first.replicas), self.first.model.device, self.blocks, self.plan.exits,
                     100 * self.plan.sample_rate, where)
 
     def _use_threads(self, threads: int) -> None:
@@ -158,10 +169,14 @@ class TritonPythonModel:
         if self.plan.instance_kind == "KIND_CPU" and threads > 0:
             torch.set_num_threads(threads)
 
+    def _workers(self, replicas: int) -> int:
+        """This instance's share of the first group's replicas."""
+        return max(1, -(-replicas // self.instances))
+
     def _resize_first(self, replicas: int, threads: int) -> None:
         """Apply a re-sized plan to the first group (called by the plan follower's thread)."""
         self._use_threads(threads)
-        self.workers.resize(replicas)
+        self.workers.resize(self._workers(replicas))
 
     def _check_exits(self, config: ExitConfig) -> None:
         outside = sorted(set(config.active_ramps) - set(self.plan.exits))

@@ -30,15 +30,17 @@ def render_config(
     backend: str = BACKEND,
     parameters: Mapping[str, str] | None = None,
     preferred_batch_size: int | None = None,
+    instances: int = 1,
 ) -> str:
     """A non-decoupled entry with dynamic batching: early answers go out through each request's response sender.
 
     ``instance_kind`` is the ``instance_group`` kind; with ``KIND_GPU`` Triton gives each instance a GPU and the
     backend runs the blocks and ramps on it. The E3 router (``backend`` ``apparate_e3``) takes and answers the same
     tensors, so clients cannot tell the modes apart. Outputs: ``early_exit.model_config.VERDICT_TENSORS``.
+    ``instances``: the ``instance_group`` count.
     """
     return render_pbtxt(model_config(name, backend, max_batch_size, inputs, verdict_configs(classes),
-                                     max_queue_delay_us, 1, instance_kind, parameters or {},
+                                     max_queue_delay_us, instances, instance_kind, parameters or {},
                                      (preferred_batch_size,) if preferred_batch_size else ()))
 
 

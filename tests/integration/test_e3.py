@@ -107,6 +107,13 @@ def test_the_router_answers_unary_grpc_and_http_calls_like_the_apparate_entry(
         assert int(result.as_numpy("EXIT")[0, 0]) == apparate[index].exit
 
 
+def test_each_replica_of_the_first_group_is_a_router_instance_on_a_cpu(e3_stack: Stack, plan: E3Plan) -> None:
+    """A router instance is a process: the first group's replicas do not share one Python lock."""
+    assert plan.instance_kind == "KIND_CPU" and plan.groups[0].replicas > 1
+    config = httpclient.InferenceServerClient(f"127.0.0.1:{e3_stack.ports.http}").get_model_config(E3)
+    assert int(config["instance_group"][0]["count"]) == plan.groups[0].replicas
+
+
 def test_exited_samples_reach_later_blocks_only_when_traced(
     e3_stack: Stack, plan: E3Plan, thresholds: dict[int, float], test_images: np.ndarray
 ) -> None:
