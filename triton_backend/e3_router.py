@@ -12,10 +12,10 @@ for the first group are merged into one call when a worker frees up (``MergingWo
 merge them at a block model. One router instance thus keeps many batches in flight, and each block model's own dynamic
 batcher merges the survivors of many of them into full batches: exited samples stop computing, later blocks still run
 full batches. A call per group and batch, not per request, keeps the router's cost per sample small under load, when
-its batches are large. The first group's replicas are the router's worker threads: kernels run outside Python's lock,
-so the event loop keeps answering while they compute, but each operator's dispatch takes the lock, which a model of
-many small operators pays for (ResNet-56's blocks 0-23 on a CPU, batch 1-2: two worker threads run 69-79 % of the
-samples per second two processes do).
+its batches are large. The first group's replicas are worker threads, spread over the router's instances: kernels
+run outside Python's lock, so the event loop keeps answering while they compute, but each operator's dispatch takes
+the lock, which a model of many small operators pays for (ResNet-56's blocks 0-23 on a CPU, batch 1-2: two worker
+threads run 69-79 % of the samples per second two processes do), so on a CPU each replica is an instance of its own.
 
 Feedback without running everything: a share ``sample_rate`` of samples, drawn uniformly before any exit is known,
 keeps running to the final layer after its answer was sent. Only those *traced* samples are reported, with every
