@@ -225,8 +225,7 @@ def tune_held_out(
 
     Why: thresholds chosen on a set of samples are judged optimistically on that same set, where the climb stopped
     exactly at the guard's edge; the held-out samples say what they will serve. The controller splits its window this
-    way every round (measured on ResNet-20 before it did: 1-1.5 points less agreement served than expected), and the
-    E3 planner its validation split.
+    way every round, and the E3 planner its validation split.
     """
     held_out = np.asarray(held_out, dtype=bool)
     picked = ~held_out
