@@ -105,7 +105,8 @@ class TritonPythonModel:
 
     def initialize(self, args: dict[str, str]) -> None:
         configure_logging(LOGGER)
-        parameters = model_parameters(json.loads(args["model_config"]))
+        model_config = json.loads(args["model_config"])
+        parameters = model_parameters(model_config)
         self.name = args["model_name"]
         self.replica = replica_id()
         version_dir = Path(args["model_repository"]) / args["model_version"]
@@ -122,8 +123,7 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"{self.name}: cannot load its plan: {exc}") from exc
         self._use_threads(self.plan.threads)
         # The first group's replicas are spread over the router's instances (on a CPU, one process per replica).
-        self.instances = max(1, sum(int(group.get("count", 1)) for group in
-                                    json.loads(args["model_config"]).get("instance_group", [{}])))
+        self.instances = max(1, sum(int(group.get("count", 1)) for group in model_config.get("instance_group", [{}])))
         self.workers = MergingWorkers(self.first.run, self.first.inputs[0], self._workers(first.replicas),
                                       max(self.plan.max_batch_size, 2 * first.batch_size), f"{self.name}-first")
         self.blocks = self.plan.block_models(self.name)
