@@ -273,10 +273,12 @@ class ModelController:
         points less agreement served than expected on ResNet-20). The halves are fixed per sample (by its position in
         the stream), so no round ever chooses thresholds on a sample that later rounds hold out. A
         thresholds in use that fall short of the budget on the held-out half back off (the paper's scaling of
-        ``1 - threshold``) just until the held-out half reaches it, as long as something still exits; every
-        exit is closed only when their answers on the whole window clearly breach it, so small or noisy windows never
-        close exits that work. On a breach the thresholds in use first back off as the paper does (each ramp's
-        ``1 - threshold`` scaled down until the guard admits them), and the climb starts from there.
+        ``1 - threshold``) just until the held-out half reaches it, as long as something still exits. On a clear
+        breach of the whole window the thresholds in use first back off as the paper does (each ramp's
+        ``1 - threshold`` scaled down until the guard admits them) and the climb starts from there; when it
+        certifies nothing that exits (a window of a few hundred samples rarely can), they back off just until the
+        window's answers meet the budget, and every exit closes only when no back-off does, so small or noisy
+        windows never close exits that work.
         """
         choose = view.sequence % 2 == 0
         held_out = view.subset(np.flatnonzero(~choose))
@@ -291,21 +293,24 @@ class ModelController:
         start = self._back_off(current, view, exit_ms, self._admitted_on(view)) if failing else current
         thresholds = tune_held_out(self.settings.tuner, view.confidence, view.prediction, view.final, exit_ms,
                                    ~choose, start)
-        if thresholds is not None and (failing or evaluate(thresholds, view.confidence, correct, exit_ms).saving_ms
-                                       >= now.saving_ms):
-            return thresholds  # else admitted, but saves less than what is in use
-        if failing:
-            return np.full(len(view.ramps), NEVER_EXIT)
-        if short:
-            # Falling short tightens exits but never closes them all: that takes a clear breach. The tightening
-            # only has to correct the shortfall, judged on the point estimate, so the thresholds in use back off
-            # just until the held-out half reaches the budget. Re-tuning on the other half instead (to the guard's
-            # lower bound on a few hundred samples, each halving of the budget tighter) picked candidates that
-            # exit almost nothing (measured on MiniLM: a window serving 99.2 % tightened to no exits, which then
-            # measured as a loss and switched exits off).
-            tightened = self._back_off(current, held_out, exit_ms, lambda accuracy: accuracy >= self.guard.floor)
-            exits = first_exit(view.confidence, tightened) < len(view.ramps)
-            return _snapped(tightened, view.confidence) if exits.any() else None
+        opens = thresholds is not None and bool((first_exit(view.confidence, thresholds) < len(view.ramps)).any())
+        if thresholds is not None and (opens or not failing) and (
+                failing or evaluate(thresholds, view.confidence, correct, exit_ms).saving_ms >= now.saving_ms):
+            return thresholds  # else admitted, but saves less than what is in use (or, on a breach, opens nothing)
+        if failing or short:
+            # Tightening to the point estimate, never closing every exit on a window too small to certify anything:
+            # the thresholds in use back off just until the samples that showed the problem (the whole window on a
+            # breach, the held-out half on a shortfall) would have met the budget; every exit closes only when no
+            # back-off does. Re-tuning on the other half instead (to the guard's lower bound on a few hundred
+            # samples, each halving of the budget tighter) picked candidates that exit almost nothing (measured on
+            # MiniLM: a window serving 99.2 % tightened to no exits, which then measured as a loss and switched
+            # exits off); in E3 mode, whose window fills with 5 % of the answers, 6 disagreements among 387 samples
+            # closed the only exit although it served 99.2 % over the whole benchmark, and E3's goodput collapsed.
+            tightened = self._back_off(current, view if failing else held_out, exit_ms,
+                                       lambda accuracy: accuracy >= self.guard.floor)
+            if (first_exit(view.confidence, tightened) < len(view.ramps)).any():
+                return _snapped(tightened, view.confidence)
+            return np.full(len(view.ramps), NEVER_EXIT) if failing else None
         return None
 
     def _admitted_on(self, view: WindowView) -> Callable[[float], bool]:

@@ -478,3 +478,26 @@ def test_exits_that_did_not_pay_are_probed_again_only_when_the_load_lets_them_pa
     now[0] = 92.0
     probe = _feed(controller, _off_records(off.version, 400, idle_ms=48.0))  # 20 % busy
     assert probe is not None and probe.active_ramps == (0,)
+
+
+def test_a_clear_breach_on_a_small_window_tightens_before_it_closes() -> None:
+    """Seen in E3 mode on MiniLM (5 % of answers traced): 6 of 387 traced answers disagreed under a threshold that
+    served 99.2 % over the whole benchmark; the window's upper bound fell under 99 %, no tuning could be certified on
+    so few samples, and the only exit was closed. Here 8 of 240 answers disagree at the threshold in use (a clear
+    breach): six at the lowest confidences, two confident ones, one in each half, so every candidate the climb
+    finds on one half disagrees once on the other and nothing is certified. The thresholds in use back off until
+    the window's answers meet the budget (0.75: 238 of 240) instead of every exit closing."""
+    n = 240
+    confidence = np.linspace(0.5, 1.0, n, endpoint=False).astype(np.float32)
+    final = np.zeros(n, dtype=np.int64)
+    prediction = final.copy()
+    prediction[[0, 2, 4, 6, 8, 10, 230, 235]] = 1  # confidences 0.5-0.52, 0.979 (chosen half), 0.990 (held out)
+    controller = _controller(z=1.0, min_fresh=64)
+    controller.current = ExitConfig("m", 1, {0: 0.5})
+    assert controller.guard.breached(n - 8, n)
+    for start in range(0, n, 8):
+        part = slice(start, start + 8)
+        controller.observe(FeedbackRecord("m", 1, (0,), confidence[None, part], prediction[None, part], final[part],
+                                          np.zeros(8, dtype=np.int64), BatchTiming(12.0, 0.1, 12.0, np.full(8, 6.0))))
+    config = controller.step()
+    assert config is not None and config.thresholds[0] == float(np.float32(0.75))
