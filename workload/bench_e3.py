@@ -40,6 +40,7 @@ import redis
 import tritonclient.http as httpclient
 
 from controller.config_store import read_plan
+from controller.guard import wilson_lower
 from controller.prepare.e3 import main as plan_e3
 from early_exit.e3_plan import PLAN_FILE, E3Plan
 from early_exit.keys import RedisKeys
@@ -82,11 +83,16 @@ class Sweeper:
     routed: dict[str, int] = field(default_factory=dict)  # requests sent per served model
 
     def run(self, system: str, name: str, repeat: int) -> None:
+        """Each load point takes the pool's next inputs, so the loads see different inputs (a load point that
+        replayed the pool's first inputs again measured agreement on the same few hundred every time) and every
+        system sees the same inputs at the same load."""
         pool = len(next(iter(self.inputs.values())))
+        start = 0
         for rate in self.rates:
             count = int(rate * self.seconds)
             arrivals = poisson_arrivals(count, rate, seed=10 * repeat + int(rate))
-            index = np.arange(count) % pool
+            index = (start + np.arange(count)) % pool
+            start += count
             answers = replay(self.stack.grpc_url, name, _take(self.inputs, index), arrivals, timeout=600)
             for answer in answers:
                 answer.index = int(index[answer.index])
@@ -281,6 +287,12 @@ def plot(points: list[LoadPoint], slo_ms: float, out: Path) -> Path:
     return path
 
 
+def _agreement(points: list[LoadPoint], original: np.ndarray) -> tuple[int, int]:
+    """Answers of ``points`` that agree with the original model's, and answers (errors excluded)."""
+    labels = [(a.label, original[a.index % len(original)]) for p in points for a in p.answers if a.error is None]
+    return sum(label == expected for label, expected in labels), len(labels)
+
+
 def report(args: argparse.Namespace, slo_ms: float, v50: float, capacity: dict[str, float], hop: HopCost,
            plan: E3Plan, points: list[LoadPoint], original: np.ndarray, stats: dict[str, tuple[int, int]],
            requests: int, controller_cpu: float, seconds: float, plot_path: Path,
@@ -299,18 +311,26 @@ def report(args: argparse.Namespace, slo_ms: float, v50: float, capacity: dict[s
         f"the planner took (x{hop.scale:.2f}: the original model's profiled time per sample over its stub's CPU "
         "per request).\n",
         "## Best goodput over the offered loads (both repeats)\n",
-        "| system | goodput req/s | vs best original | vs best Apparate mode |", "|---|---:|---:|---:|",
+        "Agreement with the original model over every answer of the system (all loads and repeats; each load point "
+        "takes the next inputs of the pool, so one load point's agreement rests on a few hundred inputs), with its "
+        "95 % Wilson interval.\n",
+        "| system | goodput req/s | vs best original | vs best Apparate mode | agreement, all answers | 95 % interval |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     top = {kind: max(v for k, v in best.items() if k.startswith(kind)) for kind in ("vanilla", "apparate")}
     for system, value in best.items():
-        lines.append(f"| {system} | {value:.1f} | {value / top['vanilla']:.2f}x | {value / top['apparate']:.2f}x |")
+        agreeing, answered = _agreement([p for p in points if p.system == system], original)
+        low, high = (float(wilson_lower(agreeing, answered, z)) for z in (1.96, -1.96))
+        lines.append(f"| {system} | {value:.1f} | {value / top['vanilla']:.2f}x | {value / top['apparate']:.2f}x | "
+                     f"{agreeing / answered:.2%} of {answered} | {low:.2%}-{high:.2%} |")
     lines += ["", "## Every load point\n",
               "| offered req/s | system | repeat | goodput req/s | p50 ms | p99 ms | errors | agreement with original |",
               "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for p in sorted(points, key=lambda p: (p.offered, p.system, p.repeat)):
         lat = p.latencies()
         p50, p99 = (np.percentile(lat, [50, 99]) if lat.size else (float("nan"),) * 2)
-        agree = np.mean([a.label == original[a.index % len(original)] for a in p.answers if a.error is None])
+        agreeing, answered = _agreement([p], original)
+        agree = agreeing / max(answered, 1)
         errors = sum(a.error is not None for a in p.answers)
         lines.append(f"| {p.offered:.0f} | {p.system} | {p.repeat} | {p.goodput(slo_ms):.1f} | {p50:.1f} | "
                      f"{p99:.1f} | {errors} | {agree:.2%} |")
