@@ -314,7 +314,8 @@ def report(args: argparse.Namespace, slo_ms: float, v50: float, capacity: dict[s
         "Agreement with the original model over every answer of the system (all loads and repeats; each load point "
         "takes the next inputs of the pool, so one load point's agreement rests on a few hundred inputs), with its "
         "95 % Wilson interval.\n",
-        "| system | goodput req/s | vs best original | vs best Apparate mode | agreement, all answers | 95 % interval |",
+        "| system | goodput req/s | vs best original | vs best Apparate mode | agreement, all answers "
+        "| 95 % interval |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     top = {kind: max(v for k, v in best.items() if k.startswith(kind)) for kind in ("vanilla", "apparate")}
