@@ -293,10 +293,11 @@ class ModelController:
         start = self._back_off(current, view, exit_ms, self._admitted_on(view)) if failing else current
         thresholds = tune_held_out(self.settings.tuner, view.confidence, view.prediction, view.final, exit_ms,
                                    ~choose, start)
-        opens = thresholds is not None and bool((first_exit(view.confidence, thresholds) < len(view.ramps)).any())
-        if thresholds is not None and (opens or not failing) and (
-                failing or evaluate(thresholds, view.confidence, correct, exit_ms).saving_ms >= now.saving_ms):
-            return thresholds  # else admitted, but saves less than what is in use (or, on a breach, opens nothing)
+        if thresholds is not None:
+            if failing and (first_exit(view.confidence, thresholds) < len(view.ramps)).any():
+                return thresholds  # a breach takes any certified tuning that still exits
+            if not failing and evaluate(thresholds, view.confidence, correct, exit_ms).saving_ms >= now.saving_ms:
+                return thresholds  # else admitted, but saves less than what is in use
         if failing or short:
             # Tightening to the point estimate, never closing every exit on a window too small to certify anything:
             # the thresholds in use back off just until the samples that showed the problem (the whole window on a
