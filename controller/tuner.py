@@ -93,6 +93,10 @@ class _Climb:
         self._base = self._ramp_ids * self.n
         # Per exit position (ramps, then the final layer, which always agrees): whether its answer agrees.
         self._agree_table = np.append(correct, np.ones((1, self.n), dtype=bool), axis=0).astype(np.int64)
+        # The same per ramp in confidence order, flattened: a band is then one contiguous run of flat indices, and
+        # gathering from it is a 1-D take (on MiniLM's first rounds a band holds most of the window).
+        self._order_flat = self.order.ravel()
+        self._agree_sorted = np.take_along_axis(self._agree_table[:-1], self.order, axis=1).ravel()
         self._min_hits = guard.min_agreeing(self.n)
 
     def counts(self, thresholds: np.ndarray) -> np.ndarray:
@@ -112,6 +116,7 @@ class _Climb:
         hits = int(agree.sum())
         latency = float(self.exit_ms[first].sum())
         min_hits = self._min_hits
+        ramp_ms = self.exit_ms[:-1]
         steps = np.full(self.ramps, step)
         for _ in range(max_rounds):
             if steps.max() < min_step:
@@ -124,13 +129,14 @@ class _Climb:
             if total == 0:
                 steps *= 0.5
                 continue
+            starts = np.cumsum(widths) - widths  # of each ramp's band in the concatenation
             ramp_of = np.repeat(ramp_ids, widths)
-            position = np.arange(total) + np.repeat(counts - (np.cumsum(widths) - widths), widths)
-            sample = self.order[ramp_of, position]
+            flat = np.arange(total) + np.repeat(self._base + counts - starts, widths)
+            sample = self._order_flat[flat]
             was = first[sample]
             live = was > ramp_of  # not already answered at or before this ramp
-            delta_hits = np.bincount(ramp_of, live * (correct[ramp_of, sample] - agree[sample]), self.ramps)
-            delta_latency = np.bincount(ramp_of, live * (self.exit_ms[ramp_of] - self.exit_ms[was]), self.ramps)
+            delta_hits = np.bincount(ramp_of, live * (self._agree_sorted[flat] - agree[sample]), self.ramps)
+            delta_latency = np.bincount(ramp_of, live * (np.repeat(ramp_ms, widths) - self.exit_ms[was]), self.ramps)
             valid = (delta_latency < -1e-12) & (hits + delta_hits >= min_hits)
             if not valid.any():
                 steps *= 0.5
@@ -139,7 +145,8 @@ class _Climb:
             cost = np.where(valid, np.maximum(-delta_hits, 0) / np.minimum(delta_latency, -1e-12), -np.inf)
             best = cost.max()
             chosen = int(np.argmin(np.where(cost == best, delta_latency, np.inf)))
-            moved = sample[(ramp_of == chosen) & live]
+            band = slice(starts[chosen], starts[chosen] + widths[chosen])
+            moved = sample[band][live[band]]
             first[moved] = chosen
             agree[moved] = correct[chosen, moved]
             hits += int(delta_hits[chosen])
