@@ -21,6 +21,8 @@ Feedback without running everything: a share ``sample_rate`` of samples, drawn u
 keeps running to the final layer after its answer was sent. Only those *traced* samples are reported, with every
 exit's confidence and the original model's prediction, so the controller's window is a uniform sample of the traffic
 and its accuracy estimate is unbiased without weights; it fills ``1 / sample_rate`` times slower than in latency mode.
+So that the plan's thresholds are checked on served traffic soon after a (re)deployment, each replica first traces
+every one of its first ``warmup_traced`` samples (``early_exit.tracing``).
 
 Every request gets exactly one response: its answer, or an error when a block model fails, times out or is unloaded,
 or when more than ``max_in_flight`` requests are already in flight (back-pressure instead of unbounded queues).
@@ -49,6 +51,7 @@ from early_exit.exit_config import ExitConfig
 from early_exit.exit_rule import NEVER_EXIT, exits_at
 from early_exit.feedback import BatchTiming, FeedbackRecord
 from early_exit.manifest import Manifest, load_manifest
+from early_exit.tracing import WARMUP_TRACED, TraceSampler
 from triton_backend.block_group import BlockGroupRunner, MergingWorkers
 from triton_backend.config_watcher import ConfigWatcher
 from triton_backend.feedback_publisher import FeedbackPublisher
@@ -131,7 +134,10 @@ class TritonPythonModel:
         self.hop_timeout_us = int(float(parameters.get("hop_timeout_ms", "0")) * 1000)
         self.in_flight = 0
         self.tasks: set[asyncio.Task[None]] = set()
-        self.rng = np.random.default_rng()
+        # Every sample of the first ``warmup_traced`` (this replica's, shared out over its instances) is traced, so
+        # the controller checks the plan's thresholds on served traffic soon after a (re)deployment.
+        warmup = int(parameters.get("warmup_traced", str(WARMUP_TRACED)))
+        self.sampler = TraceSampler(self.plan.sample_rate, -(-warmup // self.instances))
         self.traces = _Traces()
         self.metrics = BackendMetrics(pb_utils, self.name, self.manifest.final_exit + 1)
 
@@ -158,10 +164,10 @@ class TritonPythonModel:
                                      resize_first=self._resize_first,
                                      poll_interval=float(parameters.get("plan_poll_seconds", "2.0")),
                                      on_applied=self.metrics.plan_applied, on_failed=self.metrics.plan_failed)
-        LOGGER.info("%s: first group (blocks %d-%d) in %d workers on %s, then block models %s; exits %s, %.0f%% of "
-                    "samples traced to the end; Redis %s", self.name, first.first_block, first.last_block,
-                    self._workers(first.replicas), self.first.model.device, self.blocks, self.plan.exits,
-                    100 * self.plan.sample_rate, where)
+        LOGGER.info("%s: first group (blocks %d-%d) in %d workers on %s, then block models %s; exits %s, every one "
+                    "of this instance's first %d samples traced to the end, then %.0f%%; Redis %s", self.name,
+                    first.first_block, first.last_block, self._workers(first.replicas), self.first.model.device,
+                    self.blocks, self.plan.exits, self.sampler.warmup_left, 100 * self.plan.sample_rate, where)
 
     def _use_threads(self, threads: int) -> None:
         """On a CPU, each call of the first group gets ``threads`` torch threads (worker threads take torch's thread
@@ -218,7 +224,7 @@ class TritonPythonModel:
             ramp_confidence = np.zeros((len(self.plan.exits), n), dtype=np.float32)
             ramp_prediction = np.zeros((len(self.plan.exits), n), dtype=np.int32)
             final = np.zeros(n, dtype=np.int32)
-            traced = self.rng.random(n) < self.plan.sample_rate
+            traced = self.sampler.draw(n)
             alive = np.arange(n)  # samples still computing; every array in ``values`` is indexed like it
             for position, group in enumerate(self.plan.groups):
                 if not alive.size:

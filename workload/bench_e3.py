@@ -10,7 +10,10 @@ SLO is ``--slo-factor`` times the original model's unloaded median latency, meas
    the same figure from 0.55 to 1.53 ms an hour apart);
 2. the planner chooses the exits, batch size and replicas for that SLO and hop cost, and the E3 entries are
    (re)loaded through Triton's model-control API;
-3. every system replays Poisson traces of the same inputs at offered loads from below to well above the original
+3. the controller starts, and both early-exit entries serve other inputs of the same distribution (never measured)
+   at ``--cpu-load``: the E3 router traces every sample of its warm-up (``early_exit.tracing``), so the controller
+   tunes both entries on served traffic before anything is measured, as in the first minutes of a deployment;
+4. every system replays Poisson traces of the same inputs at offered loads from below to well above the original
    model's capacity, twice, in alternating order; goodput is the number of answers within the SLO over the trace's
    duration. The controller runs throughout, as in production, tuning both early-exit entries and re-sizing E3's
    block models when the share of requests reaching them drifts (the report says whether it did).
@@ -39,7 +42,7 @@ import numpy as np
 import redis
 import tritonclient.http as httpclient
 
-from controller.config_store import read_plan
+from controller.config_store import read_config, read_plan
 from controller.guard import wilson_lower
 from controller.prepare.e3 import main as plan_e3
 from early_exit.e3_plan import PLAN_FILE, E3Plan
@@ -219,7 +222,7 @@ def _plan_and_load(stack: Stack, args: argparse.Namespace, slo_ms: float, inputs
     model, e3, vanilla = args.model, f"{args.model}_e3", f"{args.model}_vanilla"
     common = ["--name", model, "--repository", str(args.repository), "--slo-ms", f"{slo_ms:.3f}",
               "--instances", str(args.instances)]
-    plan_e3([*common, "--exits", str(_middle_ramp(args.repository, model))])
+    plan_e3([*common, "--exits", str(_middle_ramp(args.repository, model)), "--warmup-traced", "0"])
     # a CPU plan batches as the original model does (whatever is queued, no waiting): a queue delay would buy the E3
     # entry larger batches, cheaper per sample, and hide the hop (measured: -0.1 to -0.5 ms at 98 req/s)
     loaded = _load_e3(stack, args.repository, model, [])
@@ -239,6 +242,21 @@ def _plan_and_load(stack: Stack, args: argparse.Namespace, slo_ms: float, inputs
     _set_config(client, e3, plan.thresholds)  # the closed exit above is in Redis, and routers follow Redis
     replay(stack.grpc_url, e3, warm, poisson_arrivals(len(next(iter(warm.values()))), 50))
     return hop, plan, loaded
+
+
+def _settle(stack: Stack, names: list[str], inputs: Inputs, rate: float) -> None:
+    """Serve ``inputs`` to each of ``names`` at ``rate`` with the controller running, before anything is measured."""
+    count = len(next(iter(inputs.values())))
+    for name in names:
+        started = time.perf_counter()
+        replay(stack.grpc_url, name, inputs, poisson_arrivals(count, rate, seed=7), timeout=600)
+        print(f"warm-up: {count} requests to {name} at {rate:.0f} req/s in {time.perf_counter() - started:.0f} s; "
+              f"thresholds {_thresholds(stack, name)}", flush=True)
+
+
+def _thresholds(stack: Stack, name: str) -> dict[int, float]:
+    config = read_config(redis.Redis.from_url(stack.redis_url), RedisKeys(name))
+    return {} if config is None else {r: round(t, 3) for r, t in config.thresholds.items()}
 
 
 def cpu_per_request(stack: Stack, systems: dict[str, str], inputs: Inputs, rate: float,
@@ -296,7 +314,8 @@ def _agreement(points: list[LoadPoint], original: np.ndarray) -> tuple[int, int]
 def report(args: argparse.Namespace, slo_ms: float, v50: float, capacity: dict[str, float], hop: HopCost,
            plan: E3Plan, points: list[LoadPoint], original: np.ndarray, stats: dict[str, tuple[int, int]],
            requests: int, controller_cpu: float, seconds: float, plot_path: Path,
-           cpu: tuple[float, dict[str, dict[str, float]]], in_force: E3Plan) -> str:
+           cpu: tuple[float, dict[str, dict[str, float]]], in_force: E3Plan,
+           warmup: tuple[int, dict[int, float], dict[int, float]]) -> str:
     best = {system: max(p.goodput(slo_ms) for p in points if p.system == system)
             for system in dict.fromkeys(p.system for p in points)}
     lines = [
@@ -337,7 +356,7 @@ def report(args: argparse.Namespace, slo_ms: float, v50: float, capacity: dict[s
                      f"{p99:.1f} | {errors} | {agree:.2%} |")
     rate, costs = cpu
     processes = list(dict.fromkeys(k for used in costs.values() for k in used))
-    lines += ["", f"## CPU per request at {rate:.0f} req/s offered (Poisson, no controller)\n",
+    lines += ["", f"## CPU per request at {rate:.0f} req/s offered (Poisson; the controller runs, not counted)\n",
               "Milliseconds of CPU time (user + system, from the OS) per request, by process: the client, Triton's own "
               "process (gRPC, batchers, BLS routing) and each model's Python stubs (all its instances).\n",
               "| process | " + " | ".join(costs) + " |", "|---|" + "---:|" * len(costs)]
@@ -349,7 +368,10 @@ def report(args: argparse.Namespace, slo_ms: float, v50: float, capacity: dict[s
               f"Exits {list(plan.exits)}, thresholds {plan.thresholds}, batch {expected.get('batch_size')}, "
               f"replicas {[g.replicas for g in plan.groups]}, traced share {plan.sample_rate:.0%}. Modelled compute "
               f"per request {expected.get('cost_ms', 0):.3f} ms vs {expected.get('vanilla_cost_ms', 0):.3f} ms "
-              f"({expected.get('capacity_gain', 0):.2f}x), validation agreement {expected.get('agreement', 0):.2%}.",
+              f"({expected.get('capacity_gain', 0):.2f}x), validation agreement {expected.get('agreement', 0):.2%}. "
+              f"Thresholds in force after the warm-up (before anything was measured, the controller tuned both "
+              f"early-exit entries on {warmup[0]} other inputs each, the E3 router tracing every sample of its "
+              f"warm-up): {warmup[1]}; at the end of the sweep: {warmup[2]}.",
               "", "| model (the router runs the first group) | blocks | exit | modelled survivors | observed survivors "
               "| average batch |",
               "|---|---|---|---:|---:|---:|"]
@@ -392,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out / args.model
     out.mkdir(parents=True, exist_ok=True)
-    inputs, _, _, _ = workload_inputs(args.dataset, args.data_dir, 2000)
+    inputs, others, _, _ = workload_inputs(args.dataset, args.data_dir, 2000)
     pool = len(next(iter(inputs.values())))
     vanilla, model, e3 = f"{args.model}_vanilla", args.model, f"{args.model}_e3"
     with running_stack(args.repository, models=[model, vanilla], with_controller=False, log_dir=out / "logs") as stack:
@@ -402,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
         v50 = _unloaded_median(stack, vanilla, inputs)
         slo_ms = args.slo_factor * v50
         hop, plan, loaded = _plan_and_load(stack, args, slo_ms, inputs, warm)
+        controller = start_controller(stack.redis_url, out / "logs", CONTROLLER_ARGS)
+        _settle(stack, [e3, model], others, hop.rate)
+        settled = _thresholds(stack, e3)
         capacity: dict[str, float] = {}
         for layout in LAYOUTS:
             _relayout(stack, [vanilla, model], layout, warm)
@@ -416,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         rates = [float(f) * max(v for k, v in capacity.items() if k.startswith("vanilla"))
                  for f in args.loads.split(",")]
         print(f"plan: exits {plan.exits}; capacity {capacity}; offered {[round(r) for r in rates]}", flush=True)
-        controller = start_controller(stack.redis_url, out / "logs", CONTROLLER_ARGS)
+        controller_before = controller.cpu_seconds()
         before = _block_stats(stack, loaded)
         sweeper = Sweeper(stack, inputs, rates, args.seconds, slo_ms)
         started = time.perf_counter()
@@ -431,15 +456,16 @@ def main(argv: list[str] | None = None) -> int:
             if not repeat % 2:
                 sweeper.run("e3", e3, repeat)
         seconds = time.perf_counter() - started
-        controller_cpu = controller.cpu_seconds()
+        controller_cpu = controller.cpu_seconds() - controller_before
         controller.stop()
         in_force = read_plan(redis.Redis.from_url(stack.redis_url), RedisKeys(e3)) or plan
+        warmup = (len(next(iter(others.values()))), settled, _thresholds(stack, e3))
         after = _block_stats(stack, loaded)
         stats = {name: (after[name][0] - before[name][0], after[name][1] - before[name][1]) for name in loaded}
     points = sweeper.points
     path = plot(points, slo_ms, out)
     text = report(args, slo_ms, v50, capacity, hop, plan, points, original, stats, sweeper.routed[e3], controller_cpu,
-                  seconds, path, (cpu_rate, cpu), in_force)
+                  seconds, path, (cpu_rate, cpu), in_force, warmup)
     (out / "e3_report.md").write_text(text, encoding="utf-8")
     (out / "e3_points.json").write_text(json.dumps(
         [{"system": p.system, "offered": p.offered, "repeat": p.repeat, "goodput": p.goodput(slo_ms)}

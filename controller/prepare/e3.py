@@ -28,6 +28,7 @@ from early_exit.e3_plan import PLAN_FILE, BlockGroup, E3Plan
 from early_exit.manifest import Manifest, TensorSpec
 from early_exit.model_config import InstanceKind
 from early_exit.runtime import EarlyExitModel
+from early_exit.tracing import WARMUP_TRACED
 
 LOGGER = logging.getLogger("controller.prepare.e3")
 
@@ -60,7 +61,7 @@ def block_groups(manifest: Manifest, plan: Plan, specs: dict[str, TensorSpec]) -
 
 
 def write_e3_entries(repository: Path, source: str, plan: E3Plan, manifest: Manifest,
-                     hop_timeout_ms: float = 0.0) -> list[str]:
+                     hop_timeout_ms: float = 0.0, warmup_traced: int = WARMUP_TRACED) -> list[str]:
     """Write the router and its block models (replacing earlier ones); returns the entry names.
 
     The router runs the first group itself, on the batches its own batcher forms (the plan's first queue delay,
@@ -83,7 +84,8 @@ def write_e3_entries(repository: Path, source: str, plan: E3Plan, manifest: Mani
     (router / "config.pbtxt").write_text(render_config(
         name, manifest.inputs, manifest.classes, plan.max_batch_size, max_queue_delay_us=first.queue_delay_us,
         instance_kind=plan.instance_kind, backend=ROUTER_BACKEND,
-        parameters={"hop_timeout_ms": f"{hop_timeout_ms:g}", "max_in_flight": "256"},
+        parameters={"hop_timeout_ms": f"{hop_timeout_ms:g}", "max_in_flight": "256",
+                    "warmup_traced": str(warmup_traced)},
         preferred_batch_size=first.batch_size,
         instances=first.replicas if plan.instance_kind == "KIND_CPU" else 1), encoding="utf-8")
     entries = [name]
@@ -116,11 +118,16 @@ def main(argv: list[str] | None = None) -> int:
                         "profile at torch's default threads; make bench-e3 measures and converts it)")
     parser.add_argument("--sample-rate", type=float, default=PlannerSettings.sample_rate,
                         help="share of samples traced to the final layer after exiting, for feedback")
+    parser.add_argument("--warmup-traced", type=int, default=WARMUP_TRACED,
+                        help="samples each router replica traces in full after loading, so the controller checks the "
+                        "plan's thresholds on served traffic from the start (0: only the sampled share)")
     parser.add_argument("--accuracy-budget", type=float, default=AccuracyGuard.budget)
     parser.add_argument("--z", type=float, default=AccuracyGuard.z)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--instance-kind", choices=("cpu", "gpu"), default="cpu")
     args = parser.parse_args(argv)
+    if args.warmup_traced < 0:
+        parser.error("--warmup-traced must be >= 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     directory = args.repository / args.name / "1"
     model = EarlyExitModel(directory)
@@ -149,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 threads=plan.threads if kind == "KIND_CPU" else 0, max_batch_size=args.max_batch_size,
                 planner=settings.sizing_fields(), origin=uuid.uuid4().hex)
     e3.validate(manifest)
-    entries = write_e3_entries(args.repository, args.name, e3, manifest, slo_ms)
+    entries = write_e3_entries(args.repository, args.name, e3, manifest, slo_ms, args.warmup_traced)
     print(f"exits {list(e3.exits)} (thresholds {', '.join(f'{t:.3f}' for t in plan.thresholds.values())}), "
           f"batch {plan.batch_size}, replicas {[g.replicas for g in plan.groups]}, "
           f"survivors {', '.join(f'{g.survivors:.0%}' for g in plan.groups)}; modelled compute per request "

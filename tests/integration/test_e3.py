@@ -38,11 +38,12 @@ SAMPLE_RATE = 0.2
 
 @pytest.fixture(scope="module")
 def plan(repository: Path) -> E3Plan:
-    """Two exits, a quarter and two thirds of the way in, traced at ``SAMPLE_RATE``."""
+    """Two exits, a quarter and two thirds of the way in, traced at ``SAMPLE_RATE`` from the first request (no
+    warm-up: the tests count what the sampled share sends on)."""
     ramps = len(load_manifest(repository / MODEL / "1").ramps)
     exits = f"{ramps // 4},{2 * ramps // 3}"
     assert plan_e3(["--name", MODEL, "--repository", str(repository), "--exits", exits, "--slo-ms", "2000",
-                    "--sample-rate", str(SAMPLE_RATE)]) == 0
+                    "--sample-rate", str(SAMPLE_RATE), "--warmup-traced", "0"]) == 0
     return E3Plan.from_json((repository / E3 / "1" / PLAN_FILE).read_text())
 
 
@@ -134,6 +135,29 @@ def test_exited_samples_reach_later_blocks_only_when_traced(
         assert count == (exits >= group).sum() + (traced_at < group).sum()
     assert 0 < len(traced_exits) < 400 * SAMPLE_RATE * 2  # a sampled share, not everything
     assert all(r.ramps == plan.exits for r in traces)
+
+
+def test_a_router_traces_every_one_of_its_first_samples_then_the_sampled_share(
+    e3_stack: Stack, plan: E3Plan, test_images: np.ndarray
+) -> None:
+    per_instance = 20
+    e3_stack.reload(E3, {"warmup_traced": str(per_instance * plan.groups[0].replicas)})
+    try:
+        time.sleep(1.0)  # feedback of earlier requests is on its way (the publisher ships every 0.25 s)
+        before = len(_feedback(e3_stack))
+        # requests one at a time: whichever instance serves them, none has traced its first 20 yet
+        answers = replay(e3_stack.grpc_url, E3, {"IMAGE": test_images[:per_instance]}, np.arange(per_instance) * 0.05)
+        assert not [a.error for a in answers if a.error]
+        time.sleep(1.0)
+        warm = _feedback(e3_stack)[before:]
+        assert sum(len(r.final) for r in warm) == per_instance
+        answers = replay(e3_stack.grpc_url, E3, {"IMAGE": test_images[:400]}, np.arange(400) * 0.005)
+        assert not [a.error for a in answers if a.error]
+        time.sleep(1.0)
+        traced = sum(len(r.final) for r in _feedback(e3_stack)[before + len(warm):])
+        assert per_instance <= traced < per_instance + 400 * SAMPLE_RATE * 2  # the rest of the warm-up, then a share
+    finally:
+        e3_stack.reload(E3, {"warmup_traced": "0"})
 
 
 def test_later_blocks_batch_the_survivors_of_many_requests(
