@@ -425,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         slo_ms = args.slo_factor * v50
         hop, plan, loaded = _plan_and_load(stack, args, slo_ms, inputs, warm)
         controller = start_controller(stack.redis_url, out / "logs", CONTROLLER_ARGS)
+        stack.processes.append(controller)  # stopped with the stack should anything below fail
         _settle(stack, [e3, model], others, hop.rate)
         settled = _thresholds(stack, e3)
         capacity: dict[str, float] = {}
