@@ -223,7 +223,7 @@ class ModelController:
         # An E3 deployment's exits are its block boundaries: only a new plan moves them. A round whose tuning closes
         # every open exit (no sample of the window would exit) is about accuracy, not about the set: utilities under
         # closed thresholds are all zero, and a trial started from them, or its rollback, would publish closed ones.
-        closing = thresholds is not None and not bool(np.any(first_exit(view.confidence, thresholds) < len(view.ramps)))
+        closing = thresholds is not None and not _opens(view, thresholds)
         closing &= any(t < NEVER_EXIT for t in self.current.thresholds.values())
         if self.settings.adjust_every and due and not breached and not closing and not self.manifest.exits_fixed:
             proposal = self._judge_ramp_set(view, thresholds, latency)
@@ -294,7 +294,7 @@ class ModelController:
         thresholds = tune_held_out(self.settings.tuner, view.confidence, view.prediction, view.final, exit_ms,
                                    ~choose, start)
         if thresholds is not None:
-            if failing and (first_exit(view.confidence, thresholds) < len(view.ramps)).any():
+            if failing and _opens(view, thresholds):
                 return thresholds  # a breach takes any certified tuning that still exits
             if not failing and evaluate(thresholds, view.confidence, correct, exit_ms).saving_ms >= now.saving_ms:
                 return thresholds  # else admitted, but saves less than what is in use
@@ -309,7 +309,7 @@ class ModelController:
             # closed the only exit although it served 99.2 % over the whole benchmark, and E3's goodput collapsed.
             tightened = self._back_off(current, view if failing else held_out, exit_ms,
                                        lambda accuracy: accuracy >= self.guard.floor)
-            if (first_exit(view.confidence, tightened) < len(view.ramps)).any():
+            if _opens(view, tightened):
                 return _snapped(tightened, view.confidence)
             return np.full(len(view.ramps), NEVER_EXIT) if failing else None
         return None
@@ -412,6 +412,11 @@ class ModelController:
         self.trial = Trial({}, 0.0)
         LOGGER.info("%s: probing ramps %s again", self.manifest.name, sorted(thresholds))
         return self._publishable(thresholds)
+
+
+def _opens(view: WindowView, thresholds: np.ndarray) -> bool:
+    """Whether any sample of the window would exit at a ramp under ``thresholds``."""
+    return bool((first_exit(view.confidence, thresholds) < len(view.ramps)).any())
 
 
 def _percentages(shares: list[float]) -> str:
