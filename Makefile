@@ -57,7 +57,7 @@ setup: $(SETUP_STAMP)  ## venv with pinned dependencies, redis-server, Triton ba
 
 # Training resumes from build/train/<name>.state.pt after an interruption (rerun the same target).
 $(CHECKPOINT): | $(SETUP_STAMP)
-	$(PY) -m model_zoo.cifar_resnet --dataset $(DATASET) --data-dir $(DATA_DIR) --depth 20 --epochs 50 --out $@
+	$(PY) -m model_zoo.cifar_resnet --dataset $(DATASET) --data-dir $(DATA_DIR) --depth 20 --epochs 100 --out $@
 
 $(DEEP_CHECKPOINT): | $(SETUP_STAMP)
 	$(PY) -m model_zoo.cifar_resnet --dataset $(DATASET) --data-dir $(DATA_DIR) --depth 56 --epochs 30 --out $@
