@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of the data used (default: the leading 10%% of a built-in set, all of your own "
                         "inputs, drawn in a seeded random order)")
     parser.add_argument("--train-share", type=float, default=0.5,
-                        help="share of the bootstrap that trains ramps; the rest validates them and tunes the "
-                        "initial thresholds")
+                        help="share of the bootstrap that trains ramps; the rest, taken from its start (for a "
+                        "built-in set, the leading 10%% the reference backbones never trained on), validates them "
+                        "and tunes the initial thresholds")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--overhead-budget", type=float, default=0.02, help="initial ramps' max added latency")
     parser.add_argument("--accuracy-budget", type=float, default=AccuracyGuard.budget,
@@ -79,8 +80,12 @@ def main(argv: list[str] | None = None) -> int:
                                tuple(args.image_size) if args.image_size else None, args.text_column)
     encoder = source.tokenizer.encoder(args.max_length) if source.tokenizer else None
     bootstrap = load_bootstrap(args.data, options, encoder, forward_inputs(source.module), args.max_length)
-    split = min(max(1, int(len(bootstrap) * args.train_share)), len(bootstrap) - 1)
-    LOGGER.info("bootstrap: %d samples (%d train ramps, %d validate)", len(bootstrap), split, len(bootstrap) - split)
+    # Validation takes the leading inputs: thresholds checked on inputs the backbone memorised would be looser than
+    # serving allows. Ramps may learn from such inputs: on CIFAR, 20,000 training images (15,000 of them seen by the
+    # backbone) taught ramps that agree with it on test images 6-13 points more than 2,500 unseen ones did.
+    validate = len(bootstrap) - min(max(1, int(len(bootstrap) * args.train_share)), len(bootstrap) - 1)
+    LOGGER.info("bootstrap: %d samples (%d train ramps, %d validate)", len(bootstrap), len(bootstrap) - validate,
+                validate)
     classes = output_classes(source.module, next(bootstrap.batches(slice(0, 2))()))
     settings = PrepareSettings(
         max_batch_size=args.max_batch_size,
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     manifest, reports = prepare(
         source.module, args.name, bootstrap.inputs, bootstrap.primary, classes,
-        bootstrap.batches(slice(0, split)), bootstrap.batches(slice(split, None)), args.repository, settings,
+        bootstrap.batches(slice(validate, None)), bootstrap.batches(slice(0, validate)), args.repository, settings,
     )
     entries = [args.name, f"{args.name}_vanilla"]
     if source.tokenizer is not None:

@@ -12,7 +12,7 @@ CLASSES = 3
 
 def _teacher_batches(count: int, seed: int) -> list[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
-    return [{"X": torch.randn(50, 4, 6, 6, generator=generator)} for _ in range(count)]
+    return [{"X": torch.randn(50, 4, 8, 8, generator=generator)} for _ in range(count)]
 
 
 def _features(batch: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -28,7 +28,7 @@ def test_reduced_features_are_cached_small_and_heads_learn_the_teacher() -> None
     example, _ = _features(_teacher_batches(1, 0)[0])
     ramps = [build_ramp(ramp_arch_for(f, CLASSES)) for f in example]
     data = collect_reduced(_features, ramps, [[], []], _teacher_batches(20, 1))
-    assert [tuple(r.shape) for r in data.reduced] == [(1000, 16), (1000, 16)]  # 4 channels x 2x2 grid, not 4x6x6
+    assert [tuple(r.shape) for r in data.reduced] == [(1000, 64), (1000, 64)]  # 4 channels x 4x4 grid, not 4x8x8
     assert data.logits.shape == (1000, CLASSES)
 
     def agreement(ramp: torch.nn.Module, cut: int) -> float:

@@ -2,7 +2,7 @@
 
 import torch
 
-from early_exit.ramps import build_ramp, ramp_arch_for
+from early_exit.ramps import MAX_POOLED_FEATURES, build_ramp, ramp_arch_for, ramp_grid
 
 
 def test_masked_mean_ramp_ignores_padded_positions() -> None:
@@ -21,6 +21,17 @@ def test_architecture_follows_the_feature_shape() -> None:
     assert ramp_arch_for(torch.zeros(1, 16, 8, 8), 10)["kind"] == "pool_linear"
     assert ramp_arch_for(torch.zeros(1, 6, 8), 2)["kind"] == "token_linear"
     assert ramp_arch_for(torch.zeros(1, 32), 2)["kind"] == "linear"
+
+
+def test_pooling_grid_is_the_finest_within_the_feature_bound_and_the_map() -> None:
+    """4x4 on a CIFAR ResNet's stages, coarser on wide ImageNet stages (their heads and prepare's cache stay
+    small), never finer than the feature map."""
+    assert [ramp_grid(c, s, s) for c, s in ((16, 32), (32, 16), (64, 8))] == [4, 4, 4]
+    assert [ramp_grid(c, s, s) for c, s in ((256, 56), (512, 28), (2048, 7))] == [2, 1, 1]
+    assert ramp_grid(16, 3, 5) == 2 and ramp_grid(16, 1, 1) == 1
+    arch = ramp_arch_for(torch.zeros(1, 64, 8, 8), 10)
+    assert arch["pool"] == 4 and 64 * arch["pool"] ** 2 <= MAX_POOLED_FEATURES
+    assert build_ramp(arch)(torch.zeros(3, 64, 8, 8)).shape == (3, 10)
 
 
 def test_masked_mean_ramp_applies_the_norm_affine_after_pooling_without_changing_the_function() -> None:
