@@ -61,6 +61,7 @@ LOGGER = logging.getLogger(__name__)
 
 GROUP = "controller"
 STATUS_TTL_S = 60  # a status document outlives the last active controller that wrote it by this long
+READ_CHUNK = 500  # feedback records per stream and read
 
 
 @dataclass(frozen=True)
@@ -582,7 +583,7 @@ class ControllerService:
             while True:
                 cursor, entries, *_ = self.client.xautoclaim(stream, GROUP, self.consumer,
                                                              min_idle_time=int(1000 * idle),
-                                                             start_id=cursor, count=500)
+                                                             start_id=cursor, count=READ_CHUNK)
                 read += self._consume(stream, entries)
                 if cursor in (b"0-0", "0-0"):
                     break
@@ -591,9 +592,18 @@ class ControllerService:
         return read
 
     def _read_new(self, block_ms: int) -> int:
+        """Read what the backends wrote since the last poll, in chunks of ``READ_CHUNK`` records per stream, until
+        the streams are drained or a window's worth is read: a controller that fell behind tunes once on its backlog,
+        not once per chunk (measured in ``make bench``: five configurations published within 0.4 s while catching
+        up, none of them serving an answer)."""
         streams = {stream: ">" for stream in self._streams}
-        replies = self.client.xreadgroup(GROUP, self.consumer, streams, count=500, block=block_ms) or []
-        return sum(self._consume(stream.decode(), entries) for stream, entries in replies)
+        read, block = 0, block_ms
+        while True:
+            replies = self.client.xreadgroup(GROUP, self.consumer, streams, count=READ_CHUNK, block=block) or []
+            read += sum(self._consume(stream.decode(), entries) for stream, entries in replies)
+            if all(len(entries) < READ_CHUNK for _, entries in replies) or read >= self.settings.window:
+                return read
+            block = None  # the rest of a backlog is there already
 
     def _consume(self, stream: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
         """Observe ``entries`` of one model's stream, then acknowledge them; returns how many."""

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import redis
 
-from controller.config_store import read_config
+from controller.config_store import publish_config, read_config
 from controller.guard import AccuracyGuard
-from controller.service import GROUP, ControllerService, ControllerSettings, ModelController
+from controller.service import GROUP, READ_CHUNK, ControllerService, ControllerSettings, ModelController
 from controller.tuner import TunerSettings
 from early_exit.exit_config import ExitConfig
 from early_exit.exit_rule import NEVER_EXIT
@@ -265,8 +265,8 @@ def _register(client: redis.Redis, manifest: Manifest) -> RedisKeys:
     return keys
 
 
-def _service(client: redis.Redis, **kwargs: Any) -> ControllerService:
-    settings = ControllerSettings(tuner=TunerSettings(guard=AccuracyGuard(0.01, 0.0)), window=400, min_fresh=200,
+def _service(client: redis.Redis, window: int = 400, **kwargs: Any) -> ControllerService:
+    settings = ControllerSettings(tuner=TunerSettings(guard=AccuracyGuard(0.01, 0.0)), window=window, min_fresh=200,
                                   adjust_every=0)
     service = ControllerService(client, settings, **kwargs)
     service.discover()
@@ -308,6 +308,20 @@ def test_feedback_is_read_again_after_redis_lost_the_consumer_group(client: redi
     records = _records(1, 80, ramp_right=True)
     _send(client, keys, records)
     assert sum(service.poll(block_ms=10) for _ in range(2)) == len(records)
+
+
+def test_a_backlog_is_read_whole_and_tuned_on_once(client: redis.Redis) -> None:
+    """A controller that fell behind finds more than one read's worth of records: it drains them (up to a window's
+    worth) before tuning, so it publishes one configuration, not one per chunk."""
+    keys = _register(client, _manifest())
+    publish_config(client, keys, {0: NEVER_EXIT}, writer="prepare")  # v1, which the backends serve
+    service = _service(client, window=4 * READ_CHUNK)
+    backlog = _records(1, 8 * (2 * READ_CHUNK + 40), ramp_right=True)
+    _send(client, keys, backlog)
+    assert service.poll(block_ms=10) == len(backlog)
+    assert service.controllers["m"].rounds == 1
+    tuned = read_config(client, keys)
+    assert tuned is not None and tuned.version == 2
 
 
 def test_the_consumer_name_survives_a_restart(client: redis.Redis) -> None:
