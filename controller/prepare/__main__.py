@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     # Validation takes the leading inputs: thresholds checked on inputs the backbone memorised would be looser than
     # serving allows. Ramps may learn from such inputs: on CIFAR, 20,000 training images (15,000 of them seen by the
     # backbone) taught 4x4 ramps that agree with it on test images 2-8 points more than 2,500 unseen ones did.
-    validate = len(bootstrap) - min(max(1, int(len(bootstrap) * args.train_share)), len(bootstrap) - 1)
-    LOGGER.info("bootstrap: %d samples (%d train ramps, %d validate)", len(bootstrap), len(bootstrap) - validate,
-                validate)
+    train = min(max(1, int(len(bootstrap) * args.train_share)), len(bootstrap) - 1)
+    validate = len(bootstrap) - train
+    LOGGER.info("bootstrap: %d samples (%d train ramps, %d validate)", len(bootstrap), train, validate)
     classes = output_classes(source.module, next(bootstrap.batches(slice(0, 2))()))
     settings = PrepareSettings(
         max_batch_size=args.max_batch_size,
