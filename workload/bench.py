@@ -8,6 +8,10 @@ same four outputs:
 - **off**: the early-exit entry with every ramp switched off (its fixed cost over vanilla);
 - **static EE**: the early-exit entry with the thresholds tuned once at bootstrap (``prepare``) and never changed,
   what a DeeBERT/BranchyNet user gets;
+- **hindsight**: static's ramps with the thresholds that save the most on the measured inputs themselves at the
+  agreement adaptive served on them (at least the budget's), chosen after the fact from the in-process verdicts:
+  the strongest static system with those ramps, out of reach of any live policy (it knows the inputs), and the one
+  adaptive is compared with at equal agreement;
 - **adaptive**: the same entry with the controller running (threshold tuning, measured-latency ramp-set decisions),
   warmed up on a separate trace of other inputs before the measured trace starts;
 - **oracle** (offline): every input exits at the earliest candidate ramp that agrees with the original model, paying
@@ -21,8 +25,8 @@ on a CPU, where batches of 32 cost far less per request than the batches of 1-2 
 segments, and each segment is replayed against every system in turn (rotating order): on a shared machine whose
 speed drifts by ±10 % over minutes, running whole traces one system after the other measured the machine as much as
 the systems. The controller runs through the adaptive phase only, so adaptive is paired with vanilla segments of its
-own phase. Spread: every median saving is also given per segment (min to max). The controller's own CPU time and the tuner's cost are
-reported. Writes ``report.md`` and PNG plots to ``--out``.
+own phase. Spread: every median saving is also given per segment (min to max). The controller's own CPU time and
+the tuner's cost are reported. Writes ``report.md`` and PNG plots to ``--out``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,11 +166,6 @@ def run_system(stack: Stack, system: str, trace: str, model: str, inputs: Inputs
     return run
 
 
-#: Systems measured together, one phase each: the controller runs through the second phase only (it would otherwise
-#: tune on the static system's feedback and overwrite its thresholds), so each phase has its own vanilla segments.
-PHASES = (("vanilla", "off", "static"), ("vanilla", "adaptive"))
-
-
 def _segment(stack: Stack, client: redis.Redis, system: str, model: str, inputs: Inputs, arrivals: np.ndarray,
              first: int) -> tuple[list[Answer], ConfigTimeline, float, float]:
     """Replay one segment of a trace (requests ``first...``) against one system: its answers, the configurations
@@ -185,44 +185,57 @@ def _segment(stack: Stack, client: redis.Redis, system: str, model: str, inputs:
     return answers, configs, seconds, busy
 
 
-def run_interleaved(stack: Stack, trace: str, model: str, inputs: Inputs, arrivals: np.ndarray,
-                    static: dict[int, float], warm: Inputs, log_dir: Path, rounds: int
-                    ) -> tuple[dict[str, Run], dict[str, Run]]:
-    """Replay ``arrivals`` in ``rounds`` consecutive segments; each segment goes to every system of a phase in turn
+def run_phase(stack: Stack, trace: str, model: str, inputs: Inputs, arrivals: np.ndarray, systems: tuple[str, ...],
+              fixed: dict[str, dict[int, float]], warm: Inputs, log_dir: Path, rounds: int) -> dict[str, Run]:
+    """Replay ``arrivals`` in ``rounds`` consecutive segments; each segment goes to every one of ``systems`` in turn
     (the order rotating per round), so every system meets the same slow and fast spells of this shared machine and
-    each ratio pairs answers to the same requests measured minutes apart at most. Returns each system's run and the
-    vanilla run of its phase, its baseline."""
+    each ratio pairs answers to the same requests measured minutes apart at most. ``fixed`` holds the thresholds of
+    the systems that keep one configuration; with ``adaptive`` among ``systems`` the controller runs through the
+    phase, starting from static's thresholds."""
     client = redis.Redis.from_url(stack.redis_url)
-    segments = np.array_split(np.arange(len(arrivals)), rounds)
-    runs: dict[str, Run] = {}
-    baselines: dict[str, Run] = {}
-    for phase in PHASES:
-        controller = None
-        if "adaptive" in phase:
-            _set_config(client, model, static)
-            controller = _start_adaptive(stack, model, warm, arrivals, log_dir)
-        started = time.perf_counter()
-        measured = {system: Run(system, trace, []) for system in phase}
-        for k, index in enumerate(segments):
-            for system in phase[k % len(phase):] + phase[: k % len(phase)]:
-                if system in ("off", "static"):
-                    _set_config(client, model, {} if system == "off" else static)
-                answers, configs, seconds, busy = _segment(stack, client, system, model, _take(inputs, index),
-                                                           arrivals[index], int(index[0]))
-                run = measured[system]
-                run.answers += answers
-                run.configs += [c for c in configs if not run.configs or c[1] != run.configs[-1][1]]
-                run.seconds += seconds
-                run.busy_seconds += busy
-        if controller is not None:
-            adaptive = measured["adaptive"]
-            adaptive.controller_cpu_s = controller.cpu_seconds()
-            adaptive.controller_share = adaptive.controller_cpu_s / (time.perf_counter() - started)
-            controller.stop()
-        for system, run in measured.items():  # vanilla: the first phase's, against itself
-            runs.setdefault(system, run)
-            baselines.setdefault(system, measured["vanilla"])
-    return runs, baselines
+    controller = None
+    if "adaptive" in systems:
+        _set_config(client, model, fixed["static"])
+        controller = _start_adaptive(stack, model, warm, arrivals, log_dir)
+    started = time.perf_counter()
+    measured = {system: Run(system, trace, []) for system in systems}
+    for k, index in enumerate(np.array_split(np.arange(len(arrivals)), rounds)):
+        for system in systems[k % len(systems):] + systems[: k % len(systems)]:
+            if system in fixed:
+                _set_config(client, model, fixed[system])
+            answers, configs, seconds, busy = _segment(stack, client, system, model, _take(inputs, index),
+                                                       arrivals[index], int(index[0]))
+            run = measured[system]
+            run.answers += answers
+            run.configs += [c for c in configs if not run.configs or c[1] != run.configs[-1][1]]
+            run.seconds += seconds
+            run.busy_seconds += busy
+    if controller is not None:
+        adaptive = measured["adaptive"]
+        adaptive.controller_cpu_s = controller.cpu_seconds()
+        adaptive.controller_share = adaptive.controller_cpu_s / (time.perf_counter() - started)
+        controller.stop()
+    return measured
+
+
+def run_interleaved(stack: Stack, trace: str, model: str, inputs: Inputs, arrivals: np.ndarray,
+                    static: dict[int, float], hindsight_at: Callable[[float], dict[int, float]], warm: Inputs,
+                    log_dir: Path, rounds: int) -> tuple[dict[str, Run], dict[str, Run], dict[int, float]]:
+    """Every system on one trace, in two phases with their own vanilla segments: vanilla and adaptive with the
+    controller running, then vanilla, off, static and hindsight (the controller would otherwise tune on the fixed
+    systems' feedback and overwrite their thresholds). Hindsight's thresholds are ``hindsight_at`` adaptive's served
+    agreement, so the two are compared at equal agreement. Returns each system's run, the vanilla run of its phase
+    (its baseline) and hindsight's thresholds."""
+    phase = run_phase(stack, trace, model, inputs, arrivals, ("vanilla", "adaptive"), {"static": static}, warm,
+                      log_dir, rounds)
+    original = np.array([a.label for a in phase["vanilla"].answers])
+    hindsight = hindsight_at(float(phase["adaptive"].agreement(original).mean()))
+    fixed = {"off": {}, "static": static, "hindsight": hindsight}
+    runs = run_phase(stack, trace, model, inputs, arrivals, ("vanilla", "off", "static", "hindsight"), fixed, warm,
+                     log_dir, rounds)
+    baselines = {system: runs["vanilla"] for system in runs}
+    runs["adaptive"], baselines["adaptive"] = phase["adaptive"], phase["vanilla"]
+    return runs, baselines, hindsight
 
 
 @torch.inference_mode()
@@ -248,22 +261,32 @@ def oracle_saving(latency: LatencyModel, prediction: np.ndarray, final: np.ndarr
     return float(1 - cumulative[first].mean() / latency.vanilla_ms)
 
 
+def best_thresholds(confidence: np.ndarray, prediction: np.ndarray, final: np.ndarray, latency: LatencyModel,
+                    candidates: list[int], floor: float = AccuracyGuard().floor) -> dict[int, float]:
+    """The thresholds of ``candidates`` (candidate ramp indices) that save the most for exactly these inputs at
+    agreement ``floor`` or better (point estimate: chosen in hindsight), keeping only the ramps that then exit, so
+    that only their cost is paid; ``{}`` when none can exit."""
+    tuner = ThresholdTuner(TunerSettings(guard=AccuracyGuard(budget=1.0 - floor, z=0.0)))
+    active = sorted(candidates)
+    while active:  # re-tune without the ramps that exit nothing, whose cost no longer counts, until all of them exit
+        thresholds = tuner.tune(confidence[active], prediction[active], final, latency.exit_latencies(active))
+        kept = [r for r, t in zip(active, thresholds) if t < NEVER_EXIT]
+        if kept == active:
+            return {r: float(t) for r, t in zip(active, thresholds)}
+        active = kept
+    return {}
+
+
 def budget_bound(confidence: np.ndarray, prediction: np.ndarray, final: np.ndarray, latency: LatencyModel) -> float:
     """Modelled saving (fraction of vanilla latency) of the best thresholds for exactly these inputs within the
-    budget (point estimate, every candidate ramp considered, only the ramps that then exit paid for): a ceiling no
-    threshold policy can pass with these ramps, unlike the oracle, which ignores confidence and the budget."""
-    tuner = ThresholdTuner(TunerSettings(guard=AccuracyGuard(z=0.0)))
-    active = list(range(confidence.shape[0]))
-    while True:  # re-tune without the ramps that exit nothing, whose cost no longer counts, until all of them exit
-        exit_ms = latency.exit_latencies(active)
-        thresholds = tuner.tune(confidence[active], prediction[active], final, exit_ms)
-        kept = [r for r, t in zip(active, thresholds) if t < NEVER_EXIT]
-        if not kept:
-            return 0.0
-        if kept == active:
-            break
-        active = kept
-    outcome = evaluate(thresholds, confidence[active], prediction[active] == final[None, :], exit_ms)
+    budget, every candidate ramp considered: a ceiling no threshold policy can pass with these ramps, unlike the
+    oracle, which ignores confidence and the budget."""
+    best = best_thresholds(confidence, prediction, final, latency, list(range(confidence.shape[0])))
+    if not best:
+        return 0.0
+    active = list(best)
+    outcome = evaluate(np.array(list(best.values())), confidence[active], prediction[active] == final[None, :],
+                       latency.exit_latencies(active))
     return outcome.saving_ms / latency.vanilla_ms
 
 
@@ -329,6 +352,10 @@ def recovery_rounds(run: Run, original: np.ndarray, shift_index: int) -> int | N
     return None
 
 
+def _rounded(thresholds: dict[int, float]) -> dict[int, float]:
+    return {ramp: round(threshold, 4) for ramp, threshold in thresholds.items()}
+
+
 def _row(run: Run, original: np.ndarray, vanilla: Run, rounds: int) -> str:
     lat, base = run.latencies(), vanilla.latencies()
     p50, p95, p99 = np.percentile(lat, [50, 95, 99])
@@ -382,7 +409,8 @@ def plot(runs: dict[tuple[str, str], Run], drift: dict[str, Run], original_drift
     axes[0].axhline(0.01, color="grey", linestyle="--", label="budget")
     axes[0].set(ylabel="windowed accuracy loss")
     axes[1].set(ylabel="windowed exit rate")
-    axes[2].set(ylabel="adaptive thresholds", xlabel="time (s) since the trace started; inputs drift in its second half")
+    axes[2].set(ylabel="adaptive thresholds",
+                xlabel="time (s) since the trace started; inputs drift in its second half")
     for axis in axes:
         axis.legend(fontsize=8)
     fig.tight_layout()
@@ -404,8 +432,8 @@ def _feedback_mode(share: str | None) -> str:
 def report(args: argparse.Namespace, manifest: Manifest, rate: float, service: float, count: int,
            capacity: dict[str, float],
            runs: dict[tuple[str, str], Run], baselines: dict[tuple[str, str], Run], drift: dict[str, Run],
-           drift_description: str, oracle: float, bound: float, tuning: tuple[int, float, float],
-           paths: list[Path]) -> str:
+           drift_description: str, hindsight: dict[str, dict[int, float]], oracle: float, bound: float,
+           tuning: tuple[int, float, float], paths: list[Path]) -> str:
     originals = {trace: np.array([a.label for a in runs[trace, "vanilla"].answers]) for trace, _ in runs}
     original_drift = np.array([a.label for a in drift["vanilla"].answers])
     lines = [
@@ -419,10 +447,16 @@ def report(args: argparse.Namespace, manifest: Manifest, rate: float, service: f
                     for name, value in capacity.items())
         + f"; {rate:.0f} req/s is {rate / capacity['vanilla']:.0%} of vanilla's.\n",
         f"The trace is replayed in {args.rounds} segments; each segment goes to every system in turn, the order "
-        "rotating per round: vanilla, off and static together, then vanilla and adaptive with the controller "
-        "running (warmed up first on other inputs). Median saving and p99 change are ratios against vanilla's "
-        "answers to the same requests in the same phase; in brackets the range of the median saving over the "
-        "segments.\n",
+        "rotating per round: vanilla and adaptive with the controller running (warmed up first on other inputs), "
+        "then vanilla, off, static and hindsight together. Median saving and p99 change are ratios against "
+        "vanilla's answers to the same requests in the same phase; in brackets the range of the median saving over "
+        "the segments.\n",
+        "Hindsight serves static's ramps with the thresholds that save the most on these very inputs at the "
+        "agreement adaptive served on them (at least the budget's), chosen after the fact from the in-process "
+        "verdicts, out of reach of any live policy: "
+        + "; ".join(f"{trace} {_rounded(chosen) if chosen else 'no exit (none reaches that agreement)'}"
+                    for trace, chosen in hindsight.items())
+        + f". Static serves {_rounded(dict(manifest.initial_thresholds))}.\n",
         "| trace | system | median ms | p95 ms | p99 ms | median saving | p99 vs vanilla | agreement with original "
         "| throughput req/s | busy | errors |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -440,7 +474,7 @@ def report(args: argparse.Namespace, manifest: Manifest, rate: float, service: f
         lines.append(f"| {trace} | {published} | {below} | {lowest:.2%} | {run.controller_cpu_s:.1f} | "
                      f"{run.controller_share:.1%} |")
     last = runs["poisson", "adaptive"].configs
-    lines += ["", f"Last adaptive (poisson) configuration: {last[-1][2] if last else '-'}", "",
+    lines += ["", f"Last adaptive (poisson) configuration: {_rounded(last[-1][2]) if last else '-'}", "",
               f"Threshold tuning on this window ({tuning[0]} ramps x 2,000 samples, every candidate active): "
               f"{tuning[1]:.1f} ms from scratch, {tuning[2]:.1f} ms from the tuned thresholds.", "",
               f"Oracle (every input at its earliest agreeing ramp, profiled latencies): {oracle:.1%} saving. "
@@ -449,7 +483,8 @@ def report(args: argparse.Namespace, manifest: Manifest, rate: float, service: f
               ""]
     lines += [f"## Drift ({drift_description})", "",
               "| system | loss first half | loss second half | loss last quarter | exit rate first half | exit rate "
-              "second half | median ms first half | median ms second half |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "second half | median ms first half | median ms second half |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     half, quarter = count // 2, 3 * count // 4
     for system in ("vanilla", "static", "adaptive"):
         run = drift[system]
@@ -499,6 +534,14 @@ def main(argv: list[str] | None = None) -> int:
     served = EarlyExitModel(args.repository / args.model / "1")
     manifest = served.manifest
     static = dict(manifest.initial_thresholds)
+    confidence, prediction, final = offline_verdicts(served, inputs)
+    latency = LatencyModel.from_manifest(manifest, 8.0)
+
+    def hindsight_at(agreement: float) -> dict[int, float]:
+        floor = max(agreement, AccuracyGuard().floor)
+        return best_thresholds(confidence, prediction, final, latency, list(static), floor)
+
+    hindsight: dict[str, dict[int, float]] = {}
     runs: dict[tuple[str, str], Run] = {}
     baselines: dict[tuple[str, str], Run] = {}
     drift: dict[str, Run] = {}
@@ -522,8 +565,8 @@ def main(argv: list[str] | None = None) -> int:
         makers = {"poisson": lambda: poisson_arrivals(count, rate, seed=1),
                   "bursty": lambda: bursty_arrivals(count, rate, seed=2)}
         for trace in args.traces.split(","):
-            measured, paired = run_interleaved(stack, trace, args.model, inputs, makers[trace](), static, warm,
-                                               log_dir, args.rounds)
+            measured, paired, hindsight[trace] = run_interleaved(stack, trace, args.model, inputs, makers[trace](),
+                                                                 static, hindsight_at, warm, log_dir, args.rounds)
             for system, run in measured.items():
                 runs[trace, system], baselines[trace, system] = run, paired[system]
                 print(f"  {trace:8s} {system:9s} median {np.median(run.latencies()):.2f} ms "
@@ -534,14 +577,12 @@ def main(argv: list[str] | None = None) -> int:
                                        log_dir)
             print(f"  drift    {system:9s} median {np.median(drift[system].latencies()):.2f} ms", flush=True)
 
-    confidence, prediction, final = offline_verdicts(served, inputs)
-    latency = LatencyModel.from_manifest(manifest, 8.0)
     tuning = tuner_cost(confidence, prediction, final, latency)
     original_drift = np.array([a.label for a in drift["vanilla"].answers])
     paths = plot(runs, drift, original_drift, manifest.final_exit, out)
     text = report(args, manifest, rate, service, count, capacity, runs, baselines, drift, drift_description,
-                  oracle_saving(latency, prediction, final), budget_bound(confidence, prediction, final, latency),
-                  tuning, paths)
+                  hindsight, oracle_saving(latency, prediction, final),
+                  budget_bound(confidence, prediction, final, latency), tuning, paths)
     (out / "report.md").write_text(text, encoding="utf-8")
     print("\n" + text)
     return 0
