@@ -309,6 +309,18 @@ def tuner_cost(confidence: np.ndarray, prediction: np.ndarray, final: np.ndarray
     return len(ramps), 1000 * float(np.median(cold)), 1000 * float(np.median(warm))
 
 
+def capacity_summary(capacity: dict[str, list[float]]) -> str:
+    """Median requests per second of each system's bursts, and the median and range of its ratio to the vanilla
+    burst of the same round (a burst takes seconds, so a round's systems meet the same spell of the machine)."""
+    vanilla = np.array(capacity["vanilla"])
+    parts = []
+    for name, values in capacity.items():
+        ratio = np.array(values) / vanilla - 1
+        parts.append(f"{name} {np.median(values):.0f} req/s ({np.median(ratio):+.1%}, "
+                     f"{ratio.min():+.0%}..{ratio.max():+.0%})")
+    return ", ".join(parts)
+
+
 def windowed(values: np.ndarray, width: int) -> np.ndarray:
     return np.convolve(values, np.ones(width) / width, mode="valid")
 
@@ -430,7 +442,7 @@ def _feedback_mode(share: str | None) -> str:
 
 
 def report(args: argparse.Namespace, manifest: Manifest, rate: float, service: float, count: int,
-           capacity: dict[str, float],
+           capacity: dict[str, list[float]],
            runs: dict[tuple[str, str], Run], baselines: dict[tuple[str, str], Run], drift: dict[str, Run],
            drift_description: str, hindsight: dict[str, dict[int, float]], oracle: float, bound: float,
            tuning: tuple[int, float, float], paths: list[Path]) -> str:
@@ -442,10 +454,10 @@ def report(args: argparse.Namespace, manifest: Manifest, rate: float, service: f
         f"Load is utilisation: vanilla takes {service:.2f} ms of server time per request when requests come one at "
         f"a time, so {rate:.0f} req/s keeps it busy {args.load:.0%} of the time without batching; *busy* below is "
         "the share each system's instance actually spent computing (Triton's statistics).\n",
-        "Saturated capacity (closed loop, all requests at once, batches up to the entry's maximum): "
-        + ", ".join(f"{name} {value:.0f} req/s ({value / capacity['vanilla'] - 1:+.1%})"
-                    for name, value in capacity.items())
-        + f"; {rate:.0f} req/s is {rate / capacity['vanilla']:.0%} of vanilla's.\n",
+        f"Saturated capacity (closed loop, all requests at once, batches up to the entry's maximum; median of "
+        f"{len(capacity['vanilla'])} rounds, each system's ratio to vanilla's burst of the same round, range over the "
+        f"rounds in brackets): {capacity_summary(capacity)}; {rate:.0f} req/s is "
+        f"{rate / np.median(capacity['vanilla']):.0%} of vanilla's.\n",
         f"The trace is replayed in {args.rounds} segments; each segment goes to every system in turn, the order "
         "rotating per round: vanilla and adaptive with the controller running (warmed up first on other inputs), "
         "then vanilla, off, static and hindsight together. Median saving and p99 change are ratios against "
@@ -522,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--feedback-share", default=None, metavar="SHARE",
                         help="serve the early-exit entry with this feedback_share (share of batches traced to the "
                         "final layer; the others stop where their last sample exits); default: as configured")
+    parser.add_argument("--capacity-rounds", type=int, default=5,
+                        help="rounds of saturated bursts (vanilla, off, static back to back) for the capacity figures")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results")
     args = parser.parse_args(argv)
     out = args.out / args.model
@@ -553,15 +567,15 @@ def main(argv: list[str] | None = None) -> int:
         sample = _take(inputs, slice(0, 1000))
         for name in (f"{args.model}_vanilla", args.model):  # first batches of each size run slower: not measured
             replay(stack.grpc_url, name, _take(inputs, slice(0, 300)), poisson_arrivals(300, 50))
-        samples: dict[str, list[float]] = {"vanilla": [], "off": [], "static": []}
-        for _ in range(3):  # round-robin, median: one saturated burst is noisy on shared cores
+        capacity: dict[str, list[float]] = {"vanilla": [], "off": [], "static": []}
+        for _ in range(args.capacity_rounds):  # round-robin: one saturated burst is noisy on shared cores
             for system, name in (("vanilla", f"{args.model}_vanilla"), ("off", args.model), ("static", args.model)):
                 _set_config(client, args.model, {} if system == "off" else static)
-                samples[system].append(measure_capacity(stack.grpc_url, name, sample))
-        capacity = {system: float(np.median(values)) for system, values in samples.items()}
+                capacity[system].append(measure_capacity(stack.grpc_url, name, sample))
         service = service_ms(stack.grpc_url, f"{args.model}_vanilla", _take(inputs, slice(0, 200)))
         rate = args.load * 1000.0 / service
-        print(f"capacity: {capacity}; vanilla service {service:.2f} ms; replaying at {rate:.0f} req/s", flush=True)
+        print(f"capacity: {capacity_summary(capacity)}; vanilla service {service:.2f} ms; replaying at {rate:.0f} "
+              "req/s", flush=True)
         makers = {"poisson": lambda: poisson_arrivals(count, rate, seed=1),
                   "bursty": lambda: bursty_arrivals(count, rate, seed=2)}
         for trace in args.traces.split(","):
