@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -204,9 +205,13 @@ def running_stack(
     redis_port: int | None = None,
     ports: ServerPorts | None = None,
 ) -> Iterator[Stack]:
-    """Start Redis, Triton and (optionally) the controller on free ports; stop them all on exit, Ctrl-C included."""
+    """Start Redis, Triton and (optionally) the controller on free ports; stop them all on exit, Ctrl-C and SIGTERM
+    included (a terminated benchmark would otherwise leave its servers running, each child in its own process
+    group)."""
     stack = Stack(redis_port or free_port(), ports or ServerPorts(free_port(), free_port(), free_port()))
     log_dir = log_dir or RUN_DIR
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal) if in_main_thread else None
     try:
         stack.processes.append(start_redis(stack.redis_port, log_dir))
         stack.processes.append(start_triton(repository, stack.ports, stack.redis_url, log_dir, models))
@@ -215,6 +220,12 @@ def running_stack(
         yield stack
     finally:
         stack.stop()
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def servable_models(repository: Path) -> list[str]:
