@@ -220,8 +220,8 @@ def running_stack(
         yield stack
     finally:
         stack.stop()
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        if in_main_thread:  # ``None``: the previous handler was not set from Python; the default then
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:
