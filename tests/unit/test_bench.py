@@ -3,7 +3,7 @@
 import numpy as np
 
 from controller.latency import LatencyModel
-from controller.tuner import evaluate
+from controller.tuner import Evaluation, evaluate
 from workload.bench import best_thresholds, budget_bound
 
 LATENCY = LatencyModel(block_ms=np.ones(4), ramp_ms=np.full(3, 0.05), ramp_after_block=np.array([0, 1, 2]))
@@ -19,7 +19,8 @@ def _verdicts(n: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.
     return confidence, prediction, final
 
 
-def _outcome(thresholds: dict[int, float], confidence, prediction, final):
+def _outcome(thresholds: dict[int, float], confidence: np.ndarray, prediction: np.ndarray,
+             final: np.ndarray) -> Evaluation:
     active = list(thresholds)
     return evaluate(np.array(list(thresholds.values())), confidence[active], prediction[active] == final[None, :],
                     LATENCY.exit_latencies(active))
