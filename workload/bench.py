@@ -76,8 +76,8 @@ class Run:
     trace: str
     answers: list[Answer]
     configs: ConfigTimeline = field(default_factory=list)
-    controller_cpu_s: float = 0.0
-    controller_share: float = 0.0  # of one core, over the time the controller ran
+    controller_cpu_s: float = 0.0  # while the measured trace ran: the controller's start-up and warm-up excluded
+    controller_share: float = 0.0  # of one core, over the same time
     seconds: float = 0.0  # time spent replaying this system's requests (its segments only when interleaved)
     busy_seconds: float = 0.0  # the served entry's compute time (Triton's statistics) over those segments
 
@@ -157,13 +157,19 @@ def run_system(stack: Stack, system: str, trace: str, model: str, inputs: Inputs
     client = redis.Redis.from_url(stack.redis_url)
     _set_config(client, model, {} if system == "off" else static)
     controller = _start_adaptive(stack, model, warm, arrivals, log_dir) if system == "adaptive" else None
+    cpu_before, started = controller.cpu_seconds() if controller else 0.0, time.perf_counter()
     answers, configs, seconds, busy = _segment(stack, client, system, model, inputs, arrivals, 0)
     run = Run(system, trace, answers, configs, seconds=seconds, busy_seconds=busy)
     if controller is not None:
-        run.controller_cpu_s = controller.cpu_seconds()
-        run.controller_share = run.controller_cpu_s / max(run.seconds, 1e-9)
+        run.controller_cpu_s, run.controller_share = _controller_usage(controller, cpu_before, started)
         controller.stop()
     return run
+
+
+def _controller_usage(controller: Process, cpu_before: float, started: float) -> tuple[float, float]:
+    """CPU seconds the controller used since ``cpu_before`` was read at ``started``, and their share of one core."""
+    cpu = controller.cpu_seconds() - cpu_before
+    return cpu, cpu / max(time.perf_counter() - started, 1e-9)
 
 
 def _segment(stack: Stack, client: redis.Redis, system: str, model: str, inputs: Inputs, arrivals: np.ndarray,
@@ -197,7 +203,7 @@ def run_phase(stack: Stack, trace: str, model: str, inputs: Inputs, arrivals: np
     if "adaptive" in systems:
         _set_config(client, model, fixed["static"])
         controller = _start_adaptive(stack, model, warm, arrivals, log_dir)
-    started = time.perf_counter()
+    cpu_before, started = controller.cpu_seconds() if controller else 0.0, time.perf_counter()
     measured = {system: Run(system, trace, []) for system in systems}
     for k, index in enumerate(np.array_split(np.arange(len(arrivals)), rounds)):
         for system in systems[k % len(systems):] + systems[: k % len(systems)]:
@@ -212,8 +218,7 @@ def run_phase(stack: Stack, trace: str, model: str, inputs: Inputs, arrivals: np
             run.busy_seconds += busy
     if controller is not None:
         adaptive = measured["adaptive"]
-        adaptive.controller_cpu_s = controller.cpu_seconds()
-        adaptive.controller_share = adaptive.controller_cpu_s / (time.perf_counter() - started)
+        adaptive.controller_cpu_s, adaptive.controller_share = _controller_usage(controller, cpu_before, started)
         controller.stop()
     return measured
 
@@ -484,6 +489,7 @@ def report(args: argparse.Namespace, manifest: Manifest, rate: float, service: f
     for (trace, system), run in runs.items():
         lines.append(_row(run, originals[trace], baselines[trace, system], args.rounds))
     lines += ["", "## Adaptive: controller and configurations", "",
+              "The controller's CPU is counted while the measured trace ran (its start-up and warm-up excluded).", "",
               "| trace | configurations published | rounds below 99 % served agreement | lowest round | controller "
               "CPU s | controller CPU share of one core |", "|---|---:|---:|---:|---:|---:|"]
     for (trace, system), run in [*runs.items(), (("drift", "adaptive"), drift["adaptive"])]:
