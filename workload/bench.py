@@ -314,6 +314,33 @@ def tuner_cost(confidence: np.ndarray, prediction: np.ndarray, final: np.ndarray
     return len(ramps), 1000 * float(np.median(cold)), 1000 * float(np.median(warm))
 
 
+def measure_capacities(stack: Stack, model: str, sample: Inputs, systems: dict[str, dict[int, float]], rounds: int,
+                       log_dir: Path | None = None) -> dict[str, list[float]]:
+    """Saturated bursts of ``sample``, ``rounds`` times round-robin (one burst is noisy on shared cores): vanilla,
+    then the early-exit entry under each of ``systems`` (name: thresholds). With ``log_dir``, the controller runs
+    through the bursts, starting from the one system's thresholds, after two unmeasured rounds to settle: the
+    capacity of the adaptive system, which decides for itself whether exits pay at saturation."""
+    client = redis.Redis.from_url(stack.redis_url)
+    controller = None
+    if log_dir is not None:
+        (thresholds,) = systems.values()
+        _set_config(client, model, thresholds)
+        controller = start_controller(stack.redis_url, log_dir, CONTROLLER_ARGS)
+        for _ in range(2):
+            measure_capacity(stack.grpc_url, f"{model}_vanilla", sample)
+            measure_capacity(stack.grpc_url, model, sample)
+    capacity: dict[str, list[float]] = {"vanilla": [], **{name: [] for name in systems}}
+    for _ in range(rounds):
+        capacity["vanilla"].append(measure_capacity(stack.grpc_url, f"{model}_vanilla", sample))
+        for name, thresholds in systems.items():
+            if controller is None:
+                _set_config(client, model, thresholds)
+            capacity[name].append(measure_capacity(stack.grpc_url, model, sample))
+    if controller is not None:
+        controller.stop()
+    return capacity
+
+
 def burst_inputs(url: str, model: str, inputs: Inputs, seconds: float = 3.0) -> Inputs:
     """``inputs``, repeated as needed for a saturated burst to keep ``model`` busy about ``seconds``, judged by one
     unmeasured burst: a burst of a fixed 1,000 requests lasts one second on the CIFAR ResNet-20, where the client's
@@ -455,7 +482,7 @@ def _feedback_mode(share: str | None) -> str:
 
 
 def report(args: argparse.Namespace, manifest: Manifest, rate: float, service: float, count: int,
-           capacity: dict[str, list[float]],
+           capacity: dict[str, list[float]], capacity_adaptive: dict[str, list[float]],
            runs: dict[tuple[str, str], Run], baselines: dict[tuple[str, str], Run], drift: dict[str, Run],
            drift_description: str, hindsight: dict[str, dict[int, float]], oracle: float, bound: float,
            tuning: tuple[int, float, float], paths: list[Path]) -> str:
@@ -469,7 +496,8 @@ def report(args: argparse.Namespace, manifest: Manifest, rate: float, service: f
         "the share each system's instance actually spent computing (Triton's statistics).\n",
         f"Saturated capacity (closed loop, all requests at once, batches up to the entry's maximum; median of "
         f"{len(capacity['vanilla'])} rounds, each system's ratio to vanilla's burst of the same round, range over the "
-        f"rounds in brackets): {capacity_summary(capacity)}; {rate:.0f} req/s is "
+        f"rounds in brackets): {capacity_summary(capacity)}; with the controller live (started from static's "
+        f"thresholds, two unmeasured rounds to settle): {capacity_summary(capacity_adaptive)}; {rate:.0f} req/s is "
         f"{rate / np.median(capacity['vanilla']):.0%} of vanilla's.\n",
         f"The trace is replayed in {args.rounds} segments; each segment goes to every system in turn, the order "
         "rotating per round: vanilla and adaptive with the controller running (warmed up first on other inputs), "
@@ -549,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="serve the early-exit entry with this feedback_share (share of batches traced to the "
                         "final layer; the others stop where their last sample exits); default: as configured")
     parser.add_argument("--capacity-rounds", type=int, default=5,
-                        help="rounds of saturated bursts (vanilla, off, static back to back) for the capacity figures")
+                        help="rounds of saturated bursts (vanilla, off, static back to back; then vanilla and "
+                        "adaptive with the controller live) for the capacity figures")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results")
     args = parser.parse_args(argv)
     out = args.out / args.model
@@ -575,21 +604,18 @@ def main(argv: list[str] | None = None) -> int:
     drift: dict[str, Run] = {}
     with running_stack(args.repository, models=[args.model, f"{args.model}_vanilla"], with_controller=False,
                        log_dir=log_dir) as stack:
-        client = redis.Redis.from_url(stack.redis_url)
         if args.feedback_share is not None:
             stack.reload(args.model, {"feedback_share": args.feedback_share})
         for name in (f"{args.model}_vanilla", args.model):  # first batches of each size run slower: not measured
             replay(stack.grpc_url, name, _take(inputs, slice(0, 300)), poisson_arrivals(300, 50))
         sample = burst_inputs(stack.grpc_url, f"{args.model}_vanilla", _take(inputs, slice(0, 1000)))
-        capacity: dict[str, list[float]] = {"vanilla": [], "off": [], "static": []}
-        for _ in range(args.capacity_rounds):  # round-robin: one saturated burst is noisy on shared cores
-            for system, name in (("vanilla", f"{args.model}_vanilla"), ("off", args.model), ("static", args.model)):
-                _set_config(client, args.model, {} if system == "off" else static)
-                capacity[system].append(measure_capacity(stack.grpc_url, name, sample))
+        capacity = measure_capacities(stack, args.model, sample, {"off": {}, "static": static}, args.capacity_rounds)
+        capacity_adaptive = measure_capacities(stack, args.model, sample, {"adaptive": static}, args.capacity_rounds,
+                                               log_dir)
         service = service_ms(stack.grpc_url, f"{args.model}_vanilla", _take(inputs, slice(0, 200)))
         rate = args.load * 1000.0 / service
-        print(f"capacity: {capacity_summary(capacity)}; vanilla service {service:.2f} ms; replaying at {rate:.0f} "
-              "req/s", flush=True)
+        print(f"capacity: {capacity_summary(capacity)}; with the controller: {capacity_summary(capacity_adaptive)}; "
+              f"vanilla service {service:.2f} ms; replaying at {rate:.0f} req/s", flush=True)
         makers = {"poisson": lambda: poisson_arrivals(count, rate, seed=1),
                   "bursty": lambda: bursty_arrivals(count, rate, seed=2)}
         for trace in args.traces.split(","):
@@ -608,8 +634,8 @@ def main(argv: list[str] | None = None) -> int:
     tuning = tuner_cost(confidence, prediction, final, latency)
     original_drift = np.array([a.label for a in drift["vanilla"].answers])
     paths = plot(runs, drift, original_drift, manifest.final_exit, out)
-    text = report(args, manifest, rate, service, count, capacity, runs, baselines, drift, drift_description,
-                  hindsight, oracle_saving(latency, prediction, final),
+    text = report(args, manifest, rate, service, count, capacity, capacity_adaptive, runs, baselines, drift,
+                  drift_description, hindsight, oracle_saving(latency, prediction, final),
                   budget_bound(confidence, prediction, final, latency), tuning, paths)
     (out / "report.md").write_text(text, encoding="utf-8")
     print("\n" + text)
