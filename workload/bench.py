@@ -17,16 +17,16 @@ same four outputs:
 - **oracle** (offline): every input exits at the earliest candidate ramp that agrees with the original model, paying
   only that ramp; its saving is estimated from the profiled latencies.
 
-Traces: Poisson and bursty arrivals at a rate set by ``--load``, vanilla's utilisation (the rate divided by its
-server time per request when requests come one at a time), plus a drift scenario whose inputs change mid-stream.
-Saturated capacity (closed loop) is reported beside it: a rate set as a share of that capacity is no measure of load
-on a CPU, where batches of 32 cost far less per request than the batches of 1-2 a moderate trace forms (ResNet-56:
-25 % of saturated capacity kept the server 70-85 % busy). The Poisson and bursty traces are cut into ``--rounds``
-segments, and each segment is replayed against every system in turn (rotating order): on a shared machine whose
-speed drifts by ±10 % over minutes, running whole traces one system after the other measured the machine as much as
-the systems. The controller runs through the adaptive phase only, so adaptive is paired with vanilla segments of its
-own phase. Spread: every median saving is also given per segment (min to max). The controller's own CPU time and
-the tuner's cost are reported. Writes ``report.md`` and PNG plots to ``--out``.
+Traces: Poisson and bursty arrivals at a rate set by ``--load``, vanilla's utilisation (the rate divided by its server
+time per request when requests come one at a time), plus a drift scenario whose inputs change mid-stream. Saturated
+capacity (closed loop; the adaptive system's with the controller live) is reported beside it: a rate set as a share of
+that capacity is no measure of load on a CPU, where batches of 32 cost far less per request than the batches of 1-2 a
+moderate trace forms (ResNet-56: 25 % of saturated capacity kept the server 70-85 % busy). The Poisson and bursty traces
+are cut into ``--rounds`` segments, and each segment is replayed against every system in turn (rotating order): on a
+shared machine whose speed drifts by ±10 % over minutes, running whole traces one system after the other measured the
+machine as much as the systems. The controller runs through the adaptive phase only, so adaptive is paired with vanilla
+segments of its own phase. Spread: every median saving is also given per segment (min to max). The controller's own CPU
+time and the tuner's cost are reported. Writes ``report.md`` and PNG plots to ``--out``.
 """
 
 from __future__ import annotations
