@@ -264,8 +264,8 @@ def _up(args: argparse.Namespace) -> int:
     started.append(start_controller(redis_url, RUN_DIR, detach=True))
     for process in started:
         (RUN_DIR / f"{process.name}.pid").write_text(str(process.popen.pid))
-    print(f"serving {', '.join(args.model)}: Triton HTTP :{ports.http} gRPC :{ports.grpc} metrics :{ports.metrics}, Redis :{args.redis_port};"
-          f" logs in {RUN_DIR}")
+    print(f"serving {', '.join(args.model)}: Triton HTTP :{ports.http} gRPC :{ports.grpc} metrics :{ports.metrics}, "
+          f"Redis :{args.redis_port}; logs in {RUN_DIR}")
     return 0
 
 
