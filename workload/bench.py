@@ -315,17 +315,17 @@ def tuner_cost(confidence: np.ndarray, prediction: np.ndarray, final: np.ndarray
 
 
 def measure_capacities(stack: Stack, model: str, sample: Inputs, systems: dict[str, dict[int, float]], rounds: int,
-                       log_dir: Path | None = None) -> dict[str, list[float]]:
+                       controller_logs: Path | None = None) -> dict[str, list[float]]:
     """Saturated bursts of ``sample``, ``rounds`` times round-robin (one burst is noisy on shared cores): vanilla,
-    then the early-exit entry under each of ``systems`` (name: thresholds). With ``log_dir``, the controller runs
-    through the bursts, starting from the one system's thresholds, after two unmeasured rounds to settle: the
-    capacity of the adaptive system, which decides for itself whether exits pay at saturation."""
+    then the early-exit entry under each of ``systems`` (name: thresholds). With ``controller_logs`` (its log
+    folder), the controller runs through the bursts, starting from the one system's thresholds, after two unmeasured
+    rounds to settle: the capacity of the adaptive system, which decides for itself whether exits pay at saturation."""
     client = redis.Redis.from_url(stack.redis_url)
     controller = None
-    if log_dir is not None:
+    if controller_logs is not None:
         (thresholds,) = systems.values()
         _set_config(client, model, thresholds)
-        controller = start_controller(stack.redis_url, log_dir, CONTROLLER_ARGS)
+        controller = start_controller(stack.redis_url, controller_logs, CONTROLLER_ARGS)
         for _ in range(2):
             measure_capacity(stack.grpc_url, f"{model}_vanilla", sample)
             measure_capacity(stack.grpc_url, model, sample)
@@ -611,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         sample = burst_inputs(stack.grpc_url, f"{args.model}_vanilla", _take(inputs, slice(0, 1000)))
         capacity = measure_capacities(stack, args.model, sample, {"off": {}, "static": static}, args.capacity_rounds)
         capacity_adaptive = measure_capacities(stack, args.model, sample, {"adaptive": static}, args.capacity_rounds,
-                                               log_dir)
+                                               controller_logs=log_dir)
         service = service_ms(stack.grpc_url, f"{args.model}_vanilla", _take(inputs, slice(0, 200)))
         rate = args.load * 1000.0 / service
         print(f"capacity: {capacity_summary(capacity)}; with the controller: {capacity_summary(capacity_adaptive)}; "
