@@ -61,7 +61,7 @@ from workload.client import (
     replay,
     service_ms,
 )
-from workload.stack import ROOT, Process, Stack, running_stack, start_controller
+from workload.stack import ROOT, Process, Stack, running_stack
 from workload.timeline import ConfigTimeline, record_configs
 
 CONTROLLER_ARGS = ["--min-fresh", "256", "--window", "2000"]
@@ -144,7 +144,7 @@ def add_noise(images: np.ndarray, start_fraction: float, max_sigma: float, seed:
 def _start_adaptive(stack: Stack, model: str, warm: Inputs, arrivals: np.ndarray, log_dir: Path) -> Process:
     """Start the controller and let it tune on ``warm`` (other inputs, Poisson at the rate of ``arrivals``) before
     anything is measured."""
-    controller = start_controller(stack.redis_url, log_dir, CONTROLLER_ARGS)
+    controller = stack.start_controller(log_dir, CONTROLLER_ARGS)
     count = len(next(iter(warm.values())))
     replay(stack.grpc_url, model, warm, poisson_arrivals(count, len(arrivals) / arrivals[-1], seed=4))
     return controller
@@ -325,7 +325,7 @@ def measure_capacities(stack: Stack, model: str, sample: Inputs, systems: dict[s
     if controller_logs is not None:
         (thresholds,) = systems.values()
         _set_config(client, model, thresholds)
-        controller = start_controller(stack.redis_url, controller_logs, CONTROLLER_ARGS)
+        controller = stack.start_controller(controller_logs, CONTROLLER_ARGS)
         for _ in range(2):
             measure_capacity(stack.grpc_url, f"{model}_vanilla", sample)
             measure_capacity(stack.grpc_url, model, sample)

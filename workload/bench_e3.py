@@ -50,7 +50,7 @@ from early_exit.keys import RedisKeys
 from early_exit.manifest import Profile, load_manifest
 from workload.bench import CONTROLLER_ARGS, Inputs, _set_config, workload_inputs
 from workload.client import Answer, measure_capacity, poisson_arrivals, replay
-from workload.stack import ROOT, Stack, running_stack, start_controller
+from workload.stack import ROOT, Stack, running_stack
 
 
 @dataclass(frozen=True)
@@ -424,8 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         v50 = _unloaded_median(stack, vanilla, inputs)
         slo_ms = args.slo_factor * v50
         hop, plan, loaded = _plan_and_load(stack, args, slo_ms, inputs, warm)
-        controller = start_controller(stack.redis_url, out / "logs", CONTROLLER_ARGS)
-        stack.processes.append(controller)  # stopped with the stack should anything below fail
+        controller = stack.start_controller(out / "logs", CONTROLLER_ARGS)
         _settle(stack, [e3, model], others, hop.rate)
         settled = _thresholds(stack, e3)
         capacity: dict[str, float] = {}

@@ -181,6 +181,13 @@ class Stack:
     def process(self, name: str) -> Process:
         return next(p for p in self.processes if p.name == name)
 
+    def start_controller(self, log_dir: Path, extra: list[str] | None = None) -> Process:
+        """Start a controller against this stack's Redis, stopped with the stack unless stopped before (a benchmark
+        interrupted mid-phase leaves no controller behind)."""
+        process = start_controller(self.redis_url, log_dir, extra)
+        self.processes.append(process)
+        return process
+
     def stop(self) -> None:
         for process in reversed(self.processes):
             process.stop()
@@ -216,7 +223,7 @@ def running_stack(
         stack.processes.append(start_redis(stack.redis_port, log_dir))
         stack.processes.append(start_triton(repository, stack.ports, stack.redis_url, log_dir, models))
         if with_controller:
-            stack.processes.append(start_controller(stack.redis_url, log_dir, controller_args))
+            stack.start_controller(log_dir, controller_args)
         yield stack
     finally:
         stack.stop()
