@@ -5,7 +5,8 @@ block up to that ramp plus every active ramp up to and including ``j``; a sample
 blocks plus all active ramps. Savings are measured against the vanilla model (all blocks, no ramps).
 
 The profile describes a quiet machine; ``realised_saving_ms`` measures what exits actually save on the serving
-machine at its current load, from the timings every feedback record carries.
+machine at its current load, from the timings every feedback record carries, against the fused graph's batch times
+measured meanwhile (``controller.baseline``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from controller.baseline import FusedBaseline
 from controller.window import WindowView
 from early_exit.manifest import Manifest
 
@@ -65,29 +67,40 @@ class MeasuredExits:
     def saving_ms(self, busy: float | None = None) -> float:
         """Saving per sample at utilisation ``busy`` (default: the measured one).
 
-        A sample answered ``answer_ms`` after its batch started would, on the vanilla model, have waited for the
-        whole batch minus the early-exit work (``batch_ms + tail_ms - overhead_ms``, where ``tail_ms`` counts the
-        blocks a batch answered at a ramp ran off the request path). Early-exit work also lengthens the time
-        the instance is busy, which delays requests queued behind the batch; at utilisation ``rho`` that costs, to
-        first order (M/G/1), ``overhead_ms * rho / (1 - rho)`` per sample. Negative when exits do not pay for their
-        ramps at that load, e.g. on a model whose compute is small against the serving overhead.
+        A sample answered ``answer_ms`` after its batch started would, on the vanilla model, have waited as long as
+        the fused graph takes for a batch of that size (``FusedBaseline``, measured live on control batches; without
+        enough of them, the batch's own time minus the early-exit work the backend timed, ``batch_ms + tail_ms -
+        overhead_ms``, where ``tail_ms`` counts the blocks a batch answered at a ramp ran off the request path).
+        Early-exit work also lengthens the time the instance is busy, which delays requests queued behind the batch;
+        at utilisation ``rho`` that costs, to first order (M/G/1), ``overhead_ms * rho / (1 - rho)`` per sample.
+        Negative when exits do not pay for their ramps at that load, e.g. on a model whose compute is small against
+        the serving overhead.
         """
         rho = min(self.busy if busy is None else busy, 0.95)
         return self.in_batch_ms - self.overhead_ms * rho / (1.0 - rho)
 
 
-def measured_exits(view: WindowView, since_version: int = 0) -> MeasuredExits:
-    """``MeasuredExits`` of the samples served under configurations ``>= since_version``."""
+def measured_exits(view: WindowView, since_version: int = 0, baseline: FusedBaseline | None = None) -> MeasuredExits:
+    """``MeasuredExits`` of the samples served under configurations ``>= since_version``, against ``baseline``'s
+    fused-graph batch times where it has them. The early-exit work is then the whole batch's time beyond the fused
+    graph's (its off-path tail included), not only the part the backend timed."""
     chosen = view.version >= since_version
     count = int(chosen.sum())
     if not count:
         return MeasuredExits(0.0, 0.0, view.busy, 0)
-    in_batch = (view.batch_ms + view.tail_ms - view.overhead_ms - view.answer_ms)[chosen].mean()
-    return MeasuredExits(float(in_batch), float(view.overhead_ms[chosen].mean()), view.busy, count)
+    timed_overhead = view.overhead_ms[chosen]
+    ramped_ms = (view.batch_ms + view.tail_ms)[chosen]  # the whole pass with its ramps, had it run inline
+    fused = baseline.ms(view.batch_size[chosen]) if baseline is not None else np.full(count, np.nan)
+    known = np.isfinite(fused)
+    overhead = np.where(known, ramped_ms - fused, timed_overhead)
+    vanilla_ms = ramped_ms - overhead
+    in_batch = (vanilla_ms - view.answer_ms[chosen]).mean()
+    return MeasuredExits(float(in_batch), float(overhead.mean()), view.busy, count)
 
 
-def realised_saving_ms(view: WindowView, since_version: int = 0) -> tuple[float, int]:
+def realised_saving_ms(view: WindowView, since_version: int = 0, baseline: FusedBaseline | None = None
+                       ) -> tuple[float, int]:
     """Measured latency saving per sample (``MeasuredExits.saving_ms``) and how many samples, served under
     configurations ``>= since_version``, it is measured on."""
-    measured = measured_exits(view, since_version)
+    measured = measured_exits(view, since_version, baseline)
     return measured.saving_ms(), measured.count  # 0.0 when nothing was measured

@@ -43,6 +43,7 @@ import numpy as np
 import redis
 
 from controller.adjuster import AdjusterSettings, RampAdjuster
+from controller.baseline import FusedBaseline
 from controller.config_store import publish_config, publish_plan, read_config, read_plan
 from controller.e3_resizer import ResizerSettings, resize_plan
 from controller.guard import AccuracyGuard
@@ -138,6 +139,7 @@ class ModelController:
         self.manifest = manifest
         self.settings = settings
         self.window = FeedbackWindow(settings.window)
+        self.baseline = FusedBaseline()  # the fused graph's batch times: what exits are measured against
         self.adjuster = RampAdjuster(len(manifest.ramps), settings.adjuster)
         self.clock = clock
         self.rounds = 0
@@ -163,6 +165,9 @@ class ModelController:
             self.last_open = dict(config.thresholds)
 
     def observe(self, record: FeedbackRecord) -> None:
+        self.baseline.add(record)  # a fused-graph batch, whenever served, is the baseline of measured savings
+        if not record.ramps and self.current.active_ramps:
+            return  # a control batch, served on the fused graph while exits are on: the baseline's only
         if record.config_version < self.current.version and record.ramps != self.current.active_ramps:
             return  # from before a ramp-set change: cannot inform the current ramps
         self.window.add(record)
@@ -228,7 +233,7 @@ class ModelController:
         closing &= any(t < NEVER_EXIT for t in self.current.thresholds.values())
         if self.settings.adjust_every and due and not breached and not closing and not self.manifest.exits_fixed:
             proposal = self._judge_ramp_set(view, thresholds, latency)
-        saving, measured = realised_saving_ms(view, self.judge_from)
+        saving, measured = realised_saving_ms(view, self.judge_from, self.baseline)
         summary = (f"window {view.size}, served agreement {served:.4f} ({count} answers under "
                    f"v{self.current.version}), measured saving {saving:.2f} ms ({measured} samples, busy "
                    f"{view.busy:.0%})")
@@ -332,7 +337,7 @@ class ModelController:
     def _judge_ramp_set(self, view: WindowView, thresholds: np.ndarray | None,
                         latency: LatencyModel) -> dict[int, float] | None:
         """A new ramp set (as thresholds) when the measured saving says so, else ``None``."""
-        saving, count = realised_saving_ms(view, self.judge_from)
+        saving, count = realised_saving_ms(view, self.judge_from, self.baseline)
         if count < self.settings.min_fresh:
             return None
         tuned = dict(self.current.thresholds) if thresholds is None else \
@@ -353,11 +358,12 @@ class ModelController:
             LOGGER.info("%s: ramps %s rolled back to %s: measured saving %.2f ms, not above %.2f ms",
                         self.manifest.name, view.ramps, sorted(trial.previous), saving, trial.baseline_ms)
             if not trial.previous:
-                return self._switch_off(tuned, "the probe did not pay either", measured_exits(view, self.judge_from))
+                return self._switch_off(tuned, "the probe did not pay either",
+                                        measured_exits(view, self.judge_from, self.baseline))
             return dict(trial.previous)
         if saving <= 0:
             return self._switch_off(tuned, f"early exits do not pay at the current load ({saving:.2f} ms measured)",
-                                    measured_exits(view, self.judge_from))
+                                    measured_exits(view, self.judge_from, self.baseline))
         active = self.adjuster.propose(view.ramps, np.asarray([tuned[r] for r in view.ramps]), view.confidence,
                                        latency)
         if active is None:

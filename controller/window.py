@@ -17,9 +17,10 @@ class WindowView:
 
     Per sample: ``confidence``/``prediction`` ``[R, N]``, ``final``, ``exit`` (ramp id or the final exit),
     ``version`` (configuration it was served under), ``answer_ms`` and, repeated from its batch, ``batch_ms``,
-    ``overhead_ms`` and ``tail_ms``, and ``sequence``, its position in the stream since the window (re)started: stable while the
-    sample stays in the window, so a split by it puts a sample on the same side in every round. ``busy`` is the share
-    of wall time the instance spent executing batches over the window, batches that sent no record included.
+    ``overhead_ms``, ``tail_ms`` and ``batch_size``, and ``sequence``, its position in the stream since the window
+    (re)started: stable while the sample stays in the window, so a split by it puts a sample on the same side in every
+    round. ``busy`` is the share of wall time the instance spent executing batches over the window, batches that
+    sent no record included.
     """
 
     ramps: tuple[int, ...]
@@ -32,6 +33,7 @@ class WindowView:
     batch_ms: np.ndarray
     overhead_ms: np.ndarray
     tail_ms: np.ndarray
+    batch_size: np.ndarray
     sequence: np.ndarray
     mean_batch_size: float
     busy: float
@@ -59,7 +61,8 @@ class WindowView:
         """The samples at ``index`` (same ramps, batch-level figures kept)."""
         return WindowView(self.ramps, self.confidence[:, index], self.prediction[:, index], self.final[index],
                           self.exit[index], self.version[index], self.answer_ms[index], self.batch_ms[index],
-                          self.overhead_ms[index], self.tail_ms[index], self.sequence[index], self.mean_batch_size, self.busy)
+                          self.overhead_ms[index], self.tail_ms[index], self.batch_size[index], self.sequence[index],
+                          self.mean_batch_size, self.busy)
 
 
 class FeedbackWindow:
@@ -119,7 +122,8 @@ class FeedbackWindow:
         if not records:
             empty = np.zeros(0)
             return WindowView(ramps, np.zeros((len(ramps), 0)), np.zeros((len(ramps), 0), int), empty.astype(int),
-                              empty.astype(int), empty.astype(int), empty, empty, empty, empty, empty.astype(int), 1.0, 0.0)
+                              empty.astype(int), empty.astype(int), empty, empty, empty, empty, empty.astype(int),
+                              empty.astype(int), 1.0, 0.0)
         sizes = [r.batch_size for r in records]
         # What the first record says happened before its batch (waits, batches that sent no record) precedes the window.
         busy_ms = sum(r.timing.batch_ms for r in records) + sum(r.timing.unreported_ms for r in records[1:])
@@ -135,6 +139,7 @@ class FeedbackWindow:
             np.repeat([r.timing.batch_ms for r in records], sizes),
             np.repeat([r.timing.overhead_ms for r in records], sizes),
             np.repeat([r.timing.tail_ms for r in records], sizes),
+            np.repeat(sizes, sizes),
             np.arange(self._first, self._first + self._samples),
             float(np.mean(sizes)),
             busy_ms / max(busy_ms + idle_ms, 1e-9),

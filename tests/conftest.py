@@ -29,11 +29,15 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def repository(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Path:
     """``<MODEL>``, ``<MODEL>_vanilla`` and the raw-image front (``<MODEL>_preprocess``, ``<MODEL>_pipeline``)
-    prepared from a reduced bootstrap set (keeps the suite fast)."""
+    prepared from a reduced bootstrap set (keeps the suite fast). The early-exit entry serves no control batches
+    (``control_share`` 0), so a test that sets thresholds knows where every sample is answered; the test of control
+    batches turns them on."""
     from controller.prepare.__main__ import main as prepare
 
     repo = tmp_path_factory.mktemp("model_repository")
     code = prepare(["--name", MODEL, "--checkpoint", str(checkpoint), "--data", DATASET, "--repository", str(repo),
                     "--limit", "2000", "--max-batch-size", "32"])
     assert code == 0
+    with (repo / MODEL / "config.pbtxt").open("a", encoding="utf-8") as config:
+        config.write('parameters: { key: "control_share" value: { string_value: "0" } }\n')
     return repo

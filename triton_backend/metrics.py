@@ -47,6 +47,11 @@ class BackendMetrics:
                 "Traced batches answered at a ramp whose deeper blocks ran inline (the off-path runner was full)",
                 counter,
             ),
+            "control": family(
+                "apparate_batches_control_total",
+                "Traced batches served on the fused graph while exits were on (the baseline of measured savings)",
+                counter,
+            ),
             "version": family("apparate_config_version", "Exit configuration version in use", gauge),
             "rejections": family(
                 "apparate_config_rejections_total", "Exit configurations rejected as invalid or stale", counter
@@ -60,7 +65,7 @@ class BackendMetrics:
         self._exit_metrics = [self._families["exits"].Metric(labels={**labels, "exit": str(i)}) for i in range(num_exits)]
         #: Counters incremented on the request path, flushed to Triton's by the background thread.
         self._counters = {key: self._families[key].Metric(labels=labels)
-                          for key in ("published", "dropped", "stopped", "deferred", "inline")}
+                          for key in ("published", "dropped", "stopped", "deferred", "inline", "control")}
         self._version_metric = self._families["version"].Metric(labels=labels)
         self._rejections_metric = self._families["rejections"].Metric(labels=labels)
         self._plan_metric = self._families["plan"].Metric(labels=labels)
@@ -90,6 +95,9 @@ class BackendMetrics:
 
     def batch_finished_inline(self) -> None:
         self._count("inline")
+
+    def batch_controlled(self) -> None:
+        self._count("control")
 
     def _count(self, key: str, count: int = 1) -> None:
         with self._lock:

@@ -225,6 +225,41 @@ def test_untraced_batches_stop_where_their_last_sample_exits_and_report_nothing(
         stack.reload(MODEL, {"feedback_share": "1"})
 
 
+def test_control_batches_are_served_on_the_fused_graph_and_reported_without_ramps(
+    stack: Stack, repository: Path, test_images: np.ndarray
+) -> None:
+    """With ``control_share`` 1 every traced batch is a control batch: exits on, yet every sample is answered at the
+    final layer, and the records (the controller's baseline) name no ramp."""
+    images = test_images[:32]
+    client = grpcclient.InferenceServerClient(stack.grpc_url)
+    try:
+        with pytest.raises(InferenceServerException, match="control_share must be in"):
+            stack.reload(MODEL, {"control_share": "-0.5"})
+        assert client.is_model_ready(MODEL)
+        stack.reload(MODEL, {"control_share": "1"})
+        version = _apply(stack, {EARLY_RAMP: 0.0})  # every sample would exit at the ramp
+        before = metric(stack.metrics_url, "apparate_batches_control_total", model=MODEL)
+        stream = redis.Redis.from_url(stack.redis_url)
+        last_id = (stream.xrevrange(RedisKeys(MODEL).feedback, count=1) or [(b"0-0", {})])[0][0]
+        executions = _executions(client)
+        answers = replay(stack.grpc_url, MODEL, {"IMAGE": images}, poisson_arrivals(len(images), 100.0))
+        assert all(a.error is None for a in answers)
+        final_exit = EarlyExitModel(repository / MODEL / "1").manifest.final_exit
+        assert [a.exit for a in answers] == [final_exit] * len(images)
+        batches = _executions(client) - executions
+        _wait_for(lambda: metric(stack.metrics_url, "apparate_batches_control_total", model=MODEL) - before
+                  == batches, 5)
+
+        def recorded() -> list[FeedbackRecord]:
+            entries = stream.xrange(RedisKeys(MODEL).feedback, min=f"({last_id.decode()}")
+            return [r for r in (FeedbackRecord.decode(fields) for _, fields in entries) if r.config_version == version]
+
+        _wait_for(lambda: sum(r.batch_size for r in recorded()) == len(images), 10, interval=0.1)
+        assert all(r.ramps == () for r in recorded())
+    finally:
+        stack.reload(MODEL, {"control_share": "0"})
+
+
 def test_traced_batches_answered_at_a_ramp_finish_off_the_request_path_and_report_the_original_answer(
     stack: Stack, repository: Path, test_images: np.ndarray
 ) -> None:

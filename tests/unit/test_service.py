@@ -481,6 +481,34 @@ def _off_records(version: int, n: int, idle_ms: float) -> list[FeedbackRecord]:
                            np.full(8, 2), timing) for _ in range(n // 8)]
 
 
+def _control_records(version: int, n: int, batch_ms: float) -> list[FeedbackRecord]:
+    """Control batches: served on the fused graph while exits are on, ``batch_ms`` each, 12 ms idle between them."""
+    return [replace(record, timing=BatchTiming(batch_ms, 0.0, 12.0, np.full(8, batch_ms)))
+            for record in _off_records(version, n, 12.0)]
+
+
+def test_control_batches_feed_the_baseline_and_leave_the_window_alone() -> None:
+    controller = _controller()
+    controller.current = ExitConfig("m", 1, {0: 0.9})
+    for record in _records(1, 80, ramp_right=True, exit_value=0) + _control_records(1, 80, 10.0):
+        controller.observe(record)
+    assert controller.window.ramps == (0,) and len(controller.window) == 80
+    assert controller.baseline.ms(np.array([8]))[0] == 10.0
+
+
+@pytest.mark.parametrize("fused_ms", [None, 10.0])
+def test_exits_slower_than_the_control_batches_are_switched_off(fused_ms: float | None) -> None:
+    """By their own timings the exits pay: 12 ms batches with 0.1 ms of timed early-exit work, answered at 11 ms.
+    Control batches that take 10 ms on the fused graph meanwhile show the ramp costing 2 ms a batch: a loss."""
+    controller = _controller(adjust_every=1)
+    controller.current = ExitConfig("m", 1, {0: 0.9})
+    controller.judge_from = 1
+    controls = [] if fused_ms is None else _control_records(1, 80, fused_ms)
+    config = _feed(controller, controls + _records(1, 400, ramp_right=True, exit_value=0, answer_ms=11.0))
+    switched_off = config is not None and config.thresholds == {}
+    assert switched_off == (fused_ms is not None)
+
+
 def test_exits_that_did_not_pay_are_probed_again_only_when_the_load_lets_them_pay() -> None:
     """Switched off at 50 % busy, where 1 ms of work per sample costs more queueing than the 0.5 ms saved in the
     batch. At 67 % busy they would lose more: no probe, the back-off doubles. At 20 % busy the same parts predict a

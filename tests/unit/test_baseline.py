@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+
+from controller.baseline import FusedBaseline
+from controller.latency import realised_saving_ms
+from controller.window import FeedbackWindow
+from early_exit.feedback import BatchTiming, FeedbackRecord
+
+
+def _record(ramps: tuple[int, ...], n: int, batch_ms: float, overhead_ms: float = 0.0,
+            answer_ms: np.ndarray | None = None) -> FeedbackRecord:
+    timing = BatchTiming(batch_ms, overhead_ms, 10.0, np.full(n, batch_ms) if answer_ms is None else answer_ms)
+    return FeedbackRecord("m", 1, ramps, np.ones((len(ramps), n), np.float32), np.zeros((len(ramps), n), int),
+                          np.zeros(n, int), np.zeros(n, int), timing)
+
+
+def test_the_baseline_is_the_mean_of_the_latest_fused_batches_of_each_size() -> None:
+    baseline = FusedBaseline(per_size=4, min_batches=2)
+    baseline.add(_record((), 1, 5.0))
+    baseline.add(_record((0,), 1, 50.0))  # served with a ramp: not the fused graph's time
+    assert np.isnan(baseline.ms(np.array([1]))).all()  # one batch of size 1 is too few
+    for batch_ms in (6.0, 7.0, 8.0, 9.0):
+        baseline.add(_record((), 1, batch_ms))
+    baseline.add(_record((), 2, 9.0))
+    np.testing.assert_allclose(baseline.ms(np.array([1, 2, 1])), [7.5, np.nan, 7.5])  # latest four: 6..9 ms
+
+
+def test_the_baseline_rejects_settings_that_could_never_give_an_estimate() -> None:
+    with pytest.raises(ValueError, match="min_batches"):
+        FusedBaseline(per_size=4, min_batches=5)
+
+
+def test_ramps_slower_than_the_fused_graph_measure_a_loss_their_timed_work_does_not_show() -> None:
+    """Batches with a ramp take 11 ms of which the backend timed 0.2 ms of early-exit work, and answer a quarter of
+    their samples at 3 ms: by their own timings the exits save time; the fused graph meanwhile takes 9.5 ms, so the
+    ramp's true cost is 1.5 ms a batch and the exits lose."""
+    window = FeedbackWindow(capacity=100)
+    answers = np.array([3.0, 11.0, 11.0, 11.0])
+    for _ in range(4):
+        window.add(_record((0,), 4, 11.0, overhead_ms=0.2, answer_ms=answers))
+    view = window.view()
+    rho = view.busy / (1 - view.busy)
+    own, _ = realised_saving_ms(view)
+    assert own == pytest.approx(np.mean(10.8 - answers) - 0.2 * rho)
+    assert own > 0
+    baseline = FusedBaseline(min_batches=2)
+    for _ in range(2):
+        baseline.add(_record((), 4, 9.5))
+    saving, count = realised_saving_ms(view, baseline=baseline)
+    assert count == 16 and saving == pytest.approx(np.mean(9.5 - answers) - 1.5 * rho)
+    assert saving < 0
