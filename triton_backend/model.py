@@ -15,16 +15,16 @@ exits: the deeper blocks would only have produced feedback, and on a CPU they co
 batch. Its last answers then leave with ``execute``'s return value instead of a blocking send, and the instance is
 free for the next batch at once.
 
+A traced batch whose every sample exits stops there too: its answers leave with ``execute``'s return value and the
+rest of its pass goes to the ``TailRunner``, which computes it while the instance has no batch to serve and then
+publishes the record. Only when the runner has fallen behind does the pass finish inline, as it used to.
+
 A small share of the traced batches (``control_share``, default 5 %) is served while exits are on as if they were
 off: the fused graph, every sample answered at the final layer. These *control* batches are the live baseline the
 controller measures savings against. A batch's own timings cannot give it: running the model as segments with ramps
 between them costs more under load than the ramp heads the backend can time (measured on ResNet-20 at 25 % load: a
 ramp that never exits added 0.62 ms per request to Triton's compute time against 0.15 ms profiled), so savings
 computed from the exiting batches alone looked positive while the entry was slower than its vanilla twin.
-
-A traced batch whose every sample exits stops there too: its answers leave with ``execute``'s return value and the
-rest of its pass goes to the ``TailRunner``, which computes it while the instance has no batch to serve and then
-publishes the record. Only when the runner has fallen behind does the pass finish inline, as it used to.
 """
 
 from __future__ import annotations
@@ -79,9 +79,11 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"{self.name}: cannot load {version_dir}: {exc}") from exc
         manifest = self.model.manifest
         self.input_names = [spec.name for spec in manifest.inputs]
-        self.metrics = BackendMetrics(pb_utils, self.name, manifest.final_exit + 1)
+        # Parameters are checked before any metric family exists: a refused (re)load must not create and then drop
+        # families that the instance still serving shares by name.
         self.feedback_share = _share(self.name, parameters, "feedback_share", 1.0)
         self.control_share = _share(self.name, parameters, "control_share", 0.05, allow_zero=True)
+        self.metrics = BackendMetrics(pb_utils, self.name, manifest.final_exit + 1)
         self.rng = np.random.default_rng()
 
         client, keys, where = model_redis(self.name, parameters)
@@ -138,7 +140,7 @@ class TritonPythonModel:
         tensors = {name: torch.from_numpy(np.concatenate(arrays)) for name, arrays in inputs.items()}
         traced = self.publisher is not None and (self.feedback_share >= 1.0 or self.rng.random() < self.feedback_share)
         if traced and config.active_ramps and self.rng.random() < self.control_share:
-            config = ExitConfig(config.model, config.version, {}, config.writer, config.written_at)
+            config = replace(config, thresholds={})
             self.metrics.batch_controlled()
         values: dict[str, torch.Tensor] = {}
         try:
