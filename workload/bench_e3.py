@@ -50,7 +50,7 @@ from early_exit.keys import RedisKeys
 from early_exit.manifest import Profile, load_manifest
 from workload.bench import CONTROLLER_ARGS, Inputs, _set_config, workload_inputs
 from workload.client import Answer, measure_capacity, poisson_arrivals, replay
-from workload.stack import ROOT, Stack, running_stack
+from workload.stack import ROOT, Stack, cpu_used, running_stack
 
 
 @dataclass(frozen=True)
@@ -271,12 +271,11 @@ def cpu_per_request(stack: Stack, systems: dict[str, str], inputs: Inputs, rate:
     triton = stack.process("triton")
     costs = {}
     for system, name in systems.items():
-        before, client = triton.cpu_by_model(), time.process_time()
+        before, client = triton.cpu_by_process(), time.process_time()
         replay(stack.grpc_url, name, sample, poisson_arrivals(count, rate, seed=7))
         client = time.process_time() - client
         time.sleep(settle)
-        after = triton.cpu_by_model()
-        used = {"client": client, **{k: v - before.get(k, 0.0) for k, v in after.items()}}
+        used = {"client": client, **cpu_used(before, triton.cpu_by_process())}
         costs[system] = {k: 1000.0 * v / count for k, v in used.items() if 1000.0 * v / count >= 0.01}
     return costs
 

@@ -64,11 +64,11 @@ class Process:
         stat = _proc_stat(self.popen.pid)
         return stat[1] if stat else 0.0
 
-    def cpu_by_model(self) -> dict[str, float]:
-        """CPU seconds used so far by this process (key ``tritonserver``: Triton's core, gRPC and batchers) and by
-        its Python-backend stubs, summed per model over the model's instances (key: the model's name, the folder
-        its stub was started for). Stubs that exited are gone from the sum, so compare readings of a steady set."""
-        used = {"tritonserver": self.cpu_seconds()}
+    def cpu_by_process(self) -> dict[int, tuple[str, float]]:
+        """CPU seconds used so far, by pid, with the owner they are charged to: this process (``tritonserver``:
+        Triton's core, gRPC and batchers) and each of its Python-backend stubs (the model's name, the folder the
+        stub was started for). Subtract two readings with ``cpu_used``."""
+        used = {self.popen.pid: ("tritonserver", self.cpu_seconds())}
         for entry in Path("/proc").iterdir():
             stat = _proc_stat(int(entry.name)) if entry.name.isdigit() else None
             if stat is None or stat[0] != self.popen.pid:
@@ -77,8 +77,8 @@ class Process:
                 argv = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            model = Path(argv[1].decode()).parent.parent.name if len(argv) > 1 else entry.name
-            used[model] = used.get(model, 0.0) + stat[1]
+            owner = Path(argv[1].decode()).parent.parent.name if len(argv) > 1 else entry.name
+            used[int(entry.name)] = (owner, stat[1])
         return used
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -93,6 +93,17 @@ class Process:
                 self.popen.wait(5)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, signal.SIGKILL)  # its own process group: see _spawn
+
+
+def cpu_used(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds per owner between two ``Process.cpu_by_process`` readings, over the processes alive at the
+    second: a stub started in between counts from its start; one that exited in between (an instance a reload
+    replaced) is missed rather than subtracted, so no owner's use comes out negative."""
+    used: dict[str, float] = {}
+    for pid, (owner, seconds) in after.items():
+        earlier = before.get(pid)
+        used[owner] = used.get(owner, 0.0) + seconds - (earlier[1] if earlier and earlier[0] == owner else 0.0)
+    return used
 
 
 def _proc_stat(pid: int) -> tuple[int, float] | None:
@@ -192,14 +203,23 @@ class Stack:
         for process in reversed(self.processes):
             process.stop()
 
-    def reload(self, model: str, parameters: dict[str, str], **fields: Any) -> None:
+    def reload(self, model: str, parameters: dict[str, str], timeout: float = 30.0, **fields: Any) -> None:
         """Reload ``model`` with ``parameters`` and top-level configuration ``fields`` (``instance_group=...``) set
-        in its configuration: an override through Triton's model-control API; nothing changes on disk."""
+        in its configuration: an override through Triton's model-control API; nothing changes on disk. Returns once
+        the instances it replaced have exited too: Triton answers when the new ones are ready and unloads the old
+        ones after, and until then an old instance still follows Redis and reports on the model's metrics."""
+        triton = self.process("triton")
+        replaced = {pid for pid, (owner, _) in triton.cpu_by_process().items() if owner == model}
         client = grpcclient.InferenceServerClient(self.grpc_url)
         config = client.get_model_config(model, as_json=True)["config"]
         config.setdefault("parameters", {}).update({k: {"string_value": v} for k, v in parameters.items()})
         config.update(fields)
         client.load_model(model, config=json.dumps(config))
+        deadline = time.monotonic() + timeout
+        while replaced & triton.cpu_by_process().keys():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{model}: the instances a reload replaced still run after {timeout:.0f} s")
+            time.sleep(0.05)
 
 
 @contextlib.contextmanager
