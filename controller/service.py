@@ -277,13 +277,15 @@ class ModelController:
         on the other half too: its lower bound, not the point estimate, because every round tests its candidates on
         much the same held-out samples, and a point estimate would sooner or later pass one by luck (measured: 1-1.5
         points less agreement served than expected on ResNet-20). The halves are fixed per sample (by its position in
-        the stream), so no round ever chooses thresholds on a sample that later rounds hold out. A
-        thresholds in use that fall short of the budget on the held-out half back off (the paper's scaling of
-        ``1 - threshold``) just until the held-out half reaches it, as long as something still exits. On a clear
-        breach of the whole window the thresholds in use first back off as the paper does (each ramp's
-        ``1 - threshold`` scaled down until the guard admits them) and the climb starts from there; when it
-        certifies nothing that exits (a window of a few hundred samples rarely can), they back off just until the
-        window's answers meet the budget, and every exit closes only when no back-off does, so small or noisy
+        the stream), so no round ever chooses thresholds on a sample that later rounds hold out. Thresholds in use that
+        fall short of the budget on the held-out half back off (the paper's scaling of ``1 - threshold``) just until the
+        held-out half reaches it, as long as something still exits; so do thresholds whose own answers (a round's worth,
+        served since they were published) fall short, though the window's older samples meet the budget (measured on
+        MiniLM: tuned on an easier stretch of traffic, thresholds served 98.6 % on the next 1,657 answers, kept until
+        those alone clearly breached it). On a clear breach of the whole window the thresholds in use first back off as
+        the paper does (each ramp's ``1 - threshold`` scaled down until the guard admits them) and the climb starts from
+        there; when it certifies nothing that exits (a window of a few hundred samples rarely can), they back off just
+        until the window's answers meet the budget, and every exit closes only when no back-off does, so small or noisy
         windows never close exits that work.
         """
         choose = view.sequence % 2 == 0
@@ -294,31 +296,41 @@ class ModelController:
         correct = view.prediction == view.final
         now = evaluate(current, view.confidence, correct, exit_ms)
         failing = self.guard.breached(round(now.accuracy * view.size), view.size)
-        short = evaluate(current, held_out.confidence, held_out.prediction == held_out.final, exit_ms).accuracy \
-            < self.guard.floor
+        served = view.subset(np.flatnonzero(view.version >= self.current.version))
+        shortfall = None  # the samples the thresholds in use fall short on, if any: their own answers first
+        if served.size >= self.settings.min_fresh and self._agreement(current, served, exit_ms) < self.guard.floor:
+            shortfall = served
+        elif self._agreement(current, held_out, exit_ms) < self.guard.floor:
+            shortfall = held_out
         start = self._back_off(current, view, exit_ms, self._admitted_on(view)) if failing else current
         thresholds = tune_held_out(self.settings.tuner, view.confidence, view.prediction, view.final, exit_ms,
                                    ~choose, start)
         if thresholds is not None:
             if failing and _opens(view, thresholds):
                 return thresholds  # a breach takes any certified tuning that still exits
-            if not failing and evaluate(thresholds, view.confidence, correct, exit_ms).saving_ms >= now.saving_ms:
-                return thresholds  # else admitted, but saves less than what is in use
-        if failing or short:
+            if not failing and evaluate(thresholds, view.confidence, correct, exit_ms).saving_ms >= now.saving_ms \
+                    and (shortfall is None or self._agreement(thresholds, shortfall, exit_ms) >= self.guard.floor):
+                return thresholds  # else admitted, but saves less than what is in use, or repeats the shortfall
+        if failing or shortfall is not None:
             # Tightening to the point estimate, never closing every exit on a window too small to certify anything:
             # the thresholds in use back off just until the samples that showed the problem (the whole window on a
-            # breach, the held-out half on a shortfall) would have met the budget; every exit closes only when no
-            # back-off does. Re-tuning on the other half instead (to the guard's lower bound on a few hundred
-            # samples, each halving of the budget tighter) picked candidates that exit almost nothing (measured on
-            # MiniLM: a window serving 99.2 % tightened to no exits, which then measured as a loss and switched
-            # exits off); in E3 mode, whose window fills with 5 % of the answers, 6 disagreements among 387 samples
-            # closed the only exit although it served 99.2 % over the whole benchmark, and E3's goodput collapsed.
-            tightened = self._back_off(current, view if failing else held_out, exit_ms,
+            # breach, the answers or the held-out half that fell short) would have met the budget; every exit closes
+            # only when no back-off does. Re-tuning on the other half instead (to the guard's lower bound on a few
+            # hundred samples, each halving of the budget tighter) picked candidates that exit almost nothing
+            # (measured on MiniLM: a window serving 99.2 % tightened to no exits, which then measured as a loss and
+            # switched exits off); in E3 mode, whose window fills with 5 % of the answers, 6 disagreements among 387
+            # samples closed the only exit although it served 99.2 % over the whole benchmark, and E3's goodput
+            # collapsed.
+            tightened = self._back_off(current, shortfall if shortfall is not None and not failing else view, exit_ms,
                                        lambda accuracy: accuracy >= self.guard.floor)
             if _opens(view, tightened):
                 return _snapped(tightened, view.confidence)
             return np.full(len(view.ramps), NEVER_EXIT) if failing else None
         return None
+
+    @staticmethod
+    def _agreement(thresholds: np.ndarray, samples: WindowView, exit_ms: np.ndarray) -> float:
+        return evaluate(thresholds, samples.confidence, samples.prediction == samples.final, exit_ms).accuracy
 
     def _admitted_on(self, view: WindowView) -> Callable[[float], bool]:
         return lambda accuracy: bool(self.guard.admits(round(accuracy * view.size), view.size))
