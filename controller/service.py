@@ -321,7 +321,7 @@ class ModelController:
             # switched exits off); in E3 mode, whose window fills with 5 % of the answers, 6 disagreements among 387
             # samples closed the only exit although it served 99.2 % over the whole benchmark, and E3's goodput
             # collapsed.
-            tightened = self._back_off(current, shortfall if shortfall is not None and not failing else view, exit_ms,
+            tightened = self._back_off(current, view if failing or shortfall is None else shortfall, exit_ms,
                                        lambda accuracy: accuracy >= self.guard.floor)
             if _opens(view, tightened):
                 return _snapped(tightened, view.confidence)
