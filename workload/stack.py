@@ -207,16 +207,23 @@ class Stack:
         """Reload ``model`` with ``parameters`` and top-level configuration ``fields`` (``instance_group=...``) set
         in its configuration: an override through Triton's model-control API; nothing changes on disk. Returns once
         the instances it replaced have exited too: Triton answers when the new ones are ready and unloads the old
-        ones after, and until then an old instance still follows Redis and reports on the model's metrics."""
+        ones after, and until then an old instance still follows Redis and reports on the model's metrics (when no
+        new instance started, nothing was replaced and nothing is waited for)."""
         triton = self.process("triton")
-        replaced = {pid for pid, (owner, _) in triton.cpu_by_process().items() if owner == model}
+
+        def stubs() -> set[int]:
+            return {pid for pid, (owner, _) in triton.cpu_by_process().items() if owner == model}
+
+        replaced = stubs()
         client = grpcclient.InferenceServerClient(self.grpc_url)
         config = client.get_model_config(model, as_json=True)["config"]
         config.setdefault("parameters", {}).update({k: {"string_value": v} for k, v in parameters.items()})
         config.update(fields)
         client.load_model(model, config=json.dumps(config))
+        if not stubs() - replaced:
+            return
         deadline = time.monotonic() + timeout
-        while replaced & triton.cpu_by_process().keys():
+        while replaced & stubs():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{model}: the instances a reload replaced still run after {timeout:.0f} s")
             time.sleep(0.05)
