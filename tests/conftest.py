@@ -38,6 +38,12 @@ def repository(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Pa
     code = prepare(["--name", MODEL, "--checkpoint", str(checkpoint), "--data", DATASET, "--repository", str(repo),
                     "--limit", "2000", "--max-batch-size", "32"])
     assert code == 0
-    with (repo / MODEL / "config.pbtxt").open("a", encoding="utf-8") as config:
-        config.write('parameters: { key: "control_share" value: { string_value: "0" } }\n')
+    without_control_batches(repo / MODEL)
     return repo
+
+
+def without_control_batches(entry: Path) -> None:
+    """Serve the prepared early-exit ``entry`` with ``control_share`` 0: no traced batch runs the fused graph, so a
+    test that sets thresholds knows where every sample is answered."""
+    with (entry / "config.pbtxt").open("a", encoding="utf-8") as config:
+        config.write('parameters: { key: "control_share" value: { string_value: "0" } }\n')

@@ -12,6 +12,7 @@ import torch
 import tritonclient.grpc as grpcclient
 
 from controller.prepare.sources import load_model
+from tests.conftest import without_control_batches
 from tests.integration.conftest import apply_config
 from tests.unit.test_sources import LABELS, WORDS, save_tiny_classifier
 from workload.stack import Stack, running_stack
@@ -37,6 +38,7 @@ def own_stack(own_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     repo = tmp_path_factory.mktemp("own_repository")
     assert prepare(["--model", str(own_model), "--name", NAME, "--data", str(inputs), "--max-length", "16",
                     "--repository", str(repo), "--limit", "80", "--ramp-epochs", "3", "--max-batch-size", "8"]) == 0
+    without_control_batches(repo / NAME)
     models = [NAME, f"{NAME}_preprocess", f"{NAME}_pipeline"]
     with running_stack(repo, models=models, with_controller=False, log_dir=tmp_path_factory.mktemp("logs")) as stack:
         yield stack

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, without_control_batches
 from tests.integration.conftest import apply_config, batches_executed, burst
 from workload.stack import Stack, running_stack
 
@@ -28,6 +28,7 @@ def text_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     repo = tmp_path_factory.mktemp("text_repository")
     assert prepare(["--model", "model_zoo.minilm_sst2:factory", "--name", NAME, "--data", "sst2", "--repository",
                     str(repo), "--limit", "300", "--ramp-epochs", "20"]) == 0  # max batch 32, as the pipeline
+    without_control_batches(repo / NAME)
     for entry in ("text_preprocess", f"{NAME}_pipeline"):
         shutil.copytree(ROOT / "model_repository" / entry, repo / entry)
     models = [NAME, "text_preprocess", f"{NAME}_pipeline"]
