@@ -251,8 +251,8 @@ def test_control_batches_are_served_on_the_fused_graph_and_reported_without_ramp
                   == batches, 5)
 
         def recorded() -> list[FeedbackRecord]:
-            # Every record since ``last_id``, whatever version it names: right after a reload the version metric
-            # ``_apply`` waits for can still be the unloaded instance's, and a first batch be served under v0.
+            # Every record since ``last_id``, whatever version it names: a control batch is one whichever
+            # configuration it was served under.
             entries = stream.xrange(RedisKeys(MODEL).feedback, min=f"({last_id.decode()}")
             return [FeedbackRecord.decode(fields) for _, fields in entries]
 
