@@ -65,14 +65,8 @@ class AccuracyGuard:
 
     def min_agreeing(self, n: int) -> int:
         """Fewest agreeing answers out of ``n`` that the guard admits (``n + 1`` when none does)."""
-        low, high = 0, n + 1
-        while low < high:  # admits() is monotone in the number of agreeing answers
-            middle = (low + high) // 2
-            if self.admits(middle, n):
-                high = middle
-            else:
-                low = middle + 1
-        return low
+        admitted = self.admits(np.arange(n + 1), n)  # monotone in the number of agreeing answers
+        return int(admitted.argmax()) if admitted.any() else n + 1
 
     def decidable(self, n: int) -> bool:
         return n >= self.min_samples

@@ -53,7 +53,7 @@ from controller.tuner import TunerSettings, evaluate, tune_held_out
 from controller.window import FeedbackWindow, WindowView
 from early_exit.errors import EarlyExitError
 from early_exit.exit_config import ExitConfig
-from early_exit.exit_rule import NEVER_EXIT, first_exit
+from early_exit.exit_rule import NEVER_EXIT, TIGHTEST_OPEN, first_exit
 from early_exit.feedback import FeedbackRecord
 from early_exit.keys import DEFAULT_PREFIX, RedisKeys
 from early_exit.manifest import Manifest
@@ -449,7 +449,7 @@ def _snapped(thresholds: np.ndarray, confidence: np.ndarray) -> np.ndarray:
     for r, threshold in enumerate(snapped):
         clearing = confidence[r][confidence[r] >= threshold]
         if threshold < NEVER_EXIT and clearing.size:
-            snapped[r] = float(clearing.min())
+            snapped[r] = min(float(clearing.min()), TIGHTEST_OPEN)
     return snapped
 
 

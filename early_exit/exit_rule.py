@@ -11,6 +11,10 @@ from __future__ import annotations
 import numpy as np
 
 NEVER_EXIT = 1.0
+#: The tightest threshold that still exits: float32's largest value below ``NEVER_EXIT``. Thresholds raised to the
+#: confidence that clears them (the tuner's and the controller's snapping) stop here, so that the samples whose
+#: confidence is exactly 1.0 still exit at the threshold chosen for them.
+TIGHTEST_OPEN = float(np.nextafter(np.float32(NEVER_EXIT), np.float32(0.0)))
 
 
 def exits_at(confidence: np.ndarray, threshold: float | np.ndarray) -> np.ndarray:

@@ -25,6 +25,7 @@ def test_min_agreeing_is_the_admission_boundary() -> None:
         k = guard.min_agreeing(n)
         assert bool(guard.admits(k, n)) and (k == 0 or not guard.admits(k - 1, n))
     assert np.all(guard.admits(np.array([2000, 1999]), 2000))
+    assert AccuracyGuard(0.01, 1.645).min_agreeing(100) == 101  # too few samples for even a perfect record
 
 
 def test_closing_needs_clear_evidence_of_a_breach() -> None:

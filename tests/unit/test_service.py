@@ -12,10 +12,10 @@ import redis
 
 from controller.config_store import publish_config, read_config
 from controller.guard import AccuracyGuard
-from controller.service import GROUP, READ_CHUNK, ControllerService, ControllerSettings, ModelController
+from controller.service import GROUP, READ_CHUNK, ControllerService, ControllerSettings, ModelController, _snapped
 from controller.tuner import TunerSettings
 from early_exit.exit_config import ExitConfig
-from early_exit.exit_rule import NEVER_EXIT
+from early_exit.exit_rule import NEVER_EXIT, TIGHTEST_OPEN
 from early_exit.feedback import BatchTiming, FeedbackRecord
 from early_exit.keys import RedisKeys
 from early_exit.manifest import BlockSpec, Manifest, Profile, RampSpec, TensorSpec
@@ -561,3 +561,9 @@ def test_a_clear_breach_on_a_small_window_tightens_before_it_closes() -> None:
                                           np.zeros(8, dtype=np.int64), BatchTiming(12.0, 0.1, 12.0, np.full(8, 6.0))))
     config = controller.step()
     assert config is not None and config.thresholds[0] == float(np.float32(0.75))
+
+
+def test_snapping_raises_thresholds_to_their_lowest_clearing_confidence_but_keeps_them_open() -> None:
+    confidence = np.array([[0.3, 0.8, 0.9], [0.2, 1.0, 1.0], [0.5, 0.6, 0.7]], dtype=np.float32)
+    snapped = _snapped(np.array([0.75, 0.99, NEVER_EXIT]), confidence)
+    np.testing.assert_array_equal(snapped, [np.float32(0.8), TIGHTEST_OPEN, NEVER_EXIT])

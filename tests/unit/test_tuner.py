@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from controller.guard import AccuracyGuard
-from controller.tuner import ThresholdTuner, TunerSettings, evaluate, tune_held_out
+from controller.tuner import ThresholdTuner, TunerSettings, _Climb, evaluate, tune_held_out
 from early_exit.exit_rule import NEVER_EXIT
 
 
@@ -54,6 +54,25 @@ def test_incremental_bookkeeping_matches_a_full_evaluation() -> None:
     full = evaluate(thresholds, confidence, prediction == final, exit_ms)
     assert guard.admits(round(full.accuracy * 1500), 1500)
     assert full.saving_ms > 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_climbs_running_totals_match_a_full_evaluation_from_any_start(seed: int) -> None:
+    """The climb prices moves from per-position gains it rewrites after each move; the saving it reports must be
+    what a full evaluation of its thresholds gives, from "no exits" and from admitted thresholds in use, including
+    on confidences with many ties (which move together)."""
+    rng = np.random.default_rng(seed)
+    confidence, prediction, final, exit_ms = _window(rng, 7, 1200)
+    confidence = np.round(confidence, 2)  # a hundred distinct values: plateaus of tied samples
+    settings = TunerSettings(guard=AccuracyGuard(0.03, 1.0))
+    climb = _Climb(confidence, prediction, final, exit_ms)
+    correct = prediction == final[None, :]
+    starts = [np.full(7, NEVER_EXIT), ThresholdTuner(settings).tune(confidence, prediction, final, exit_ms) + 0.02]
+    for start in starts:
+        thresholds, saving = climb.run(np.minimum(start, NEVER_EXIT), 0.1, settings)
+        full = evaluate(thresholds, confidence, correct, exit_ms)
+        assert saving == pytest.approx(full.saving_ms, abs=1e-9)
+        assert settings.guard.admits(round(full.accuracy * 1200), 1200)
 
 
 def test_no_affordable_exit_keeps_every_ramp_closed() -> None:
