@@ -60,10 +60,11 @@ def test_incremental_bookkeeping_matches_a_full_evaluation() -> None:
 def test_the_climbs_running_totals_match_a_full_evaluation_from_any_start(seed: int) -> None:
     """The climb prices moves from per-position gains it rewrites after each move; the saving it reports must be
     what a full evaluation of its thresholds gives, from "no exits" and from admitted thresholds in use, including
-    on confidences with many ties (which move together)."""
+    on confidences with many ties (which move together), of exactly 1.0, and NaN (a malformed input's)."""
     rng = np.random.default_rng(seed)
     confidence, prediction, final, exit_ms = _window(rng, 7, 1200)
-    confidence = np.round(confidence, 2)  # a hundred distinct values: plateaus of tied samples
+    confidence = np.round(confidence, 2)  # a hundred distinct values: plateaus of tied samples, some at 1.0
+    confidence[rng.random(confidence.shape) < 0.01] = np.nan
     settings = TunerSettings(guard=AccuracyGuard(0.03, 1.0))
     climb = _Climb(confidence, prediction, final, exit_ms)
     correct = prediction == final[None, :]
