@@ -138,8 +138,9 @@ bench-llm: setup $(REPO)/$(LLM_MODEL)/config.pbtxt  ## SmolLM2 on Triton: per-to
 	$(PY) -m workload.llm_bench --model $(LLM_MODEL) --streams 4 --rounds 3 \
 	  --out docs/benchmarks/smollm2/serving_4_streams.md
 
-bench-controller: reference-models  ## the controller's CPU share at 200 feedback samples/s (bench_results/controller_load.md)
+bench-controller: reference-models  ## the controller's CPU share at 200 feedback samples/s and its tuning cost (bench_results/)
 	@mkdir -p bench_results
+	$(PY) -m workload.tuner_cost --out bench_results/tuner_cost.md
 	$(PY) -m workload.controller_load --entry $(REPO)/$(NLP_MODEL)/1 --rate 200 --out bench_results/controller_load.md
 	$(PY) -m workload.controller_load --entry $(REPO)/$(MODEL)/1 --rate 200 --out bench_results/controller_load.md
 

@@ -63,8 +63,11 @@ from workload.client import (
 )
 from workload.stack import ROOT, Process, Stack, running_stack
 from workload.timeline import ConfigTimeline, record_configs
+from workload.tuner_cost import tuning_ms
 
-CONTROLLER_ARGS = ["--min-fresh", "256", "--window", "2000"]
+#: The controller's window in these runs, and the samples the reported tuning cost is measured on.
+WINDOW = 2000
+CONTROLLER_ARGS = ["--min-fresh", "256", "--window", str(WINDOW)]
 Inputs = dict[str, np.ndarray]
 
 
@@ -295,25 +298,6 @@ def budget_bound(confidence: np.ndarray, prediction: np.ndarray, final: np.ndarr
     return outcome.saving_ms / latency.vanilla_ms
 
 
-def tuner_cost(confidence: np.ndarray, prediction: np.ndarray, final: np.ndarray, latency: LatencyModel,
-               window: int = 2000, repeats: int = 5) -> tuple[int, float, float]:
-    """Ramps, and median milliseconds of one tuning from scratch and one from the tuned thresholds, on the first
-    ``window`` samples with every candidate ramp active."""
-    ramps = list(range(confidence.shape[0]))
-    exit_ms = latency.exit_latencies(ramps)
-    tuner = ThresholdTuner()
-    c, p, f = confidence[:, :window], prediction[:, :window], final[:window]
-    cold, warm = [], []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        tuned = tuner.tune(c, p, f, exit_ms)
-        cold.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        tuner.tune(c, p, f, exit_ms, current=tuned)
-        warm.append(time.perf_counter() - started)
-    return len(ramps), 1000 * float(np.median(cold)), 1000 * float(np.median(warm))
-
-
 def measure_capacities(stack: Stack, model: str, sample: Inputs, systems: dict[str, dict[int, float]], rounds: int,
                        controller_logs: Path | None = None) -> dict[str, list[float]]:
     """Saturated bursts of ``sample``, ``rounds`` times round-robin (one burst is noisy on shared cores): vanilla,
@@ -529,8 +513,8 @@ def report(args: argparse.Namespace, manifest: Manifest, rate: float, service: f
                      f"{run.controller_share:.1%} |")
     last = runs["poisson", "adaptive"].configs
     lines += ["", f"Last adaptive (poisson) configuration: {_rounded(last[-1][2]) if last else '-'}", "",
-              f"Threshold tuning on this window ({tuning[0]} ramps x 2,000 samples, every candidate active): "
-              f"{tuning[1]:.1f} ms from scratch, {tuning[2]:.1f} ms from the tuned thresholds.", "",
+              f"Threshold tuning on this window ({tuning[0]} ramps x {WINDOW:,} samples, every candidate "
+              f"active): {tuning[1]:.1f} ms from scratch, {tuning[2]:.1f} ms from the tuned thresholds.", "",
               f"Oracle (every input at its earliest agreeing ramp, profiled latencies): {oracle:.1%} saving. "
               f"Within the budget (the best thresholds for these very inputs at ≥ {AccuracyGuard().floor:.0%} "
               f"agreement, profiled latencies): {bound:.1%}, the ceiling of any threshold policy with these ramps.",
@@ -631,7 +615,9 @@ def main(argv: list[str] | None = None) -> int:
                                        log_dir)
             print(f"  drift    {system:9s} median {np.median(drift[system].latencies()):.2f} ms", flush=True)
 
-    tuning = tuner_cost(confidence, prediction, final, latency)
+    every_ramp = list(range(confidence.shape[0]))
+    tuning = (len(every_ramp), *tuning_ms(confidence[:, :WINDOW], prediction[:, :WINDOW], final[:WINDOW],
+                                         latency.exit_latencies(every_ramp)))
     original_drift = np.array([a.label for a in drift["vanilla"].answers])
     paths = plot(runs, drift, original_drift, manifest.final_exit, out)
     text = report(args, manifest, rate, service, count, capacity, capacity_adaptive, runs, baselines, drift,

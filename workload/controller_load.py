@@ -4,11 +4,10 @@ Starts a real ``redis-server`` and the real controller process, registers a prep
 backend's own :class:`FeedbackPublisher`, and publishes batches of feedback at ``--rate`` samples per second. The
 records follow the configuration the controller publishes, as the backend's do: its version, its active ramps, the
 exit each sample takes under its thresholds (the shared exit rule), and answer times from the entry's latency profile.
-Confidences and ramp predictions are synthetic (deeper ramps are more confident and agree more often, and a confident
-ramp agrees more often than an unsure one), so the controller has real tuning work to do: the point is its cost, not
-the thresholds it finds. Ramp-set judging is off (``--adjust-every 0``): on synthetic timings it would switch exits
-off and park the controller, which would understate its cost. The figure reported is the controller process's CPU
-seconds over the measured wall time.
+Confidences and ramp predictions are synthetic (:func:`synthetic_verdicts`), so the controller has real tuning work to
+do: the point is its cost, not the thresholds it finds. Ramp-set judging is off (``--adjust-every 0``): on synthetic
+timings it would switch exits off and park the controller, which would understate its cost. The figure reported is the
+controller process's CPU seconds over the measured wall time.
 """
 
 from __future__ import annotations
@@ -34,6 +33,17 @@ from triton_backend.feedback_publisher import FeedbackPublisher
 from workload.stack import free_port, start_controller, start_redis
 
 
+def synthetic_verdicts(depth: np.ndarray, n: int, rng: np.random.Generator,
+                       classes: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Confidences and predictions ``[R, n]`` of ramps at relative ``depth`` ``[R]`` (in (0, 1)), and the original
+    model's predictions ``[n]``: deeper ramps are more confident and agree more often, and a confident ramp agrees
+    more often than an unsure one."""
+    final = rng.integers(0, classes, n)
+    confidence = rng.beta(1.0 + 4.0 * depth[:, None], 1.5, (len(depth), n)).astype(np.float32)
+    agrees = rng.random((len(depth), n)) < np.clip(0.35 + 0.6 * depth[:, None] + 0.3 * (confidence - 0.5), 0, 1)
+    return confidence, np.where(agrees, final, (final + 1) % classes), final
+
+
 class SyntheticBatches:
     """Feedback batches for ``manifest``'s ramps under whatever configuration is current.
 
@@ -54,11 +64,8 @@ class SyntheticBatches:
 
     def record(self, config: ExitConfig) -> FeedbackRecord:
         ramps = config.active_ramps
-        n, depth = self.batch_size, (np.array(ramps, dtype=float) + 1) / (len(self.manifest.ramps) + 1)
-        final = self.rng.integers(0, self.classes, n)
-        confidence = self.rng.beta(1.0 + 4.0 * depth[:, None], 1.5, (len(ramps), n)).astype(np.float32)
-        agrees = self.rng.random((len(ramps), n)) < np.clip(0.35 + 0.6 * depth[:, None] + 0.3 * (confidence - 0.5), 0, 1)
-        prediction = np.where(agrees, final, (final + 1) % self.classes)
+        depth = (np.array(ramps, dtype=float) + 1) / (len(self.manifest.ramps) + 1)
+        confidence, prediction, final = synthetic_verdicts(depth, self.batch_size, self.rng, self.classes)
         thresholds = np.array([config.thresholds[r] for r in ramps])
         first = first_exit(confidence, thresholds)
         exit_ms = self.latency.exit_latencies(list(ramps))
