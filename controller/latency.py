@@ -4,7 +4,7 @@ Latency mode answers a sample when its exit is reached, so a sample that exits a
 block up to that ramp plus every active ramp up to and including ``j``; a sample that never exits waits for all
 blocks plus all active ramps. Savings are measured against the vanilla model (all blocks, no ramps).
 
-The profile describes a quiet machine; ``realised_saving_ms`` measures what exits actually save on the serving
+The profile describes a quiet machine; ``measured_exits`` measures what exits actually save on the serving
 machine at its current load, from the timings every feedback record carries, against the fused graph's batch times
 measured meanwhile (``controller.baseline``).
 """
@@ -56,16 +56,18 @@ class LatencyModel:
 
 @dataclass(frozen=True)
 class MeasuredExits:
-    """What a ramp set's exits measured per sample: the time they saved inside their batches, the early-exit work
-    they added to them, and the instance's utilisation meanwhile."""
+    """What a ramp set's exits measured per sample: the time they saved inside their batches (on average, and for
+    the median request), the early-exit work they added to them, and the instance's utilisation meanwhile."""
 
     in_batch_ms: float
+    median_in_batch_ms: float
     overhead_ms: float
     busy: float
     count: int
 
     def saving_ms(self, busy: float | None = None) -> float:
-        """Saving per sample at utilisation ``busy`` (default: the measured one).
+        """Saving per sample at utilisation ``busy`` (default: the measured one): the smaller of the mean and the
+        median request's, so exits pay only when the request in the middle gains too.
 
         A sample answered ``answer_ms`` after its batch started would, on the vanilla model, have waited as long as
         the fused graph takes for a batch of that size (``FusedBaseline``, measured live on control batches; without
@@ -75,9 +77,21 @@ class MeasuredExits:
         at utilisation ``rho`` that costs, to first order (M/G/1), ``overhead_ms * rho / (1 - rho)`` per sample.
         Negative when exits do not pay for their ramps at that load, e.g. on a model whose compute is small against
         the serving overhead.
+
+        Why the median too: when fewer than half the requests exit, the median request is one that passes every
+        ramp, and it is slower than on the vanilla model although the mean is lower (measured on ResNet-56 with ~40 %
+        exiting: +1.4..+3.1 ms mean saving per request while the served median rose 6.9 % and p99 23.8 %).
         """
+        return min(self.in_batch_ms, self.median_in_batch_ms) - self.queueing_ms(busy)
+
+    def mean_saving_ms(self, busy: float | None = None) -> float:
+        """The mean part of ``saving_ms``: what the exits save on average at utilisation ``busy``."""
+        return self.in_batch_ms - self.queueing_ms(busy)
+
+    def queueing_ms(self, busy: float | None = None) -> float:
+        """What the early-exit work delays the requests queued behind it, per sample, at utilisation ``busy``."""
         rho = min(self.busy if busy is None else busy, 0.95)
-        return self.in_batch_ms - self.overhead_ms * rho / (1.0 - rho)
+        return self.overhead_ms * rho / (1.0 - rho)
 
 
 def measured_exits(view: WindowView, since_version: int = 0, baseline: FusedBaseline | None = None) -> MeasuredExits:
@@ -87,20 +101,17 @@ def measured_exits(view: WindowView, since_version: int = 0, baseline: FusedBase
     chosen = view.version >= since_version
     count = int(chosen.sum())
     if not count:
-        return MeasuredExits(0.0, 0.0, view.busy, 0)
+        return MeasuredExits(0.0, 0.0, 0.0, view.busy, 0)
     timed_overhead = view.overhead_ms[chosen]
     ramped_ms = (view.batch_ms + view.tail_ms)[chosen]  # the whole pass with its ramps, had it run inline
     fused = baseline.ms(view.batch_size[chosen]) if baseline is not None else np.full(count, np.nan)
     known = np.isfinite(fused)
     overhead = np.where(known, ramped_ms - fused, timed_overhead)
-    vanilla_ms = ramped_ms - overhead
-    in_batch = (vanilla_ms - view.answer_ms[chosen]).mean()
-    return MeasuredExits(float(in_batch), float(overhead.mean()), view.busy, count)
-
-
-def realised_saving_ms(view: WindowView, since_version: int = 0, baseline: FusedBaseline | None = None
-                       ) -> tuple[float, int]:
-    """Measured latency saving per sample (``MeasuredExits.saving_ms``) and how many samples, served under
-    configurations ``>= since_version``, it is measured on."""
-    measured = measured_exits(view, since_version, baseline)
-    return measured.saving_ms(), measured.count  # 0.0 when nothing was measured
+    # Each sample's vanilla time is its batch's own minus the mean early-exit work of batches of its size, so the
+    # vanilla and served times carry the same noise: the fused graph's mean alone as every sample's vanilla time
+    # compared noise-free times with noisy answers, and the median request's saving came out positive (+0.5..+2.4 ms
+    # on ResNet-56 with ~40 % exiting, whose median request passes every ramp).
+    size = view.batch_size[chosen]
+    per_size = np.bincount(size, weights=overhead) / np.maximum(np.bincount(size), 1)
+    saved = ramped_ms - per_size[size] - view.answer_ms[chosen]  # its mean is that of each batch's own overhead
+    return MeasuredExits(float(saved.mean()), float(np.median(saved)), float(overhead.mean()), view.busy, count)

@@ -7,10 +7,11 @@ keep serving on their last configuration meanwhile.
 
 Each round (``min_fresh`` new samples) re-tunes thresholds from the ones in use: they are chosen on one half of the
 window (interleaved, so both halves cover the same period) and published only if the other half confirms the
-budget. Every ``adjust_every`` rounds the *measured* saving of the active ramp set is checked: a set that does not
-save latency at the current load is switched off (the model then runs its fused vanilla graph) and probed again
-later with exponential back-off; a ramp-set change proposed by the adjuster is an experiment, kept only if its
-measured saving beats the set it replaced, else rolled back.
+budget. Every ``adjust_every`` rounds the *measured* saving of the active ramp set is checked (the smaller of the
+mean request's and the median request's, ``MeasuredExits.saving_ms``): a set that does not save latency at the
+current load is switched off (the model then runs its fused vanilla graph) and probed again later with exponential
+back-off; a ramp-set change proposed by the adjuster is an experiment, kept only if its measured saving beats the set
+it replaced, else rolled back.
 
 Several controllers may run at once (a stand-by, a rolling update): a lease in Redis (``controller.lease``) makes one
 of them active, and only that one reads feedback, tunes and publishes, every write fenced by the lease. The others
@@ -47,9 +48,9 @@ from controller.baseline import FusedBaseline
 from controller.config_store import publish_config, publish_plan, read_config, read_plan
 from controller.e3_resizer import ResizerSettings, resize_plan
 from controller.guard import AccuracyGuard
-from controller.latency import LatencyModel, MeasuredExits, measured_exits, realised_saving_ms
+from controller.latency import LatencyModel, MeasuredExits, measured_exits
 from controller.lease import Lease, LeaseLostError
-from controller.tuner import TunerSettings, evaluate, tune_held_out
+from controller.tuner import TunerSettings, back_off, evaluate, tune_held_out
 from controller.window import FeedbackWindow, WindowView
 from early_exit.errors import EarlyExitError
 from early_exit.exit_config import ExitConfig
@@ -143,6 +144,7 @@ class ModelController:
         self.adjuster = RampAdjuster(len(manifest.ramps), settings.adjuster)
         self.clock = clock
         self.rounds = 0
+        self.breach_checked = 0  # fresh samples in the window at the last breach check
         self.current = current
         self.last_open = dict(manifest.initial_thresholds)  # the last thresholds that let something exit
         self.adopt(current)
@@ -170,7 +172,11 @@ class ModelController:
             return  # a control batch, served on the fused graph while exits are on: the baseline's only
         if record.config_version < self.current.version and record.ramps != self.current.active_ramps:
             return  # from before a ramp-set change: cannot inform the current ramps
-        self.window.add(record)
+        # Answers served under an older configuration inform the tuning but are no evidence about the one in use: a
+        # controller reading a backlog (e.g. started after the backends served for a while) would otherwise tune
+        # round after round on it, publishing configurations that serve nothing (measured in `make bench`: four
+        # within 1.3 s).
+        self.window.add(record, fresh=record.config_version >= self.current.version)
 
     def step(self) -> ExitConfig | None:
         """A new configuration when fresh feedback justifies one, else ``None``.
@@ -209,8 +215,14 @@ class ModelController:
             if not self.parked or self.clock() < self.off_until:
                 return None
             return self._probe() if self._load_allows_probe() else None
-        if self.window.ramps != self.current.active_ramps or self.window.fresh < self.settings.min_fresh // 4:
+        quarter, fresh = self.settings.min_fresh // 4, self.window.fresh
+        if self.window.ramps != self.current.active_ramps or fresh < quarter:
             return None  # cheap exit on most polls: a breach is judged on a quarter of a round at the earliest
+        if fresh < self.settings.min_fresh and self.breach_checked <= fresh < self.breach_checked + quarter:
+            # Before a round is due, a breach is checked once per quarter round of fresh samples: the window's view
+            # on every record cost ~2.7 ms of CPU per record on ResNet-56's 27 candidate ramps at batch 1.
+            return None
+        self.breach_checked = fresh
         view = self.window.view()
         served, count = view.realised_accuracy(since_version=self.current.version)
         breached = self.guard.breached(round(served * count), count)
@@ -231,12 +243,12 @@ class ModelController:
         # closed thresholds are all zero, and a trial started from them, or its rollback, would publish closed ones.
         closing = thresholds is not None and not _opens(view, thresholds)
         closing &= any(t < NEVER_EXIT for t in self.current.thresholds.values())
+        measured = measured_exits(view, self.judge_from, self.baseline)
         if self.settings.adjust_every and due and not breached and not closing and not self.manifest.exits_fixed:
-            proposal = self._judge_ramp_set(view, thresholds, latency)
-        saving, measured = realised_saving_ms(view, self.judge_from, self.baseline)
+            proposal = self._judge_ramp_set(view, thresholds, latency, measured)
         summary = (f"window {view.size}, served agreement {served:.4f} ({count} answers under "
-                   f"v{self.current.version}), measured saving {saving:.2f} ms ({measured} samples, busy "
-                   f"{view.busy:.0%})")
+                   f"v{self.current.version}), measured saving {measured.saving_ms():.2f} ms (mean "
+                   f"{measured.mean_saving_ms():.2f} ms; {measured.count} samples, busy {view.busy:.0%})")
         if proposal is None:
             old = np.asarray([self.current.thresholds[r] for r in view.ramps])
             if thresholds is None or np.abs(thresholds - old).max(initial=0.0) < self.settings.min_change:
@@ -335,22 +347,17 @@ class ModelController:
     def _admitted_on(self, view: WindowView) -> Callable[[float], bool]:
         return lambda accuracy: bool(self.guard.admits(round(accuracy * view.size), view.size))
 
-    def _back_off(self, current: np.ndarray, view: WindowView, exit_ms: np.ndarray,
+    @staticmethod
+    def _back_off(current: np.ndarray, view: WindowView, exit_ms: np.ndarray,
                   enough: Callable[[float], bool]) -> np.ndarray:
-        """The least tightening of ``current`` (each open ramp's ``1 - t`` scaled by a shrinking factor, the paper's
-        back-off) whose agreement on ``view`` is ``enough``; every ramp closed when none is."""
-        correct = view.prediction == view.final
-        for factor in (0.5, 0.25, 0.1, 0.05, 0.02):
-            scaled = np.where(current < NEVER_EXIT, 1.0 - (1.0 - current) * factor, NEVER_EXIT)
-            if enough(evaluate(scaled, view.confidence, correct, exit_ms).accuracy):
-                return scaled
-        return np.full(len(current), NEVER_EXIT)
+        return back_off(current, view.confidence, view.prediction == view.final, exit_ms, enough)
 
-    def _judge_ramp_set(self, view: WindowView, thresholds: np.ndarray | None,
-                        latency: LatencyModel) -> dict[int, float] | None:
-        """A new ramp set (as thresholds) when the measured saving says so, else ``None``."""
-        saving, count = realised_saving_ms(view, self.judge_from, self.baseline)
-        if count < self.settings.min_fresh:
+    def _judge_ramp_set(self, view: WindowView, thresholds: np.ndarray | None, latency: LatencyModel,
+                        measured: MeasuredExits) -> dict[int, float] | None:
+        """A new ramp set (as thresholds) when ``measured`` (the set's exits since ``judge_from``) says so, else
+        ``None``."""
+        saving = measured.saving_ms()
+        if measured.count < self.settings.min_fresh:
             return None
         tuned = dict(self.current.thresholds) if thresholds is None else \
             {r: float(t) for r, t in zip(view.ramps, thresholds)}
@@ -370,12 +377,11 @@ class ModelController:
             LOGGER.info("%s: ramps %s rolled back to %s: measured saving %.2f ms, not above %.2f ms",
                         self.manifest.name, view.ramps, sorted(trial.previous), saving, trial.baseline_ms)
             if not trial.previous:
-                return self._switch_off(tuned, "the probe did not pay either",
-                                        measured_exits(view, self.judge_from, self.baseline))
+                return self._switch_off(tuned, "the probe did not pay either", measured)
             return dict(trial.previous)
         if saving <= 0:
             return self._switch_off(tuned, f"early exits do not pay at the current load ({saving:.2f} ms measured)",
-                                    measured_exits(view, self.judge_from, self.baseline))
+                                    measured)
         active = self.adjuster.propose(view.ramps, np.asarray([tuned[r] for r in view.ramps]), view.confidence,
                                        latency)
         if active is None:
@@ -412,12 +418,14 @@ class ModelController:
         adaptive entry ~10 points of median). So the parts measured before the switch-off are priced at the
         utilisation the backends report with every exit off, and the probe is skipped, backing off as a failed one
         does, while they predict no saving. With no measurement (the exits never opened) or too little feedback since
-        (little traffic), the probe goes ahead.
+        (little traffic), the probe goes ahead. Only the mean part is priced (``MeasuredExits.mean_saving_ms``): the
+        median request's saving depends on the share of inputs that exit, which only a probe can measure again
+        (traffic may have changed while the exits were off); the probe is judged on both.
         """
         view = self.window.view()
         if self.parked_cost is None or self.window.ramps != () or view.size < self.settings.min_fresh:
             return True
-        predicted = self.parked_cost.saving_ms(view.busy)
+        predicted = self.parked_cost.mean_saving_ms(view.busy)
         if predicted > 0:
             return True
         LOGGER.info("%s: not probing ramps %s for %.0f s: at %.0f%% busy their measured work predicts %.2f ms "

@@ -85,14 +85,15 @@ class FeedbackWindow:
         self._replicas: Counter[str] = Counter()  # samples held per replica
         self.fresh = 0
 
-    def add(self, record: FeedbackRecord) -> None:
+    def add(self, record: FeedbackRecord, fresh: bool = True) -> None:
+        """Keep ``record``'s samples, counting them in ``fresh`` (towards the next round) when ``fresh``."""
         if record.ramps != self.ramps:
             self.clear()
             self.ramps = record.ramps
         self._records.append(record)
         self._samples += record.batch_size
         self._replicas[record.replica] += record.batch_size
-        self.fresh += record.batch_size
+        self.fresh += record.batch_size if fresh else 0
         while self._records and self._samples - self._records[0].batch_size >= self.capacity:
             oldest = self._records.popleft()
             self._samples -= oldest.batch_size

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from controller.guard import AccuracyGuard
-from controller.tuner import ThresholdTuner, TunerSettings, _Climb, evaluate, tune_held_out
+from controller.tuner import ThresholdTuner, TunerSettings, _Climb, descending_order, evaluate, tune_held_out
 from early_exit.exit_rule import NEVER_EXIT
 
 
@@ -60,20 +60,44 @@ def test_incremental_bookkeeping_matches_a_full_evaluation() -> None:
 def test_the_climbs_running_totals_match_a_full_evaluation_from_any_start(seed: int) -> None:
     """The climb prices moves from per-position gains it rewrites after each move; the saving it reports must be
     what a full evaluation of its thresholds gives, from "no exits" and from admitted thresholds in use, including
-    on confidences with many ties (which move together), of exactly 1.0, and NaN (a malformed input's)."""
+    on confidences with many ties (which move together), of exactly 1.0, and NaN (a malformed input's). From
+    thresholds the guard does not admit it does not climb at all."""
     rng = np.random.default_rng(seed)
     confidence, prediction, final, exit_ms = _window(rng, 7, 1200)
-    confidence = np.round(confidence, 2)  # a hundred distinct values: plateaus of tied samples, some at 1.0
+    confidence = np.round(confidence, 2).astype(np.float32)  # a hundred distinct values: plateaus, some at 1.0
     confidence[rng.random(confidence.shape) < 0.01] = np.nan
     settings = TunerSettings(guard=AccuracyGuard(0.03, 1.0))
     climb = _Climb(confidence, prediction, final, exit_ms)
     correct = prediction == final[None, :]
-    starts = [np.full(7, NEVER_EXIT), ThresholdTuner(settings).tune(confidence, prediction, final, exit_ms) + 0.02]
-    for start in starts:
-        thresholds, saving = climb.run(np.minimum(start, NEVER_EXIT), 0.1, settings)
+    stricter = ThresholdTuner(TunerSettings(guard=AccuracyGuard(0.01, 1.0)))
+    tuned = ThresholdTuner(settings).tune(confidence, prediction, final, exit_ms)
+    starts = [np.full(7, NEVER_EXIT), stricter.tune(confidence, prediction, final, exit_ms), tuned + 0.02]
+    climbed = 0
+    for start in np.minimum(starts, NEVER_EXIT):
+        before = evaluate(start, confidence, correct, exit_ms)
+        result = climb.run(start, 0.1, settings)
+        if not settings.guard.admits(round(before.accuracy * 1200), 1200):
+            assert result is None
+            continue
+        thresholds, saving = result
         full = evaluate(thresholds, confidence, correct, exit_ms)
         assert saving == pytest.approx(full.saving_ms, abs=1e-9)
         assert settings.guard.admits(round(full.accuracy * 1200), 1200)
+        climbed += int(full.saving_ms > before.saving_ms)
+    assert climbed >= 2  # at least from "no exits" and from the stricter guard's thresholds it found more saving
+
+
+def test_descending_order_sorts_each_row_like_a_comparison_sort() -> None:
+    """The radix sort of the float bits orders every row as a comparison sort would: ties, zeros of both signs,
+    negative values (the climb's stand-in for NaN), subnormals and the largest float32 below 1.0."""
+    rng = np.random.default_rng(11)
+    confidence = rng.random((5, 3000)).astype(np.float32)
+    confidence[:, :200] = np.round(confidence[:, :200], 1)
+    confidence[0, :4] = [0.0, -0.0, -1.0, np.float32(1e-42)]
+    confidence[1, :3] = [np.nextafter(np.float32(1), np.float32(0)), -0.5, -1.0]
+    order = descending_order(confidence)
+    assert (np.sort(order, axis=1) == np.arange(3000)).all()  # a permutation of every row
+    np.testing.assert_array_equal(np.take_along_axis(confidence, order, axis=1), -np.sort(-confidence, axis=1))
 
 
 def test_no_affordable_exit_keeps_every_ramp_closed() -> None:
@@ -156,3 +180,37 @@ def test_held_out_tuning_refuses_a_ramp_that_is_right_only_on_the_samples_it_was
     # held out, it is refused at every halving of the budget, until the halved budget cannot open anything at all
     chosen = tune_held_out(settings, confidence, prediction, final, exit_ms, held_out)
     assert chosen is not None and (chosen == NEVER_EXIT).all()
+
+
+def _overfit_window() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One ramp, 2,000 samples at confidences spread over [0, 1): the chosen half disagrees only below 0.5, so the
+    climb's free moves lower the threshold to ~0.5 at any budget; the held-out half disagrees 10 times between 0.5
+    and 0.7 (6 of 1,000 admitted), and never above."""
+    n = 2000
+    held_out = np.arange(n) % 2 == 1
+    confidence = np.random.default_rng(7).permutation(np.linspace(0.0, 1.0, n, endpoint=False))
+    final = np.zeros(n, dtype=int)
+    band = np.flatnonzero(held_out & (confidence > 0.5) & (confidence < 0.7))
+    wrong = np.zeros(n, dtype=bool)
+    wrong[band[:: len(band) // 10][:10]] = True
+    wrong |= ~held_out & (confidence < 0.5) & (np.arange(n) % 20 == 0)
+    prediction = np.where(wrong, 1, 0)[None, :]
+    return confidence.astype(np.float32)[None, :], prediction, final, np.array([1.0, 10.0]), held_out
+
+
+def test_held_out_tuning_from_no_exits_backs_off_a_choice_every_halving_overfits() -> None:
+    confidence, prediction, final, exit_ms, held_out = _overfit_window()
+    assert (prediction[0] != final)[held_out].sum() == 10
+    settings = TunerSettings(guard=AccuracyGuard(budget=0.01, z=1.0))
+    chosen = tune_held_out(settings, confidence, prediction, final, exit_ms, held_out, np.array([NEVER_EXIT]))
+    assert chosen is not None and 0.7 <= chosen[0] < NEVER_EXIT  # above every held-out disagreement, and open
+    correct = prediction[:, held_out] == final[None, held_out]
+    assert evaluate(chosen, confidence[:, held_out], correct, exit_ms).accuracy == 1.0
+
+
+def test_held_out_tuning_with_exits_open_does_not_back_off_to_a_tighter_choice() -> None:
+    """The caller keeps open thresholds (or backs them off on a breach) when nothing is certified."""
+    confidence, prediction, final, exit_ms, held_out = _overfit_window()
+    settings = TunerSettings(guard=AccuracyGuard(budget=0.01, z=1.0))
+    chosen = tune_held_out(settings, confidence, prediction, final, exit_ms, held_out, np.array([0.6]))
+    assert chosen is None or (chosen == NEVER_EXIT).all()

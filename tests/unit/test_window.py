@@ -1,6 +1,7 @@
 import numpy as np
+import pytest
 
-from controller.latency import realised_saving_ms
+from controller.latency import measured_exits
 from controller.window import FeedbackWindow
 from early_exit.feedback import BatchTiming, FeedbackRecord
 
@@ -59,9 +60,27 @@ def test_measured_saving_counts_early_answers_and_charges_overhead() -> None:
                               np.array([0, 0, 1, 1]), _timing(4, 10.0, 1.0, 10.0, answers)))
     view = window.view()
     assert abs(view.busy - 20.0 / 30.0) < 1e-9  # the first batch's idle time precedes the window
-    saving, count = realised_saving_ms(view)
+    measured = measured_exits(view)
+    saving, count = measured.saving_ms(), measured.count
     in_batch = np.mean(9.0 - answers)  # vanilla would have answered everyone at 10 - 1 ms
     assert count == 8 and abs(saving - (in_batch - 1.0 * (2 / 3) / (1 / 3))) < 1e-6
+
+
+def test_measured_saving_is_the_median_requests_when_fewer_than_half_exit() -> None:
+    """A third of the samples answered at 3 ms, the rest at the end of a 10 ms batch with 1 ms of early-exit work:
+    on average the exits save time, but the median request waits 1 ms longer than on the vanilla model."""
+    window = FeedbackWindow(capacity=100)
+    answers = np.array([3.0, 10.0, 10.0])
+    for _ in range(4):
+        window.add(FeedbackRecord("m", 1, (0,), np.ones((1, 3), np.float32), np.zeros((1, 3), int), np.zeros(3, int),
+                                  np.array([0, 1, 1]), _timing(3, 10.0, 1.0, 10.0, answers)))
+    measured = measured_exits(window.view())
+    queueing = 1.0 * measured.busy / (1 - measured.busy)
+    assert measured.in_batch_ms == pytest.approx(9.0 - np.mean(answers))  # +1.33 ms on average
+    assert measured.median_in_batch_ms == pytest.approx(-1.0)
+    assert measured.saving_ms() == pytest.approx(-1.0 - queueing) and measured.saving_ms() < 0
+    assert measured.mean_saving_ms() == pytest.approx(9.0 - np.mean(answers) - queueing)
+    assert measured.count == 12
 
 
 def test_utilisation_counts_batches_that_sent_no_record() -> None:
@@ -88,6 +107,7 @@ def test_blocks_run_off_the_request_path_count_as_saved_but_not_as_busy() -> Non
                                   np.zeros(2, int), np.zeros(2, int), timing))
     view = window.view()
     assert abs(view.busy - 8.0 / 18.0) < 1e-9
-    saving, count = realised_saving_ms(view)
+    measured = measured_exits(view)
+    saving, count = measured.saving_ms(), measured.count
     rho = 8.0 / 18.0
     assert count == 4 and abs(saving - ((4.0 + 6.0 - 0.5 - 4.0) - 0.5 * rho / (1 - rho))) < 1e-6
