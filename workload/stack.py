@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -32,10 +33,40 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN_DIR = ROOT / "build" / "run"
 
 
+_PORTS_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A loopback port free now, below the kernel's ephemeral range and not handed out before by this process.
+
+    A port the kernel picks for ``bind(0)`` comes from the ephemeral range, which outgoing connections (gRPC and
+    Redis clients, Triton's stubs) draw from too: between this call and the server's bind one of them could take it
+    (a clean-clone test run failed so, "Address already in use"). Ports below that range are only ever taken by a
+    listener asking for them by number."""
+    candidates = list(_below_ephemeral_range())
+    random.shuffle(candidates)
+    for port in candidates:
+        if port in _PORTS_HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_HANDED_OUT.add(port)
+        return port
+    with socket.socket() as sock:  # no room below the ephemeral range: let the kernel pick
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _below_ephemeral_range() -> range:
+    """Up to 16,384 unprivileged ports just below the kernel's ephemeral range (Linux's default 32768-60999)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(max(1024, low - 16384), low)
 
 
 def _wait(predicate, timeout: float, what: str, process: subprocess.Popen | None = None, log: Path | None = None):
