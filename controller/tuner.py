@@ -58,15 +58,27 @@ class TunerSettings:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Outcome of a threshold vector on a window: agreement (point estimate), mean saving and exit shares."""
+    """Outcome of a threshold vector on a window: agreement (point estimate), the mean and the median sample's
+    saving against the final layer's answer with the same ramps (their heads are paid either way; less them, the
+    saving against the model without ramps), and exit shares."""
 
     accuracy: float
     saving_ms: float
     exit_rates: np.ndarray  # per active ramp, then final
+    median_saving_ms: float = 0.0
+
+    @property
+    def assured_saving_ms(self) -> float:
+        """The smaller of the mean and the median sample's saving: what a ramp set must offer to pay by the
+        controller's rule for measured exits (``MeasuredExits.saving_ms``). The mean alone favours shallow ramps that
+        a minority of inputs take, while every other input pays for their heads: on ResNet-56 ramps at 41-52 % depth
+        modelled a 20 % mean saving and a 2 % median loss, where one of them with a ramp at 74 % depth modelled 24 %
+        and 25 %."""
+        return min(self.saving_ms, self.median_saving_ms)
 
 
 def evaluate(thresholds: np.ndarray, confidence: np.ndarray, correct: np.ndarray, exit_ms: np.ndarray) -> Evaluation:
-    """Agreement and mean saving of ``thresholds`` ``[R]`` on ``confidence`` / ``correct`` ``[R, N]``, with
+    """Agreement and savings of ``thresholds`` ``[R]`` on ``confidence`` / ``correct`` ``[R, N]``, with
     ``exit_ms`` ``[R + 1]`` the latency of answering at each ramp and at the final layer."""
     n = confidence.shape[1]
     if n == 0:
@@ -74,7 +86,9 @@ def evaluate(thresholds: np.ndarray, confidence: np.ndarray, correct: np.ndarray
     first = first_exit(confidence, thresholds)
     agree = np.append(correct, np.ones((1, n), dtype=bool), axis=0)[first, np.arange(n)]
     rates = np.bincount(first, minlength=len(exit_ms)) / n
-    return Evaluation(float(agree.mean()), float(exit_ms[-1] - exit_ms[first].mean()), rates)
+    latency = exit_ms[first]
+    return Evaluation(float(agree.mean()), float(exit_ms[-1] - latency.mean()), rates,
+                      float(exit_ms[-1] - np.median(latency)))
 
 
 def descending_order(confidence: np.ndarray) -> np.ndarray:

@@ -12,9 +12,9 @@ What a classifier's ``prepare`` does with trained ramps, this does with the mode
    the controller's latency model needs no second measurement at load.
 4. **Exits.** Each candidate layer's ramp is evaluated on the continuations (teacher forcing: the hidden states
    the decoder would see, since its KV caches are exact), and the classifiers' selection picks the layers and
-   thresholds (``choose_initial_ramps``: candidates ranked by the modelled time they save per millisecond of ramp
-   cost, added while the ramps' overhead stays within budget and the jointly tuned saving grows, agreement held to
-   the budget by the controller's guard). Only chosen layers enter the entry: every ramp is paid by every eligible
+   thresholds (``choose_initial_ramps``: candidates added one at a time, each step the one whose set with jointly
+   tuned thresholds saves the most mean time per token, while the ramps' overhead stays within budget and that saving
+   grows, agreement held to the budget by the controller's guard). Only chosen layers enter the entry: every ramp is paid by every eligible
    token, and the controller tunes the thresholds of an LLM entry's layers but never changes the set.
 
 The summary says, per layer, how often its ramp agrees with the original model, what share of tokens it could
@@ -125,7 +125,7 @@ def choose_exits(confidence: np.ndarray, prediction: np.ndarray, final: np.ndarr
     """The exit layers worth their ramps with their thresholds (decoder layer -> threshold), and per candidate layer
     what it does under them."""
     chosen = choose_initial_ramps(latency, confidence, prediction, final, guard, overhead_budget,
-                                  [layer - 1 for layer in layers])
+                                  [layer - 1 for layer in layers], objective="mean")
     exits = {ramp + 1: threshold for ramp, threshold in chosen.items()}
     rows = [layers.index(layer) for layer in sorted(exits)]
     first = first_exit(confidence[rows], np.asarray([exits[layer] for layer in sorted(exits)]))

@@ -1,6 +1,8 @@
 import numpy as np
 
-from controller.prepare.pipeline import answerable_share
+from controller.guard import AccuracyGuard
+from controller.latency import LatencyModel
+from controller.prepare.pipeline import answerable_share, choose_initial_ramps
 
 
 def test_answerable_share_takes_the_most_confident_samples_while_they_keep_the_floor() -> None:
@@ -15,3 +17,33 @@ def test_answerable_share_takes_the_most_confident_samples_while_they_keep_the_f
 def test_a_ramp_whose_most_confident_sample_disagrees_answers_nothing_at_a_strict_floor() -> None:
     assert answerable_share(np.array([0.9, 0.1]), np.array([False, True]), 0.99) == 0.0
     assert answerable_share(np.array([0.9, 0.1]), np.array([False, True]), 0.5) == 1.0
+
+
+LATENCY = LatencyModel(block_ms=np.ones(4), ramp_ms=np.full(3, 0.01), ramp_after_block=np.array([0, 1, 2]))
+
+
+def _validation(confident_share: list[float], n: int = 1000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per ramp, the first ``confident_share`` of the samples agree with the final answer at confidence 0.99; the
+    others are a coin toss at confidence 0.5."""
+    final = np.zeros(n, dtype=int)
+    confidence = np.full((len(confident_share), n), 0.5, dtype=np.float32)  # as ramps report it
+    prediction = np.tile(np.arange(n) % 2, (len(confident_share), 1))
+    for ramp, share in enumerate(confident_share):
+        confidence[ramp, : int(share * n)] = 0.99
+        prediction[ramp, : int(share * n)] = 0
+    return confidence, prediction, final
+
+
+def test_the_initial_ramp_is_the_one_the_median_request_takes_not_the_shallowest_saver() -> None:
+    """Ramp 0 saves more on the mean (30 % of inputs skip three blocks) but the median input passes it and pays its
+    head; ramp 2 answers 70 % of them a block early."""
+    confidence, prediction, final = _validation([0.3, 0.0, 0.7])
+    guard = AccuracyGuard(budget=0.01, z=0.0)
+    one_ramp = 0.003  # of the 4 ms pass: room for one 0.01 ms head
+    assert list(choose_initial_ramps(LATENCY, confidence, prediction, final, guard, one_ramp)) == [2]
+    assert list(choose_initial_ramps(LATENCY, confidence, prediction, final, guard, 0.02)) == [0, 2]
+
+
+def test_no_initial_ramp_when_none_moves_the_median_request() -> None:
+    confidence, prediction, final = _validation([0.3, 0.2, 0.4])
+    assert choose_initial_ramps(LATENCY, confidence, prediction, final, AccuracyGuard(z=0.0), 0.02) == {}

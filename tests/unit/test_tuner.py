@@ -214,3 +214,13 @@ def test_held_out_tuning_with_exits_open_does_not_back_off_to_a_tighter_choice()
     settings = TunerSettings(guard=AccuracyGuard(budget=0.01, z=1.0))
     chosen = tune_held_out(settings, confidence, prediction, final, exit_ms, held_out, np.array([0.6]))
     assert chosen is None or (chosen == NEVER_EXIT).all()
+
+
+def test_evaluation_prices_the_median_sample_apart_from_the_mean() -> None:
+    """Two samples of five exit at the ramp: the mean gains, the median sample runs to the final layer."""
+    exit_ms = np.array([1.0, 4.5])  # the ramp's answer, the final layer's
+    confidence = np.array([[0.9, 0.9, 0.1, 0.1, 0.1]], dtype=np.float32)
+    outcome = evaluate(np.array([0.5]), confidence, np.ones((1, 5), dtype=bool), exit_ms)
+    assert outcome.saving_ms == pytest.approx(0.4 * 3.5)
+    assert outcome.median_saving_ms == 0.0
+    assert outcome.assured_saving_ms == 0.0
