@@ -99,6 +99,16 @@ def test_a_window_too_small_to_decide_keeps_the_current_thresholds() -> None:
     assert controller.current.thresholds == {0: 0.9}
 
 
+def test_a_window_too_small_to_decide_still_acts_on_a_clear_breach() -> None:
+    """Probed exits parked before the traffic changed: their new window is too small to certify anything, but their
+    answers clearly breach the budget, so they back off (here: close, no back-off that exits meets it)."""
+    controller = _controller(z=1.645, min_fresh=64)
+    controller.current = ExitConfig("m", 1, {0: 0.9})
+    closed = _feed(controller, _records(1, 96, ramp_right=False, exit_value=0))
+    assert not controller.guard.decidable(48)
+    assert closed is not None and closed.thresholds[0] >= NEVER_EXIT
+
+
 def test_accuracy_breach_closes_the_ramp() -> None:
     controller = _controller()
     opened = _feed(controller, _records(1, 400, ramp_right=True))
