@@ -41,7 +41,7 @@ def free_port() -> int:
 
     A port the kernel picks for ``bind(0)`` comes from the ephemeral range, which outgoing connections (gRPC and
     Redis clients, Triton's stubs) draw from too: between this call and the server's bind one of them could take it
-    (a clean-clone test run failed so, "Address already in use"). Ports below that range are only ever taken by a
+    (a CI run failed so: "Address already in use"). Ports below that range are only ever taken by a
     listener asking for them by number."""
     candidates = list(_below_ephemeral_range())
     random.shuffle(candidates)

@@ -14,8 +14,9 @@ What a classifier's ``prepare`` does with trained ramps, this does with the mode
    the decoder would see, since its KV caches are exact), and the classifiers' selection picks the layers and
    thresholds (``choose_initial_ramps``: candidates added one at a time, each step the one whose set with jointly
    tuned thresholds saves the most mean time per token, while the ramps' overhead stays within budget and that saving
-   grows, agreement held to the budget by the controller's guard). Only chosen layers enter the entry: every ramp is paid by every eligible
-   token, and the controller tunes the thresholds of an LLM entry's layers but never changes the set.
+   grows, agreement held to the budget by the controller's guard). Only chosen layers enter the entry: every ramp is
+   paid by every eligible token, and the controller tunes the thresholds of an LLM entry's layers but never changes
+   the set.
 
 The summary says, per layer, how often its ramp agrees with the original model, what share of tokens it could
 answer alone within the budget (the ceiling of that depth) and what the chosen thresholds exit there.
