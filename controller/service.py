@@ -54,7 +54,7 @@ from controller.tuner import TunerSettings, back_off, evaluate, tune_held_out
 from controller.window import FeedbackWindow, WindowView
 from early_exit.errors import EarlyExitError
 from early_exit.exit_config import ExitConfig
-from early_exit.exit_rule import NEVER_EXIT, TIGHTEST_OPEN, first_exit
+from early_exit.exit_rule import NEVER_EXIT, TIGHTEST_OPEN, any_exit
 from early_exit.feedback import FeedbackRecord
 from early_exit.keys import DEFAULT_PREFIX, RedisKeys
 from early_exit.manifest import Manifest
@@ -241,7 +241,7 @@ class ModelController:
         # An E3 deployment's exits are its block boundaries: only a new plan moves them. A round whose tuning closes
         # every open exit (no sample of the window would exit) is about accuracy, not about the set: utilities under
         # closed thresholds are all zero, and a trial started from them, or its rollback, would publish closed ones.
-        closing = thresholds is not None and not _opens(view, thresholds)
+        closing = thresholds is not None and not any_exit(view.confidence, thresholds)
         closing &= any(t < NEVER_EXIT for t in self.current.thresholds.values())
         measured = measured_exits(view, self.judge_from, self.baseline)
         if self.settings.adjust_every and due and not breached and not closing and not self.manifest.exits_fixed:
@@ -321,7 +321,7 @@ class ModelController:
         thresholds = tune_held_out(self.settings.tuner, view.confidence, view.prediction, view.final, exit_ms,
                                    ~choose, start)
         if thresholds is not None:
-            if failing and _opens(view, thresholds):
+            if failing and any_exit(view.confidence, thresholds):
                 return thresholds  # a breach takes any certified tuning that still exits
             if not failing and evaluate(thresholds, view.confidence, correct, exit_ms).saving_ms >= now.saving_ms \
                     and (shortfall is None or self._agreement(thresholds, shortfall, exit_ms) >= self.guard.floor):
@@ -345,7 +345,7 @@ class ModelController:
         """``current`` backed off just until ``samples`` (of ``view``) would have met the budget; when no back-off
         that still exits on ``view`` does, every exit closed (``close``) or ``None`` (keep what is in use)."""
         tightened = self._back_off(current, samples, exit_ms, lambda accuracy: accuracy >= self.guard.floor)
-        if _opens(view, tightened):
+        if any_exit(view.confidence, tightened):
             return _snapped(tightened, view.confidence)
         return np.full(len(current), NEVER_EXIT) if close else None
 
@@ -448,11 +448,6 @@ class ModelController:
         self.trial = Trial({}, 0.0)
         LOGGER.info("%s: probing ramps %s again", self.manifest.name, sorted(thresholds))
         return self._publishable(thresholds)
-
-
-def _opens(view: WindowView, thresholds: np.ndarray) -> bool:
-    """Whether any sample of the window would exit at a ramp under ``thresholds``."""
-    return bool((first_exit(view.confidence, thresholds) < len(view.ramps)).any())
 
 
 def _percentages(shares: list[float]) -> str:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from controller.guard import AccuracyGuard
-from early_exit.exit_rule import NEVER_EXIT, TIGHTEST_OPEN, first_exit
+from early_exit.exit_rule import NEVER_EXIT, TIGHTEST_OPEN, any_exit, first_exit
 
 
 @dataclass(frozen=True)
@@ -330,7 +330,7 @@ def tune_held_out(
             if exits or rejected is None or not opening:
                 return thresholds
             backed = back_off(rejected, confidence[:, held_out], correct, exit_ms, admitted)
-            return backed if (first_exit(confidence, backed) < len(confidence)).any() else thresholds
+            return backed if any_exit(confidence, backed) else thresholds
         rejected = thresholds if exits else rejected
         guard = replace(guard, budget=guard.budget / 2)
     return None

@@ -39,6 +39,11 @@ def first_exit(confidence: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     return np.where(exits.any(axis=-2), exits.argmax(axis=-2), confidence.shape[0])
 
 
+def any_exit(confidence: np.ndarray, thresholds: np.ndarray) -> bool:
+    """Whether any sample of ``confidence`` ``[R, N]`` exits at a ramp under ``thresholds`` ``[R]``."""
+    return bool((first_exit(confidence, thresholds) < confidence.shape[0]).any())
+
+
 def served_predictions(prediction: np.ndarray, final: np.ndarray, first: np.ndarray) -> np.ndarray:
     """The answer each sample gets: its exit ramp's prediction, or the original model's when it exits nowhere.
 

@@ -227,10 +227,10 @@ def choose_initial_ramps(
     best_thresholds: dict[int, float] = {}
     while True:
         step: tuple[float, list[int], np.ndarray] | None = None
-        for row in range(len(ids)):
+        for row in (r for r in range(len(ids)) if r not in chosen):
             trial = sorted([*chosen, row])
             trial_ids = [ids[r] for r in trial]
-            if row in chosen or latency.overhead_fraction(trial_ids) > overhead_budget:
+            if latency.overhead_fraction(trial_ids) > overhead_budget:
                 continue
             exit_ms = latency.exit_latencies(trial_ids)
             thresholds = tuner.tune(confidence[trial], prediction[trial], final, exit_ms)
