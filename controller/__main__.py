@@ -10,7 +10,8 @@ import sys
 from controller.adjuster import AdjusterSettings
 from controller.e3_resizer import ResizerSettings
 from controller.guard import AccuracyGuard
-from controller.service import ControllerService, ControllerSettings
+from controller.model_controller import ControllerSettings
+from controller.service import ControllerService
 from controller.tuner import TunerSettings
 from early_exit.keys import DEFAULT_PREFIX
 from early_exit.redis_connection import redis_client

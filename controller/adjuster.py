@@ -6,7 +6,7 @@ exiting (its own cost). Ramps with non-positive utility are dropped. One candida
 (halfway towards the deepest ramp, or the neighbour) is tried, as long as the active set stays within the overhead
 budget; it enters with threshold 1.0 (observe only) and the tuner opens it once its feedback fills the window.
 Utilities here come from the profile; whether a new set really pays is judged on measured latency by the
-controller, which rolls a losing set back (``controller.service``).
+controller, which rolls a losing set back (``controller.model_controller``).
 """
 
 from __future__ import annotations

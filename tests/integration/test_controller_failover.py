@@ -19,7 +19,8 @@ from controller.config_store import read_config
 from controller.service import GROUP
 from early_exit.keys import RedisKeys
 from tests.integration.conftest import watch_versions
-from tests.unit.test_service import _manifest, _records, _register
+from tests.unit.test_model_controller import _manifest, _records
+from tests.unit.test_service import _register
 from workload.stack import Process, free_port, start_controller, start_redis
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,8 @@ import redis
 from controller.config_store import read_config
 from early_exit.exit_rule import NEVER_EXIT
 from early_exit.keys import RedisKeys
-from tests.unit.test_service import _manifest, _records, _send, _service
+from tests.unit.test_model_controller import _manifest, _records
+from tests.unit.test_service import _send, _service
 
 NAMES = ["m", "m:config", "m:feedback", "team:m", "team", "a:b:c", "models", "m:config:notify"]
 

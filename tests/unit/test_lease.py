@@ -14,7 +14,8 @@ from controller.lease import Lease, LeaseLostError
 from controller.service import GROUP, ControllerService
 from early_exit.exit_config import ExitConfig
 from early_exit.keys import RedisKeys
-from tests.unit.test_service import _manifest, _records, _register, _send, _service
+from tests.unit.test_model_controller import _manifest, _records
+from tests.unit.test_service import _register, _send, _service
 
 KEY = RedisKeys.controller_lease()
 KEYS = RedisKeys("m")
