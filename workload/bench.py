@@ -24,17 +24,22 @@ that capacity is no measure of load on a CPU, where batches of 32 cost far less 
 moderate trace forms (ResNet-56: 25 % of saturated capacity kept the server 70-85 % busy). The Poisson and bursty traces
 are cut into ``--rounds`` segments, and each segment is replayed against every system in turn (rotating order): on a
 shared machine whose speed drifts by ±10 % over minutes, running whole traces one system after the other measured the
-machine as much as the systems. The controller runs through the adaptive phase only, so adaptive is paired with vanilla
-segments of its own phase. Spread: every median saving is also given per segment (min to max). The controller's own CPU
+machine as much as the systems. Off and static are served by a twin of the early-exit entry (``<model>_fixed``: the
+same files under a second name), so they share one phase, and one set of vanilla segments, with adaptive while the
+controller runs on the entry it controls; hindsight, known only once adaptive's agreement is, follows in a second
+phase with vanilla segments of its own. Spread: every median saving is also given per segment (min to max). The controller's own CPU
 time and the tuner's cost are reported. Writes ``report.md`` and PNG plots to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +74,8 @@ from workload.tuner_cost import tuning_ms
 WINDOW = 2000
 CONTROLLER_ARGS = ["--min-fresh", "256", "--window", str(WINDOW)]
 Inputs = dict[str, np.ndarray]
+#: Systems that keep one configuration, served by the twin entry (``fixed_entry``).
+FIXED = ("off", "static", "hindsight")
 
 
 @dataclass
@@ -99,6 +106,39 @@ class Run:
 
 def _take(inputs: Inputs, index: slice | np.ndarray) -> Inputs:
     return {name: array[index] for name, array in inputs.items()}
+
+
+def fixed_entry(model: str) -> str:
+    """The twin of early-exit entry ``model`` that serves the systems with one fixed configuration."""
+    return f"{model}_fixed"
+
+
+def entry(model: str, system: str) -> str:
+    """The entry that serves ``system``: the vanilla twin, the controlled entry (adaptive) or the fixed twin."""
+    if system == "vanilla":
+        return f"{model}_vanilla"
+    return fixed_entry(model) if system in FIXED else model
+
+
+@contextlib.contextmanager
+def bench_repository(repository: Path, model: str) -> Iterator[Path]:
+    """A repository holding ``model``, its vanilla twin and its fixed twin: ``model``'s configuration under the name
+    ``fixed_entry(model)`` with its version folders linked, nothing copied. The fixed systems run on the twin, so they
+    can share a phase with the controller, which is told to control ``model`` only: it neither tunes on their
+    feedback nor overwrites their thresholds."""
+    with tempfile.TemporaryDirectory(prefix="bench-repository-") as folder:
+        view = Path(folder)
+        for name in (model, f"{model}_vanilla"):
+            (view / name).symlink_to((repository / name).resolve(), target_is_directory=True)
+        twin = view / fixed_entry(model)
+        twin.mkdir()
+        config = (repository / model / "config.pbtxt").read_text(encoding="utf-8")
+        renamed = re.sub(r'^name:\s*"[^"]*"', f'name: "{twin.name}"', config, count=1, flags=re.MULTILINE)
+        (twin / "config.pbtxt").write_text(renamed, encoding="utf-8")
+        for version in (repository / model).resolve().iterdir():
+            if version.is_dir():
+                (twin / version.name).symlink_to(version, target_is_directory=True)
+        yield view
 
 
 def _set_config(client: redis.Redis, model: str, thresholds: dict[int, float]) -> ExitConfig | None:
@@ -144,10 +184,15 @@ def add_noise(images: np.ndarray, start_fraction: float, max_sigma: float, seed:
     return np.clip(images.astype(np.float32) + noise, 0, 255).astype(np.uint8)
 
 
+def _start_controller(stack: Stack, model: str, log_dir: Path) -> Process:
+    """The controller, controlling ``model`` only (never its fixed twin)."""
+    return stack.start_controller(log_dir, [*CONTROLLER_ARGS, "--model", model])
+
+
 def _start_adaptive(stack: Stack, model: str, warm: Inputs, arrivals: np.ndarray, log_dir: Path) -> Process:
     """Start the controller and let it tune on ``warm`` (other inputs, Poisson at the rate of ``arrivals``) before
     anything is measured."""
-    controller = stack.start_controller(log_dir, CONTROLLER_ARGS)
+    controller = _start_controller(stack, model, log_dir)
     count = len(next(iter(warm.values())))
     replay(stack.grpc_url, model, warm, poisson_arrivals(count, len(arrivals) / arrivals[-1], seed=4))
     return controller
@@ -158,7 +203,7 @@ def run_system(stack: Stack, system: str, trace: str, model: str, inputs: Inputs
     """Replay one whole trace against one system; ``adaptive`` first runs the controller on ``warm`` at the same
     rate. (The drift scenario: adaptation over the trace is what it measures, so it is not interleaved.)"""
     client = redis.Redis.from_url(stack.redis_url)
-    _set_config(client, model, {} if system == "off" else static)
+    _set_config(client, entry(model, system), {} if system == "off" else static)
     controller = _start_adaptive(stack, model, warm, arrivals, log_dir) if system == "adaptive" else None
     cpu_before, started = controller.cpu_seconds() if controller else 0.0, time.perf_counter()
     answers, configs, seconds, busy = _segment(stack, client, system, model, inputs, arrivals, 0)
@@ -179,14 +224,14 @@ def _segment(stack: Stack, client: redis.Redis, system: str, model: str, inputs:
              first: int) -> tuple[list[Answer], ConfigTimeline, float, float]:
     """Replay one segment of a trace (requests ``first...``) against one system: its answers, the configurations
     seen, its duration and the served entry's compute seconds over it."""
-    name = f"{model}_vanilla" if system == "vanilla" else model
+    name = entry(model, system)
     answers: list[Answer] = []
     worker = threading.Thread(target=replay, args=(stack.grpc_url, name, inputs, arrivals - arrivals[0]),
                               kwargs={"answers": answers})
     busy = compute_seconds(stack.grpc_url, name)
     started = time.perf_counter()
     worker.start()
-    configs = record_configs(client, model, worker, interval=0.1)
+    configs = record_configs(client, name, worker, interval=0.1)
     seconds = time.perf_counter() - started
     busy = compute_seconds(stack.grpc_url, name) - busy
     for answer in answers:
@@ -199,8 +244,8 @@ def run_phase(stack: Stack, trace: str, model: str, inputs: Inputs, arrivals: np
     """Replay ``arrivals`` in ``rounds`` consecutive segments; each segment goes to every one of ``systems`` in turn
     (the order rotating per round), so every system meets the same slow and fast spells of this shared machine and
     each ratio pairs answers to the same requests measured minutes apart at most. ``fixed`` holds the thresholds of
-    the systems that keep one configuration; with ``adaptive`` among ``systems`` the controller runs through the
-    phase, starting from static's thresholds."""
+    the systems that keep one configuration (served by the fixed twin); with ``adaptive`` among ``systems`` the
+    controller runs through the phase on the controlled entry, starting from static's thresholds."""
     client = redis.Redis.from_url(stack.redis_url)
     controller = None
     if "adaptive" in systems:
@@ -211,7 +256,7 @@ def run_phase(stack: Stack, trace: str, model: str, inputs: Inputs, arrivals: np
     for k, index in enumerate(np.array_split(np.arange(len(arrivals)), rounds)):
         for system in systems[k % len(systems):] + systems[: k % len(systems)]:
             if system in fixed:
-                _set_config(client, model, fixed[system])
+                _set_config(client, entry(model, system), fixed[system])
             answers, configs, seconds, busy = _segment(stack, client, system, model, _take(inputs, index),
                                                        arrivals[index], int(index[0]))
             run = measured[system]
@@ -229,20 +274,18 @@ def run_phase(stack: Stack, trace: str, model: str, inputs: Inputs, arrivals: np
 def run_interleaved(stack: Stack, trace: str, model: str, inputs: Inputs, arrivals: np.ndarray,
                     static: dict[int, float], hindsight_at: Callable[[float], dict[int, float]], warm: Inputs,
                     log_dir: Path, rounds: int) -> tuple[dict[str, Run], dict[str, Run], dict[int, float]]:
-    """Every system on one trace, in two phases with their own vanilla segments: vanilla and adaptive with the
-    controller running, then vanilla, off, static and hindsight (the controller would otherwise tune on the fixed
-    systems' feedback and overwrite their thresholds). Hindsight's thresholds are ``hindsight_at`` adaptive's served
-    agreement, so the two are compared at equal agreement. Returns each system's run, the vanilla run of its phase
-    (its baseline) and hindsight's thresholds."""
-    phase = run_phase(stack, trace, model, inputs, arrivals, ("vanilla", "adaptive"), {"static": static}, warm,
-                      log_dir, rounds)
-    original = np.array([a.label for a in phase["vanilla"].answers])
-    hindsight = hindsight_at(float(phase["adaptive"].agreement(original).mean()))
-    fixed = {"off": {}, "static": static, "hindsight": hindsight}
-    runs = run_phase(stack, trace, model, inputs, arrivals, ("vanilla", "off", "static", "hindsight"), fixed, warm,
-                     log_dir, rounds)
+    """Every system on one trace, in two phases with their own vanilla segments: vanilla, off, static and adaptive
+    with the controller running (off and static on the fixed twin), then vanilla and hindsight, whose thresholds are
+    ``hindsight_at`` adaptive's served agreement, so the two are compared at equal agreement. Returns each system's
+    run, the vanilla run of its phase (its baseline) and hindsight's thresholds."""
+    runs = run_phase(stack, trace, model, inputs, arrivals, ("vanilla", "off", "static", "adaptive"),
+                     {"off": {}, "static": static}, warm, log_dir, rounds)
+    original = np.array([a.label for a in runs["vanilla"].answers])
+    hindsight = hindsight_at(float(runs["adaptive"].agreement(original).mean()))
+    phase = run_phase(stack, trace, model, inputs, arrivals, ("vanilla", "hindsight"), {"hindsight": hindsight},
+                      warm, log_dir, rounds)
     baselines = {system: runs["vanilla"] for system in runs}
-    runs["adaptive"], baselines["adaptive"] = phase["adaptive"], phase["vanilla"]
+    runs["hindsight"], baselines["hindsight"] = phase["hindsight"], phase["vanilla"]
     return runs, baselines, hindsight
 
 
@@ -298,30 +341,24 @@ def budget_bound(confidence: np.ndarray, prediction: np.ndarray, final: np.ndarr
     return outcome.saving_ms / latency.vanilla_ms
 
 
-def measure_capacities(stack: Stack, model: str, sample: Inputs, systems: dict[str, dict[int, float]], rounds: int,
-                       controller_logs: Path | None = None) -> dict[str, list[float]]:
+def measure_capacities(stack: Stack, model: str, sample: Inputs, static: dict[int, float], rounds: int,
+                       log_dir: Path) -> dict[str, list[float]]:
     """Saturated bursts of ``sample``, ``rounds`` times round-robin (one burst is noisy on shared cores): vanilla,
-    then the early-exit entry under each of ``systems`` (name: thresholds). With ``controller_logs`` (its log
-    folder), the controller runs through the bursts, starting from the one system's thresholds, after two unmeasured
-    rounds to settle: the capacity of the adaptive system, which decides for itself whether exits pay at saturation."""
+    off and static (on the fixed twin), and adaptive: the controller runs through the bursts, starting from static's
+    thresholds after two unmeasured rounds to settle, and decides for itself whether exits pay at saturation."""
     client = redis.Redis.from_url(stack.redis_url)
-    controller = None
-    if controller_logs is not None:
-        (thresholds,) = systems.values()
-        _set_config(client, model, thresholds)
-        controller = stack.start_controller(controller_logs, CONTROLLER_ARGS)
-        for _ in range(2):
-            measure_capacity(stack.grpc_url, f"{model}_vanilla", sample)
-            measure_capacity(stack.grpc_url, model, sample)
-    capacity: dict[str, list[float]] = {"vanilla": [], **{name: [] for name in systems}}
+    fixed = {"off": {}, "static": static}
+    for system, thresholds in {**fixed, "adaptive": static}.items():
+        _set_config(client, entry(model, system), thresholds)
+    controller = _start_controller(stack, model, log_dir)
+    for _ in range(2):
+        for system in ("vanilla", "adaptive"):
+            measure_capacity(stack.grpc_url, entry(model, system), sample)
+    capacity: dict[str, list[float]] = {system: [] for system in ("vanilla", *fixed, "adaptive")}
     for _ in range(rounds):
-        capacity["vanilla"].append(measure_capacity(stack.grpc_url, f"{model}_vanilla", sample))
-        for name, thresholds in systems.items():
-            if controller is None:
-                _set_config(client, model, thresholds)
-            capacity[name].append(measure_capacity(stack.grpc_url, model, sample))
-    if controller is not None:
-        controller.stop()
+        for system, values in capacity.items():
+            values.append(measure_capacity(stack.grpc_url, entry(model, system), sample))
+    controller.stop()
     return capacity
 
 
@@ -466,7 +503,7 @@ def _feedback_mode(share: str | None) -> str:
 
 
 def report(args: argparse.Namespace, manifest: Manifest, rate: float, service: float, count: int,
-           capacity: dict[str, list[float]], capacity_adaptive: dict[str, list[float]],
+           capacity: dict[str, list[float]],
            runs: dict[tuple[str, str], Run], baselines: dict[tuple[str, str], Run], drift: dict[str, Run],
            drift_description: str, hindsight: dict[str, dict[int, float]], oracle: float, bound: float,
            tuning: tuple[int, float, float], paths: list[Path]) -> str:
@@ -480,14 +517,14 @@ def report(args: argparse.Namespace, manifest: Manifest, rate: float, service: f
         "the share each system's instance actually spent computing (Triton's statistics).\n",
         f"Saturated capacity (closed loop, all requests at once, batches up to the entry's maximum; median of "
         f"{len(capacity['vanilla'])} rounds, each system's ratio to vanilla's burst of the same round, range over the "
-        f"rounds in brackets): {capacity_summary(capacity)}; with the controller live (started from static's "
-        f"thresholds, two unmeasured rounds to settle): {capacity_summary(capacity_adaptive)}; {rate:.0f} req/s is "
+        f"rounds in brackets; the controller live on adaptive's entry throughout, started from static's thresholds "
+        f"two unmeasured rounds before): {capacity_summary(capacity)}; {rate:.0f} req/s is "
         f"{rate / np.median(capacity['vanilla']):.0%} of vanilla's.\n",
         f"The trace is replayed in {args.rounds} segments; each segment goes to every system in turn, the order "
-        "rotating per round: vanilla and adaptive with the controller running (warmed up first on other inputs), "
-        "then vanilla, off, static and hindsight together. Median saving and p99 change are ratios against "
-        "vanilla's answers to the same requests in the same phase; in brackets the range of the median saving over "
-        "the segments.\n",
+        "rotating per round: vanilla, off, static and adaptive with the controller running (warmed up first on other "
+        "inputs; off and static on a twin of the entry that the controller does not touch), then vanilla and "
+        "hindsight. Median saving and p99 change are ratios against vanilla's answers to the same requests in the "
+        "same phase; in brackets the range of the median saving over the segments.\n",
         "Hindsight serves static's ramps with the thresholds that save the most on these very inputs at the "
         "agreement adaptive served on them (at least the budget's), chosen after the fact from the in-process "
         "verdicts, out of reach of any live policy: "
@@ -561,8 +598,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="serve the early-exit entry with this feedback_share (share of batches traced to the "
                         "final layer; the others stop where their last sample exits); default: as configured")
     parser.add_argument("--capacity-rounds", type=int, default=5,
-                        help="rounds of saturated bursts (vanilla, off, static back to back; then vanilla and "
-                        "adaptive with the controller live) for the capacity figures")
+                        help="rounds of saturated bursts (vanilla, off, static and adaptive back to back, the "
+                        "controller live) for the capacity figures")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results")
     args = parser.parse_args(argv)
     out = args.out / args.model
@@ -586,20 +623,20 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[tuple[str, str], Run] = {}
     baselines: dict[tuple[str, str], Run] = {}
     drift: dict[str, Run] = {}
-    with running_stack(args.repository, models=[args.model, f"{args.model}_vanilla"], with_controller=False,
-                       log_dir=log_dir) as stack:
+    entries = [entry(args.model, system) for system in ("vanilla", "adaptive", "static")]
+    with bench_repository(args.repository, args.model) as repository, \
+            running_stack(repository, models=entries, with_controller=False, log_dir=log_dir) as stack:
         if args.feedback_share is not None:
-            stack.reload(args.model, {"feedback_share": args.feedback_share})
-        for name in (f"{args.model}_vanilla", args.model):  # first batches of each size run slower: not measured
+            for name in entries[1:]:
+                stack.reload(name, {"feedback_share": args.feedback_share})
+        for name in entries:  # first batches of each size run slower: not measured
             replay(stack.grpc_url, name, _take(inputs, slice(0, 300)), poisson_arrivals(300, 50))
-        sample = burst_inputs(stack.grpc_url, f"{args.model}_vanilla", _take(inputs, slice(0, 1000)))
-        capacity = measure_capacities(stack, args.model, sample, {"off": {}, "static": static}, args.capacity_rounds)
-        capacity_adaptive = measure_capacities(stack, args.model, sample, {"adaptive": static}, args.capacity_rounds,
-                                               controller_logs=log_dir)
-        service = service_ms(stack.grpc_url, f"{args.model}_vanilla", _take(inputs, slice(0, 200)))
+        sample = burst_inputs(stack.grpc_url, entries[0], _take(inputs, slice(0, 1000)))
+        capacity = measure_capacities(stack, args.model, sample, static, args.capacity_rounds, log_dir)
+        service = service_ms(stack.grpc_url, entries[0], _take(inputs, slice(0, 200)))
         rate = args.load * 1000.0 / service
-        print(f"capacity: {capacity_summary(capacity)}; with the controller: {capacity_summary(capacity_adaptive)}; "
-              f"vanilla service {service:.2f} ms; replaying at {rate:.0f} req/s", flush=True)
+        print(f"capacity: {capacity_summary(capacity)}; vanilla service {service:.2f} ms; replaying at {rate:.0f} "
+              "req/s", flush=True)
         makers = {"poisson": lambda: poisson_arrivals(count, rate, seed=1),
                   "bursty": lambda: bursty_arrivals(count, rate, seed=2)}
         for trace in args.traces.split(","):
@@ -620,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
                                          latency.exit_latencies(every_ramp)))
     original_drift = np.array([a.label for a in drift["vanilla"].answers])
     paths = plot(runs, drift, original_drift, manifest.final_exit, out)
-    text = report(args, manifest, rate, service, count, capacity, capacity_adaptive, runs, baselines, drift,
+    text = report(args, manifest, rate, service, count, capacity, runs, baselines, drift,
                   drift_description, hindsight, oracle_saving(latency, prediction, final),
                   budget_bound(confidence, prediction, final, latency), tuning, paths)
     (out / "report.md").write_text(text, encoding="utf-8")

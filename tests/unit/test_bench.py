@@ -1,10 +1,13 @@
-"""The bench's hindsight yardstick: the best thresholds for known inputs at an agreement floor."""
+"""The bench's hindsight yardstick (the best thresholds for known inputs at an agreement floor) and the repository
+it serves its systems from."""
+
+from pathlib import Path
 
 import numpy as np
 
 from controller.latency import LatencyModel
 from controller.tuner import Evaluation, evaluate
-from workload.bench import best_thresholds, budget_bound
+from workload.bench import bench_repository, best_thresholds, budget_bound, entry, fixed_entry
 
 LATENCY = LatencyModel(block_ms=np.ones(4), ramp_ms=np.full(3, 0.05), ramp_after_block=np.array([0, 1, 2]))
 
@@ -58,3 +61,28 @@ def test_a_higher_floor_is_met_and_never_saves_more() -> None:
 def test_only_the_candidates_are_tuned() -> None:
     confidence, prediction, final = _verdicts()
     assert list(best_thresholds(confidence, prediction, final, LATENCY, [2])) == [2]
+
+
+def _entry(repository: Path, name: str) -> None:
+    (repository / name / "1").mkdir(parents=True)
+    (repository / name / "1" / "manifest.json").write_text("{}")
+    (repository / name / "config.pbtxt").write_text(f'name: "{name}"\nbackend: "apparate"\nmax_batch_size: 8\n')
+
+
+def test_the_fixed_twin_serves_the_same_files_under_its_own_name(tmp_path: Path) -> None:
+    for name in ("m", "m_vanilla", "other"):
+        _entry(tmp_path, name)
+    with bench_repository(tmp_path, "m") as view:
+        assert sorted(p.name for p in view.iterdir()) == ["m", "m_fixed", "m_vanilla"]
+        twin = view / fixed_entry("m")
+        assert (twin / "config.pbtxt").read_text().splitlines()[:2] == ['name: "m_fixed"', 'backend: "apparate"']
+        assert (twin / "1").resolve() == (tmp_path / "m" / "1").resolve()  # linked, not copied
+        assert (view / "m_vanilla" / "config.pbtxt").read_text().startswith('name: "m_vanilla"')
+    assert not view.exists()
+    assert (tmp_path / "m" / "1" / "manifest.json").exists()  # removing the view leaves the repository alone
+
+
+def test_only_adaptive_runs_on_the_entry_the_controller_controls() -> None:
+    assert entry("m", "adaptive") == "m"
+    assert entry("m", "vanilla") == "m_vanilla"
+    assert {entry("m", system) for system in ("off", "static", "hindsight")} == {fixed_entry("m")}
