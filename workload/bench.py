@@ -27,8 +27,11 @@ shared machine whose speed drifts by ±10 % over minutes, running whole traces o
 machine as much as the systems. Off and static are served by a twin of the early-exit entry (``<model>_fixed``: the
 same files under a second name), so they share one phase, and one set of vanilla segments, with adaptive while the
 controller runs on the entry it controls; hindsight, known only once adaptive's agreement is, follows in a second
-phase with vanilla segments of its own. Spread: every median saving is also given per segment (min to max). The
-controller's own CPU time and the tuner's cost are reported. Writes ``report.md`` and PNG plots to ``--out``.
+phase with vanilla segments of its own. The price of interleaving: adaptive's entry idles while the other systems'
+segments run, so the load its feedback shows the controller (the busy share) is about a quarter of the trace's, and
+probes of switched-off exits, scheduled in seconds, come once per four times as many of its requests as under
+continuous traffic. Spread: every median saving is also given per segment (min to max). The controller's own CPU time
+and the tuner's cost are reported. Writes ``report.md`` and PNG plots to ``--out``.
 """
 
 from __future__ import annotations
