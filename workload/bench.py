@@ -206,7 +206,8 @@ def run_system(stack: Stack, system: str, trace: str, model: str, inputs: Inputs
     """Replay one whole trace against one system; ``adaptive`` first runs the controller on ``warm`` at the same
     rate. (The drift scenario: adaptation over the trace is what it measures, so it is not interleaved.)"""
     client = redis.Redis.from_url(stack.redis_url)
-    _set_config(client, entry(model, system), {} if system == "off" else static)
+    if system != "vanilla":  # the vanilla entry has no ramps: thresholds for it would be refused
+        _set_config(client, entry(model, system), {} if system == "off" else static)
     controller = _start_adaptive(stack, model, warm, arrivals, log_dir) if system == "adaptive" else None
     cpu_before, started = controller.cpu_seconds() if controller else 0.0, time.perf_counter()
     answers, configs, seconds, busy = _segment(stack, client, system, model, inputs, arrivals, 0)
