@@ -29,6 +29,12 @@ TRITON_DTYPES = {
 VERDICT_TENSORS = {"PROBS": "TYPE_FP32", "LABEL": "TYPE_INT64", "EXIT": "TYPE_INT32", "CONFIDENCE": "TYPE_FP32"}
 
 
+def vanilla_twin(name: str) -> str:
+    """The entry that serves early-exit entry ``name``'s original model (one block, no ramps): written beside it by
+    ``prepare`` and by the LLM entry writer, and the baseline every benchmark, demo and test compares against."""
+    return f"{name}_vanilla"
+
+
 def triton_dtype(spec: TensorSpec) -> str:
     try:
         return TRITON_DTYPES[spec.dtype]

@@ -56,6 +56,7 @@ import torch
 from early_exit.feedback import BatchTiming, FeedbackRecord
 from early_exit.llm_decoding import Decoder, ExitPolicy, Observation, RampHead
 from early_exit.manifest import BlockSpec, Manifest, Profile, RampSpec, TensorSpec
+from early_exit.model_config import vanilla_twin
 from model_zoo.llama import (
     Llama,
     from_gguf,
@@ -255,7 +256,7 @@ def write_entries(repository: Path, name: str, parameters: dict[str, str]) -> li
     ``repository``; returns their names."""
     vanilla = {key: value for key, value in parameters.items()
                if key not in ("exits", "mode", "hot_reload", "ramp_vocabulary")}
-    entries = {name: parameters, f"{name}_vanilla": vanilla}
+    entries = {name: parameters, vanilla_twin(name): vanilla}
     for entry, params in entries.items():
         (repository / entry / "1").mkdir(parents=True, exist_ok=True)
         (repository / entry / "config.pbtxt").write_text(config_pbtxt(entry, params), encoding="utf-8")

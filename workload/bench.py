@@ -58,6 +58,7 @@ from early_exit.exit_config import ExitConfig
 from early_exit.exit_rule import NEVER_EXIT
 from early_exit.keys import RedisKeys
 from early_exit.manifest import Manifest
+from early_exit.model_config import vanilla_twin
 from early_exit.runtime import EarlyExitModel
 from model_zoo.datasets import load_image_set
 from workload.client import (
@@ -119,7 +120,7 @@ def fixed_entry(model: str) -> str:
 def entry(model: str, system: str) -> str:
     """The entry that serves ``system``: the vanilla twin, the controlled entry (adaptive) or the fixed twin."""
     if system == "vanilla":
-        return f"{model}_vanilla"
+        return vanilla_twin(model)
     return fixed_entry(model) if system in FIXED else model
 
 
@@ -131,7 +132,7 @@ def bench_repository(repository: Path, model: str) -> Iterator[Path]:
     feedback nor overwrites their thresholds."""
     with tempfile.TemporaryDirectory(prefix="bench-repository-") as folder:
         view = Path(folder)
-        for name in (model, f"{model}_vanilla"):
+        for name in (model, vanilla_twin(model)):
             (view / name).symlink_to((repository / name).resolve(), target_is_directory=True)
         twin = view / fixed_entry(model)
         twin.mkdir()

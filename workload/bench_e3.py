@@ -48,6 +48,7 @@ from controller.prepare.e3 import main as plan_e3
 from early_exit.e3_plan import PLAN_FILE, E3Plan
 from early_exit.keys import RedisKeys
 from early_exit.manifest import Profile, load_manifest
+from early_exit.model_config import vanilla_twin
 from workload.bench import CONTROLLER_ARGS, Inputs, _set_config, workload_inputs
 from workload.client import Answer, measure_capacity, poisson_arrivals, replay
 from workload.stack import ROOT, Stack, cpu_used, running_stack
@@ -219,7 +220,7 @@ def _plan_and_load(stack: Stack, args: argparse.Namespace, slo_ms: float, inputs
     Two groups, not one: the hop between them carries the hidden state, which a one-group entry never ships (measured
     on MiniLM when the router called a block model for every group, one group: 1.2 ms per hop, and a four-group plan
     modelled on it spent 8 % less CPU per request than the original model instead of the 33 % modelled)."""
-    model, e3, vanilla = args.model, f"{args.model}_e3", f"{args.model}_vanilla"
+    model, e3, vanilla = args.model, f"{args.model}_e3", vanilla_twin(args.model)
     common = ["--name", model, "--repository", str(args.repository), "--slo-ms", f"{slo_ms:.3f}",
               "--instances", str(args.instances)]
     plan_e3([*common, "--exits", str(_middle_ramp(args.repository, model)), "--warmup-traced", "0"])
@@ -415,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     inputs, others, _, _ = workload_inputs(args.dataset, args.data_dir, 2000)
     pool = len(next(iter(inputs.values())))
-    vanilla, model, e3 = f"{args.model}_vanilla", args.model, f"{args.model}_e3"
+    vanilla, model, e3 = vanilla_twin(args.model), args.model, f"{args.model}_e3"
     with running_stack(args.repository, models=[model, vanilla], with_controller=False, log_dir=out / "logs") as stack:
         warm = _take(inputs, np.arange(300))
         for name in (vanilla, model):  # first batches of each size run slower: not measured

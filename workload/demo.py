@@ -21,6 +21,7 @@ from controller.config_store import read_config
 from controller.guard import AccuracyGuard
 from early_exit.keys import RedisKeys
 from early_exit.manifest import load_manifest
+from early_exit.model_config import vanilla_twin
 from workload.bench import workload_inputs
 from workload.client import Answer, poisson_arrivals, replay, service_ms
 from workload.metrics import exits_per_ramp
@@ -93,14 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     manifest = load_manifest(args.repository / args.model / "1")
     print(f"model {args.model}: {len(manifest.ramps)} candidate ramps, initial thresholds "
           f"{ {r: round(t, 3) for r, t in manifest.initial_thresholds.items()} }; {count} requests")
-    with running_stack(args.repository, models=[args.model, f"{args.model}_vanilla"]) as stack:
+    twin = vanilla_twin(args.model)
+    with running_stack(args.repository, models=[args.model, twin]) as stack:
         client = redis.Redis.from_url(stack.redis_url)
         print(f"Triton gRPC {stack.grpc_url}, metrics {stack.metrics_url}, Redis {stack.redis_url}")
         warm_count = len(next(iter(warm.values())))
-        for name in (f"{args.model}_vanilla", args.model):  # first batches of each size run slower: not measured
+        for name in (twin, args.model):  # first batches of each size run slower: not measured
             replay(stack.grpc_url, name, {k: v[:200] for k, v in warm.items()},
                    poisson_arrivals(min(200, warm_count), 50))
-        service = service_ms(stack.grpc_url, f"{args.model}_vanilla", {k: v[:200] for k, v in warm.items()})
+        service = service_ms(stack.grpc_url, twin, {k: v[:200] for k, v in warm.items()})
         rate = args.load * 1000.0 / service
         arrivals = poisson_arrivals(count, rate)
         print(f"vanilla serves a request in {service:.1f} ms; replaying at {rate:.0f} req/s ({args.load:.0%} load)")
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 return None
             return f"  {len(answers):>5} sent | last 300: median {np.median([a.latency_ms for a in recent]):.1f} ms"
 
-        vanilla = _replay_watched(stack.grpc_url, f"{args.model}_vanilla", inputs, arrivals, 15.0, vanilla_progress)
+        vanilla = _replay_watched(stack.grpc_url, twin, inputs, arrivals, 15.0, vanilla_progress)
         original = np.array([a.label for a in vanilla])
         vanilla_ms = np.array([a.latency_ms for a in vanilla])
         print("[2/2] early exits, controller tuning live ...")

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from early_exit.model_config import vanilla_twin
 from model_zoo.datasets import DEFAULT_SST2_DIR
 from triton_backend.llm_setup import load_llm, parameter_item
 from workload.llm_exit_study import prompts as review_prompts
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = dict(args.param)
 
     texts = review_prompts(args.prompts, args.data_dir)
-    vanilla = f"{args.model}_vanilla"
+    vanilla = vanilla_twin(args.model)
     systems = (vanilla, args.model)
     runs: dict[str, list[tuple[list[Generation], float]]] = {s: [] for s in systems}
     with running_stack(args.repository, models=list(systems), with_controller=args.controller) as stack:

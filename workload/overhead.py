@@ -22,6 +22,7 @@ import tritonclient.http as httpclient
 
 from controller.latency import LatencyModel
 from early_exit.feedback import BatchTiming, FeedbackRecord
+from early_exit.model_config import vanilla_twin
 from early_exit.runtime import EarlyExitModel
 from workload.bench import _set_config, _take, offline_verdicts, workload_inputs
 from workload.client import measure_capacity, poisson_arrivals, replay
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     inputs, warm, _, _ = workload_inputs(args.dataset, args.data_dir, args.requests)
     served = EarlyExitModel(args.repository / args.model / "1")
-    vanilla = EarlyExitModel(args.repository / f"{args.model}_vanilla" / "1")
+    twin = vanilla_twin(args.model)
+    vanilla = EarlyExitModel(args.repository / twin / "1")
     static = dict(served.manifest.initial_thresholds)
     torch.set_num_threads(2)
     lines = [f"# Where the time goes: {args.model}", "", "## In process (the backend's code path, one thread of "
@@ -114,16 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     lines += in_process(served, vanilla, inputs, sorted(static))
     lines += ["", "## Controller", ""] + controller_costs(served, inputs)
     rows = []
-    with running_stack(args.repository, models=[args.model, f"{args.model}_vanilla"], with_controller=False,
+    with running_stack(args.repository, models=[args.model, twin], with_controller=False,
                        log_dir=args.out / args.model / "logs") as stack:
         client = redis.Redis.from_url(stack.redis_url)
         http = f"127.0.0.1:{stack.ports.http}"
-        for name in (f"{args.model}_vanilla", args.model):
+        for name in (twin, args.model):
             replay(stack.grpc_url, name, _take(warm, slice(0, 300)), poisson_arrivals(300, 50))
         _set_config(client, args.model, static)
-        capacity = measure_capacity(stack.grpc_url, f"{args.model}_vanilla", _take(warm, slice(0, 1000)))
+        capacity = measure_capacity(stack.grpc_url, twin, _take(warm, slice(0, 1000)))
         arrivals = poisson_arrivals(len(next(iter(inputs.values()))), args.load * capacity, seed=4)
-        for system, name, thresholds in (("vanilla", f"{args.model}_vanilla", None), ("ramps off", args.model, {}),
+        for system, name, thresholds in (("vanilla", twin, None), ("ramps off", args.model, {}),
                                          (f"bootstrap ramps {sorted(static)}", args.model, static)):
             if thresholds is not None:
                 _set_config(client, args.model, thresholds)

@@ -12,6 +12,7 @@ from controller.prepare.bootstrap import BUILT_IN, BootstrapOptions, load_bootst
 from controller.prepare.pipeline import PrepareSettings, RampReport, prepare
 from controller.prepare.raw_pipeline import servable_image, write_image_pipeline, write_text_pipeline
 from controller.prepare.sources import forward_inputs, load_model, output_classes
+from early_exit.model_config import vanilla_twin
 
 LOGGER = logging.getLogger("controller.prepare")
 
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         source.module, args.name, bootstrap.inputs, bootstrap.primary, classes,
         bootstrap.batches(slice(validate, None)), bootstrap.batches(slice(0, validate)), args.repository, settings,
     )
-    entries = [args.name, f"{args.name}_vanilla"]
+    entries = [args.name, vanilla_twin(args.name)]
     if source.tokenizer is not None:
         sequence_length = bootstrap.inputs[0].shape[0]  # INPUT_IDS, as prepared (an .npz may set its own)
         entries += write_text_pipeline(args.repository, args.name, source.tokenizer, sequence_length, classes,

@@ -30,7 +30,7 @@ from controller.prepare.triton_config import render_config
 from controller.tuner import ThresholdTuner, TunerSettings, evaluate
 from early_exit.exit_rule import NEVER_EXIT
 from early_exit.manifest import MANIFEST_FILE, BlockSpec, Manifest, RampSpec, TensorSpec, sha256_of
-from early_exit.model_config import InstanceKind
+from early_exit.model_config import InstanceKind, vanilla_twin
 from early_exit.ramps import build_ramp, ramp_arch_for
 from early_exit.runtime import EarlyExitModel, ramp_state_key, strip_runtime_asserts
 
@@ -290,9 +290,9 @@ def prepare(
         settings.instance_kind,
     )
     vanilla_plan = plan_blocks(split_at(graph, []), [], [t.name for t in inputs])
-    vanilla_entry = repository / f"{name}_vanilla"
+    vanilla_entry = repository / vanilla_twin(name)
     vanilla = _export_entry(
-        vanilla_entry, f"{name}_vanilla", inputs, classes, vanilla_plan, example, [], settings.max_batch_size,
+        vanilla_entry, vanilla_entry.name, inputs, classes, vanilla_plan, example, [], settings.max_batch_size,
         settings.instance_kind,
     )
 
