@@ -333,17 +333,19 @@ def best_thresholds(confidence: np.ndarray, prediction: np.ndarray, final: np.nd
     return {}
 
 
-def budget_bound(confidence: np.ndarray, prediction: np.ndarray, final: np.ndarray, latency: LatencyModel) -> float:
-    """Modelled saving (fraction of vanilla latency) of the best thresholds for exactly these inputs within the
+def budget_bound(confidence: np.ndarray, prediction: np.ndarray, final: np.ndarray,
+                 latency: LatencyModel) -> tuple[float, float]:
+    """Modelled mean saving (fraction of vanilla latency) of the best thresholds for exactly these inputs within the
     budget, every candidate ramp considered: a ceiling no threshold policy can pass with these ramps, unlike the
-    oracle, which ignores confidence and the budget."""
+    oracle, which ignores confidence and the budget; and the median request's saving under the same thresholds,
+    since the targets are medians and a mean can come from a minority of inputs exiting very early."""
     best = best_thresholds(confidence, prediction, final, latency, list(range(confidence.shape[0])))
     if not best:
-        return 0.0
+        return 0.0, 0.0
     active = list(best)
     outcome = evaluate(np.array(list(best.values())), confidence[active], prediction[active] == final[None, :],
                        latency.exit_latencies(active))
-    return outcome.saving_ms / latency.vanilla_ms
+    return outcome.saving_ms / latency.vanilla_ms, outcome.median_saving_ms / latency.vanilla_ms
 
 
 def measure_capacities(stack: Stack, model: str, sample: Inputs, static: dict[int, float], rounds: int,
@@ -513,7 +515,7 @@ def _feedback_mode(share: str | None) -> str:
 def report(args: argparse.Namespace, manifest: Manifest, rate: float, service: float, count: int,
            capacity: dict[str, list[float]],
            runs: dict[tuple[str, str], Run], baselines: dict[tuple[str, str], Run], drift: dict[str, Run],
-           drift_description: str, hindsight: dict[str, dict[int, float]], oracle: float, bound: float,
+           drift_description: str, hindsight: dict[str, dict[int, float]], oracle: float, bound: tuple[float, float],
            tuning: tuple[int, float, float], paths: list[Path]) -> str:
     originals = {trace: np.array([a.label for a in runs[trace, "vanilla"].answers]) for trace, _ in runs}
     original_drift = np.array([a.label for a in drift["vanilla"].answers])
@@ -561,8 +563,9 @@ def report(args: argparse.Namespace, manifest: Manifest, rate: float, service: f
               f"Threshold tuning on this window ({tuning[0]} ramps x {WINDOW:,} samples, every candidate "
               f"active): {tuning[1]:.1f} ms from scratch, {tuning[2]:.1f} ms from the tuned thresholds.", "",
               f"Oracle (every input at its earliest agreeing ramp, profiled latencies): {oracle:.1%} saving. "
-              f"Within the budget (the best thresholds for these very inputs at ≥ {AccuracyGuard().floor:.0%} "
-              f"agreement, profiled latencies): {bound:.1%}, the ceiling of any threshold policy with these ramps.",
+              f"Within the budget (the thresholds that save the most on average for these very inputs at ≥ "
+              f"{AccuracyGuard().floor:.0%} agreement, profiled latencies): {bound[0]:.1%} mean saving, the ceiling "
+              f"of any threshold policy with these ramps; the median request saves {bound[1]:.1%} under them.",
               ""]
     lines += [f"## Drift ({drift_description})", "",
               "| system | loss first half | loss second half | loss last quarter | exit rate first half | exit rate "
