@@ -151,6 +151,14 @@ def _set_config(client: redis.Redis, model: str, thresholds: dict[int, float]) -
     return config
 
 
+def serve_as(client: redis.Redis, model: str, system: str, fixed: dict[str, dict[int, float]]) -> None:
+    """Before a segment or burst of ``system``: a system with a fixed configuration (``fixed``) shares the fixed
+    twin with the others, so its thresholds are set on it each time; vanilla and adaptive keep theirs. (Set once
+    before the capacity rounds, the last one set, static's, served the ramps-off bursts too.)"""
+    if system in fixed:
+        _set_config(client, entry(model, system), fixed[system])
+
+
 def workload_inputs(dataset: str, data_dir: Path | None, count: int) -> tuple[Inputs, Inputs, Inputs, str]:
     """Measured inputs, warm-up inputs (others of the same distribution), drifting inputs and the drift's
     description, as served tensors."""
@@ -260,8 +268,7 @@ def run_phase(stack: Stack, trace: str, model: str, inputs: Inputs, arrivals: np
     measured = {system: Run(system, trace, []) for system in systems}
     for k, index in enumerate(np.array_split(np.arange(len(arrivals)), rounds)):
         for system in systems[k % len(systems):] + systems[: k % len(systems)]:
-            if system in fixed:
-                _set_config(client, entry(model, system), fixed[system])
+            serve_as(client, model, system, fixed)
             answers, configs, seconds, busy = _segment(stack, client, system, model, _take(inputs, index),
                                                        arrivals[index], int(index[0]))
             run = measured[system]
@@ -354,20 +361,20 @@ def measure_capacities(stack: Stack, model: str, sample: Inputs, static: dict[in
     cores, and with vanilla always first five rounds measured ramps off 10 % below vanilla where fifteen rotating
     ones measured -1..+2 %): vanilla, off and static (on the fixed twin), and adaptive: the controller runs through
     the bursts, starting from static's thresholds after two unmeasured rounds to settle, and decides for itself
-    whether exits pay at saturation."""
+    whether exits pay at saturation. The two unmeasured rounds also give every entry its first batches of the
+    bursts' sizes, which run slower."""
     client = redis.Redis.from_url(stack.redis_url)
     fixed = {"off": {}, "static": static}
-    for system, thresholds in {**fixed, "adaptive": static}.items():
-        _set_config(client, entry(model, system), thresholds)
+    _set_config(client, model, static)
     controller = _start_controller(stack, model, log_dir)
-    for _ in range(2):
-        for system in ("vanilla", "adaptive"):
-            measure_capacity(stack.grpc_url, entry(model, system), sample)
     systems = ("vanilla", *fixed, "adaptive")
     capacity: dict[str, list[float]] = {system: [] for system in systems}
-    for k in range(rounds):
+    for k in range(-2, rounds):
         for system in systems[k % len(systems):] + systems[: k % len(systems)]:
-            capacity[system].append(measure_capacity(stack.grpc_url, entry(model, system), sample))
+            serve_as(client, model, system, fixed)
+            burst = measure_capacity(stack.grpc_url, entry(model, system), sample)
+            if k >= 0:
+                capacity[system].append(burst)
     controller.stop()
     return capacity
 

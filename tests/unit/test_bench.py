@@ -1,13 +1,16 @@
 """The bench's hindsight yardstick (the best thresholds for known inputs at an agreement floor) and the repository
-it serves its systems from."""
+it serves its systems from, and the configuration each system is served with."""
 
 from pathlib import Path
 
 import numpy as np
+import redis
 
+from controller.config_store import read_config
 from controller.latency import LatencyModel
 from controller.tuner import Evaluation, evaluate
-from workload.bench import bench_repository, best_thresholds, budget_bound, entry, fixed_entry
+from early_exit.keys import RedisKeys
+from workload.bench import bench_repository, best_thresholds, budget_bound, entry, fixed_entry, serve_as
 
 LATENCY = LatencyModel(block_ms=np.ones(4), ramp_ms=np.full(3, 0.05), ramp_after_block=np.array([0, 1, 2]))
 
@@ -87,3 +90,15 @@ def test_only_adaptive_runs_on_the_entry_the_controller_controls() -> None:
     assert entry("m", "adaptive") == "m"
     assert entry("m", "vanilla") == "m_vanilla"
     assert {entry("m", system) for system in ("off", "static", "hindsight")} == {fixed_entry("m")}
+
+
+def test_each_fixed_system_is_served_its_own_thresholds_on_the_shared_twin(client: redis.Redis) -> None:
+    fixed = {"off": {}, "static": {0: 0.9}}
+    twin = RedisKeys(fixed_entry("m"))
+    for system, expected in (("static", {0: 0.9}), ("off", {}), ("static", {0: 0.9})):
+        serve_as(client, "m", system, fixed)
+        assert read_config(client, twin).thresholds == expected
+    serve_as(client, "m", "adaptive", fixed)
+    serve_as(client, "m", "vanilla", fixed)
+    assert read_config(client, twin).thresholds == {0: 0.9}  # the controller's entry and vanilla leave it alone
+    assert read_config(client, RedisKeys("m")) is None and read_config(client, RedisKeys("m_vanilla")) is None
