@@ -358,10 +358,10 @@ def budget_bound(confidence: np.ndarray, prediction: np.ndarray, final: np.ndarr
 def measure_capacities(stack: Stack, model: str, sample: Inputs, static: dict[int, float], rounds: int,
                        log_dir: Path) -> dict[str, list[float]]:
     """Saturated bursts of ``sample``, ``rounds`` times round-robin in rotating order (one burst is noisy on shared
-    cores, and with vanilla always first five rounds measured ramps off 10 % below vanilla where fifteen rotating
-    ones measured -1..+2 %): vanilla, off and static (on the fixed twin), and adaptive: the controller runs through
-    the bursts, starting from static's thresholds after two unmeasured rounds to settle, and decides for itself
-    whether exits pay at saturation. The two unmeasured rounds also give every entry its first batches of the
+    cores: single rounds of one path spread by 20-30 points, so each system takes every position in turn): vanilla,
+    off and static (on the fixed twin, set to each one's thresholds before its bursts), and adaptive: the controller
+    runs through the bursts, starting from static's thresholds after two unmeasured rounds to settle, and decides for
+    itself whether exits pay at saturation. The two unmeasured rounds also give every entry its first batches of the
     bursts' sizes, which run slower."""
     client = redis.Redis.from_url(stack.redis_url)
     fixed = {"off": {}, "static": static}
