@@ -196,15 +196,17 @@ def add_noise(images: np.ndarray, start_fraction: float, max_sigma: float, seed:
     return np.clip(images.astype(np.float32) + noise, 0, 255).astype(np.uint8)
 
 
-def _start_controller(stack: Stack, model: str, log_dir: Path) -> Process:
-    """The controller, controlling ``model`` only (never its fixed twin)."""
+def _start_controller(stack: Stack, model: str, start: dict[int, float], log_dir: Path) -> Process:
+    """The controller, controlling ``model`` only (never its fixed twin), from thresholds ``start`` (static's)."""
+    _set_config(redis.Redis.from_url(stack.redis_url), model, start)
     return stack.start_controller(log_dir, [*CONTROLLER_ARGS, "--model", model])
 
 
-def _start_adaptive(stack: Stack, model: str, warm: Inputs, arrivals: np.ndarray, log_dir: Path) -> Process:
-    """Start the controller and let it tune on ``warm`` (other inputs, Poisson at the rate of ``arrivals``) before
-    anything is measured."""
-    controller = _start_controller(stack, model, log_dir)
+def _start_adaptive(stack: Stack, model: str, start: dict[int, float], warm: Inputs, arrivals: np.ndarray,
+                    log_dir: Path) -> Process:
+    """Start the controller from ``start`` and let it tune on ``warm`` (other inputs, Poisson at the rate of
+    ``arrivals``) before anything is measured."""
+    controller = _start_controller(stack, model, start, log_dir)
     count = len(next(iter(warm.values())))
     replay(stack.grpc_url, model, warm, poisson_arrivals(count, len(arrivals) / arrivals[-1], seed=4))
     return controller
@@ -215,9 +217,8 @@ def run_system(stack: Stack, system: str, trace: str, model: str, inputs: Inputs
     """Replay one whole trace against one system; ``adaptive`` first runs the controller on ``warm`` at the same
     rate. (The drift scenario: adaptation over the trace is what it measures, so it is not interleaved.)"""
     client = redis.Redis.from_url(stack.redis_url)
-    if system != "vanilla":  # the vanilla entry has no ramps: thresholds for it would be refused
-        _set_config(client, entry(model, system), {} if system == "off" else static)
-    controller = _start_adaptive(stack, model, warm, arrivals, log_dir) if system == "adaptive" else None
+    serve_as(client, model, system, {"off": {}, "static": static})
+    controller = _start_adaptive(stack, model, static, warm, arrivals, log_dir) if system == "adaptive" else None
     cpu_before, started = controller.cpu_seconds() if controller else 0.0, time.perf_counter()
     answers, configs, seconds, busy = _segment(stack, client, system, model, inputs, arrivals, 0)
     run = Run(system, trace, answers, configs, seconds=seconds, busy_seconds=busy)
@@ -262,8 +263,7 @@ def run_phase(stack: Stack, trace: str, model: str, inputs: Inputs, arrivals: np
     client = redis.Redis.from_url(stack.redis_url)
     controller = None
     if "adaptive" in systems:
-        _set_config(client, model, fixed["static"])
-        controller = _start_adaptive(stack, model, warm, arrivals, log_dir)
+        controller = _start_adaptive(stack, model, fixed["static"], warm, arrivals, log_dir)
     cpu_before, started = controller.cpu_seconds() if controller else 0.0, time.perf_counter()
     measured = {system: Run(system, trace, []) for system in systems}
     for k, index in enumerate(np.array_split(np.arange(len(arrivals)), rounds)):
@@ -365,8 +365,7 @@ def measure_capacities(stack: Stack, model: str, sample: Inputs, static: dict[in
     bursts' sizes, which run slower."""
     client = redis.Redis.from_url(stack.redis_url)
     fixed = {"off": {}, "static": static}
-    _set_config(client, model, static)
-    controller = _start_controller(stack, model, log_dir)
+    controller = _start_controller(stack, model, static, log_dir)
     systems = ("vanilla", *fixed, "adaptive")
     capacity: dict[str, list[float]] = {system: [] for system in systems}
     for k in range(-2, rounds):
