@@ -27,7 +27,7 @@ from controller.prepare.cutpoints import CutPoint, find_cut_points, localize_sym
 from controller.prepare.profiling import profile_model
 from controller.prepare.ramp_training import collect_reduced, train_ramps
 from controller.prepare.triton_config import render_config
-from controller.tuner import ThresholdTuner, TunerSettings, evaluate
+from controller.tuner import ThresholdTuner, TunerSettings, evaluate, tune_held_out
 from early_exit.exit_rule import NEVER_EXIT
 from early_exit.manifest import MANIFEST_FILE, BlockSpec, Manifest, RampSpec, TensorSpec, sha256_of
 from early_exit.model_config import InstanceKind, vanilla_twin
@@ -207,8 +207,8 @@ def choose_initial_ramps(
     ramp_ids: Sequence[int] | None = None,
     objective: Literal["assured", "mean"] = "assured",
 ) -> dict[int, float]:
-    """Initial ramp set under the overhead budget, chosen forward stepwise, and its thresholds tuned jointly on the
-    validation split.
+    """Initial ramp set under the overhead budget, chosen forward stepwise, and its thresholds tuned jointly on half
+    the validation split and certified by the guard on the other half (``tune_held_out``, the controller's rule).
 
     Each step adds the candidate (row ``i`` of ``confidence`` and ``prediction`` is ramp ``ramp_ids[i]``, by default
     ramp ``i``) whose set, with jointly tuned thresholds, offers the largest saving, while that saving keeps
@@ -218,15 +218,20 @@ def choose_initial_ramps(
     paid for four heads, and the controller measured a loss and switched the exits off
     (``docs/benchmarks/cifar10_resnet56``). A generated stream's time per token averages over its tokens, so token
     exits are chosen by the ``mean``.
+
+    Why certified on held-out samples: thresholds tuned and judged on the same samples stop exactly at the guard's
+    edge there, and serve less on any other inputs. Tuned on all of MiniLM's 3,369 validation sentences, the initial
+    thresholds served 98.75-98.85 % agreement in four benchmark runs, over the 1 % budget they were tuned for. The
+    ramps are still ranked by in-sample tuning: each step compares sets on the same samples, so the optimism is
+    shared, and one certification at the end costs a few climbs instead of a few per candidate.
     """
     ids = list(range(confidence.shape[0])) if ramp_ids is None else list(ramp_ids)
     tuner = ThresholdTuner(TunerSettings(guard=guard))
     correct = prediction == final[None, :]
     chosen: list[int] = []  # rows, in depth order
     best_saving = 0.0
-    best_thresholds: dict[int, float] = {}
     while True:
-        step: tuple[float, list[int], np.ndarray] | None = None
+        step: tuple[float, list[int]] | None = None
         for row in (r for r in range(len(ids)) if r not in chosen):
             trial = sorted([*chosen, row])
             trial_ids = [ids[r] for r in trial]
@@ -238,13 +243,19 @@ def choose_initial_ramps(
             heads_ms = exit_ms[-1] - latency.vanilla_ms  # what the set's ramps add to a pass that does not exit
             saving = (evaluation.assured_saving_ms if objective == "assured" else evaluation.saving_ms) - heads_ms
             if step is None or saving > step[0]:
-                step = (saving, trial, thresholds)
+                step = (saving, trial)
         if step is None or step[0] <= best_saving:
             break
         best_saving, chosen = step[0], step[1]
-        best_thresholds = {ids[r]: float(t) for r, t in zip(chosen, step[2])}
+    if not chosen:
+        return {}
+    held_out = np.arange(len(final)) % 2 == 1
+    certified = tune_held_out(TunerSettings(guard=guard), confidence[chosen], prediction[chosen], final,
+                              latency.exit_latencies([ids[r] for r in chosen]), held_out)
+    if certified is None:
+        return {}
     # A ramp the joint tuning keeps closed only costs latency; the controller can still add it back later.
-    return {r: t for r, t in best_thresholds.items() if t < NEVER_EXIT}
+    return {ids[r]: float(t) for r, t in zip(chosen, certified) if t < NEVER_EXIT}
 
 
 def prepare(
