@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", action="append", default=None, help="control only these models (repeatable)")
     parser.add_argument("--budget", type=float, default=AccuracyGuard.budget,
                         help="maximum accuracy loss vs the original model")
-    parser.add_argument("--window", type=int, default=2000, help="feedback window in samples")
+    parser.add_argument("--window", type=int, default=ControllerSettings.window,
+                        help="feedback window in samples: thresholds are tuned on all of it while its two halves "
+                        "agree alike under them, else on its newer half")
     parser.add_argument("--min-fresh", type=int, default=256, help="new samples needed before re-tuning")
     parser.add_argument(
         "--z", type=float, default=AccuracyGuard.z,

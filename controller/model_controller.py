@@ -40,7 +40,8 @@ LOGGER = logging.getLogger(__name__)
 class ControllerSettings:
     """Args:
     tuner: accuracy guard and search parameters.
-    window: samples kept per model.
+    window: samples kept per model: thresholds are tuned on all of them while its two halves agree alike under them,
+        else on the newer half.
     min_fresh: new samples required before thresholds may change again (never loosen on stale evidence).
     min_change: smallest threshold change worth publishing.
     adjust_every: judge the active ramp set on measured latency every this many tuning rounds (0: never).
@@ -52,7 +53,7 @@ class ControllerSettings:
     """
 
     tuner: TunerSettings = TunerSettings()
-    window: int = 2000
+    window: int = 4000
     min_fresh: int = 256
     min_change: float = 0.002
     adjust_every: int = 3
@@ -68,6 +69,11 @@ class ControllerSettings:
             raise ValueError(f"adjust_every must be >= 0, got {self.adjust_every}")
         if not 0 < self.probe_after <= self.max_probe_after:
             raise ValueError(f"probe_after must be in (0, max_probe_after={self.max_probe_after}]")
+
+
+#: Standard errors by which a window's newer half must agree less than its older half, under the thresholds tuned on
+#: both, before the older half is taken for traffic of another kind and dropped (``ModelController._tune_stationary``).
+DRIFT_Z = 2.0
 
 
 @dataclass(frozen=True)
@@ -202,7 +208,7 @@ class ModelController:
         self.rounds += 1
         latency = LatencyModel.from_manifest(self.manifest, view.mean_batch_size)
         exit_ms = latency.exit_latencies(view.ramps)
-        thresholds = self._tune(view, exit_ms)
+        thresholds, view = self._tune_stationary(view, exit_ms)
         proposal = None
         # The ramp set is judged every few rounds, and only while accuracy is in hand: after a breach the thresholds
         # must settle first. A probe (exits back on after being switched off) is judged as soon as it is measured.
@@ -251,6 +257,37 @@ class ModelController:
     def _publishable(self, thresholds: dict[int, float]) -> ExitConfig:
         return ExitConfig(self.manifest.name, self.current.version + 1, thresholds,
                           writer=f"controller@{socket.gethostname()}")
+
+    def _tune_stationary(self, view: WindowView, exit_ms: np.ndarray) -> tuple[np.ndarray | None, WindowView]:
+        """``_tune`` on the whole window, unless its older samples were traffic of another kind: then on the newer
+        half only, which the window keeps from then on. Returns the thresholds (``None``: keep those in use) and the
+        samples they were tuned on.
+
+        Why a window of two halves: the guard certifies thresholds on the samples they were not chosen on, and the
+        fewer those are, the more agreement it must keep in hand. Tuned on 2,000 of ResNet-56's validation inputs and
+        judged on the other 3,000, the thresholds served 99.53 % agreement with a modelled median saving of 21.2 %; on
+        4,000, 99.52 % and 24.1 % (24 random splits each). A longer window, though, remembers traffic that has
+        changed. So the thresholds tuned on all of it (or those in use, when it keeps them) must agree on its newer
+        half as they do on its older half: when the newer half agrees less by more than ``DRIFT_Z`` standard errors,
+        the older half is dropped and the tuning repeated on the newer one, a window as long as it was before it had
+        two halves.
+        """
+        thresholds = self._tune(view, exit_ms)
+        newer = view.newest(self.settings.window // 2)
+        if newer.size == view.size:
+            return thresholds, view
+        older = view.subset(np.arange(view.size - newer.size))
+        judged = np.asarray([self.current.thresholds[r] for r in view.ramps]) if thresholds is None else thresholds
+        agree_old, agree_new = self._agreement(judged, older, exit_ms), self._agreement(judged, newer, exit_ms)
+        pooled = (agree_old * older.size + agree_new * newer.size) / view.size
+        error = np.sqrt(pooled * (1.0 - pooled) * (1.0 / older.size + 1.0 / newer.size))
+        if agree_old - agree_new <= DRIFT_Z * error:
+            return thresholds, view
+        LOGGER.info("%s: under the tuned thresholds the window's newer %d samples agree %.4f, its older %d %.4f: "
+                    "traffic changed, tuning on the newer ones", self.manifest.name, newer.size, agree_new,
+                    older.size, agree_old)
+        self.window.keep_latest(newer.size)
+        return self._tune(newer, exit_ms), newer
 
     def _tune(self, view: WindowView, exit_ms: np.ndarray) -> np.ndarray | None:
         """New thresholds, or ``None`` to keep the ones in use.

@@ -57,6 +57,10 @@ class WindowView:
             return 1.0, 0
         return float((self.served()[chosen] == self.final[chosen]).mean()), count
 
+    def newest(self, samples: int) -> WindowView:
+        """The latest ``samples`` samples (all of them when there are fewer)."""
+        return self.subset(np.arange(max(self.size - samples, 0), self.size))
+
     def subset(self, index: np.ndarray) -> WindowView:
         """The samples at ``index`` (same ramps, batch-level figures kept)."""
         return WindowView(self.ramps, self.confidence[:, index], self.prediction[:, index], self.final[index],
@@ -94,7 +98,11 @@ class FeedbackWindow:
         self._samples += record.batch_size
         self._replicas[record.replica] += record.batch_size
         self.fresh += record.batch_size if fresh else 0
-        while self._records and self._samples - self._records[0].batch_size >= self.capacity:
+        self.keep_latest(self.capacity)
+
+    def keep_latest(self, samples: int) -> None:
+        """Drop the oldest records while at least ``samples`` samples would remain."""
+        while self._records and self._samples - self._records[0].batch_size >= samples:
             oldest = self._records.popleft()
             self._samples -= oldest.batch_size
             self._first += oldest.batch_size

@@ -53,6 +53,7 @@ import torch
 from controller.config_store import publish_config
 from controller.guard import AccuracyGuard
 from controller.latency import LatencyModel
+from controller.model_controller import ControllerSettings
 from controller.tuner import ThresholdTuner, TunerSettings, evaluate
 from early_exit.exit_config import ExitConfig
 from early_exit.exit_rule import NEVER_EXIT
@@ -74,9 +75,9 @@ from workload.stack import ROOT, Process, Stack, running_stack
 from workload.timeline import ConfigTimeline, record_configs
 from workload.tuner_cost import tuning_ms
 
-#: The controller's window in these runs, and the samples the reported tuning cost is measured on.
-WINDOW = 2000
-CONTROLLER_ARGS = ["--min-fresh", "256", "--window", str(WINDOW)]
+#: The controller's settings in these runs: its defaults (``ControllerSettings``), the round of fresh samples spelled
+#: out.
+CONTROLLER_ARGS = ["--min-fresh", "256"]
 Inputs = dict[str, np.ndarray]
 #: Systems that keep one configuration, served by the twin entry (``fixed_entry``).
 FIXED = ("off", "static", "hindsight")
@@ -522,7 +523,7 @@ def report(args: argparse.Namespace, manifest: Manifest, rate: float, service: f
            capacity: dict[str, list[float]],
            runs: dict[tuple[str, str], Run], baselines: dict[tuple[str, str], Run], drift: dict[str, Run],
            drift_description: str, hindsight: dict[str, dict[int, float]], oracle: float, bound: tuple[float, float],
-           tuning: tuple[int, float, float], paths: list[Path]) -> str:
+           tuning: tuple[int, int, float, float], paths: list[Path]) -> str:
     originals = {trace: np.array([a.label for a in runs[trace, "vanilla"].answers]) for trace, _ in runs}
     original_drift = np.array([a.label for a in drift["vanilla"].answers])
     lines = [
@@ -566,8 +567,9 @@ def report(args: argparse.Namespace, manifest: Manifest, rate: float, service: f
                      f"{run.controller_share:.1%} |")
     last = runs["poisson", "adaptive"].configs
     lines += ["", f"Last adaptive (poisson) configuration: {_rounded(last[-1][2]) if last else '-'}", "",
-              f"Threshold tuning on this window ({tuning[0]} ramps x {WINDOW:,} samples, every candidate "
-              f"active): {tuning[1]:.1f} ms from scratch, {tuning[2]:.1f} ms from the tuned thresholds.", "",
+              f"Threshold tuning on the measured feedback ({tuning[0]} ramps x {tuning[1]:,} samples, the "
+              f"controller's window or all of the inputs when fewer, every candidate active): {tuning[2]:.1f} ms "
+              f"from scratch, {tuning[3]:.1f} ms from the tuned thresholds.", "",
               f"Oracle (every input at its earliest agreeing ramp, profiled latencies): {oracle:.1%} saving. "
               f"Within the budget (the thresholds that save the most on average for these very inputs at ≥ "
               f"{AccuracyGuard().floor:.0%} agreement, profiled latencies): {bound[0]:.1%} mean saving, the ceiling "
@@ -670,8 +672,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  drift    {system:9s} median {np.median(drift[system].latencies()):.2f} ms", flush=True)
 
     every_ramp = list(range(confidence.shape[0]))
-    tuning = (len(every_ramp), *tuning_ms(confidence[:, :WINDOW], prediction[:, :WINDOW], final[:WINDOW],
-                                         latency.exit_latencies(every_ramp)))
+    window = min(ControllerSettings.window, len(final))
+    tuning = (len(every_ramp), window, *tuning_ms(confidence[:, :window], prediction[:, :window], final[:window],
+                                                  latency.exit_latencies(every_ramp)))
     original_drift = np.array([a.label for a in drift["vanilla"].answers])
     paths = plot(runs, drift, original_drift, manifest.final_exit, out)
     text = report(args, manifest, rate, service, count, capacity, runs, baselines, drift,

@@ -467,3 +467,37 @@ def test_snapping_raises_thresholds_to_their_lowest_clearing_confidence_but_keep
     confidence = np.array([[0.3, 0.8, 0.9], [0.2, 1.0, 1.0], [0.5, 0.6, 0.7]], dtype=np.float32)
     snapped = _snapped(np.array([0.75, 0.99, NEVER_EXIT]), confidence)
     np.testing.assert_array_equal(snapped, [np.float32(0.8), TIGHTEST_OPEN, NEVER_EXIT])
+
+
+def _stream(n: int, wrong: list[int], seed: int = 0) -> list[FeedbackRecord]:
+    """``n`` answers served at the final layer, version 1; the ramp agrees at confidence 0.97 except at the stream
+    positions ``wrong``, where it disagrees just as confidently."""
+    records = _records(1, n, ramp_right=True, seed=seed)
+    for position in wrong:
+        record = records[position // 8]
+        record.prediction[0, position % 8] = (record.final[position % 8] + 1) % 10
+    return records
+
+
+def _long_window_controller() -> ModelController:
+    settings = ControllerSettings(tuner=TunerSettings(guard=AccuracyGuard(0.01, 0.0)), window=2000, min_fresh=200)
+    return ModelController(_manifest(), ExitConfig("m", 1, {0: NEVER_EXIT}), settings)
+
+
+def test_a_window_whose_halves_agree_alike_is_tuned_on_all_of_it() -> None:
+    """12 confident disagreements among 2,000 answers, as many in each half: 99.4 % on the whole window, within the
+    budget, and no sign that its halves differ."""
+    controller = _long_window_controller()
+    config = _feed(controller, _stream(2000, list(range(3, 2000, 167))))
+    assert config is not None and config.thresholds[0] < NEVER_EXIT
+    assert len(controller.window) == 2000
+
+
+def test_a_window_whose_newer_half_agrees_less_is_cut_to_that_half() -> None:
+    """The same 12 disagreements, all in the newer 1,000 answers: the whole window still meets the budget (99.4 %),
+    but the newer half alone does not (98.8 %), 3.5 standard errors below the older one. Tuned on all of it, the
+    ramp would open; the controller drops the older half and, tuned on the newer one, keeps the ramp closed."""
+    controller = _long_window_controller()
+    config = _feed(controller, _stream(2000, list(range(1003, 2000, 83))[:12]))
+    assert config is None and controller.current.thresholds[0] == NEVER_EXIT
+    assert len(controller.window) == 1000

@@ -111,3 +111,14 @@ def test_blocks_run_off_the_request_path_count_as_saved_but_not_as_busy() -> Non
     saving, count = measured.saving_ms(), measured.count
     rho = 8.0 / 18.0
     assert count == 4 and abs(saving - ((4.0 + 6.0 - 0.5 - 4.0) - 0.5 * rho / (1 - rho))) < 1e-6
+
+
+def test_the_window_can_be_cut_to_its_newest_samples() -> None:
+    window = FeedbackWindow(capacity=20)
+    for _ in range(5):
+        window.add(_record((0,), 4, 1))
+    assert window.view().newest(6).size == 6
+    np.testing.assert_array_equal(window.view().newest(6).sequence, np.arange(14, 20))
+    window.keep_latest(6)  # whole records only: the two newest hold 8 samples
+    assert len(window) == 8
+    np.testing.assert_array_equal(window.view().sequence, np.arange(12, 20))
