@@ -283,9 +283,8 @@ class ModelController:
         error = np.sqrt(pooled * (1.0 - pooled) * (1.0 / older.size + 1.0 / newer.size))
         if agree_old - agree_new <= DRIFT_Z * error:
             return thresholds, view
-        LOGGER.info("%s: under the tuned thresholds the window's newer %d samples agree %.4f, its older %d %.4f: "
-                    "traffic changed, tuning on the newer ones", self.manifest.name, newer.size, agree_new,
-                    older.size, agree_old)
+        LOGGER.info("%s: traffic changed: the window's newer %d samples agree %.4f under its thresholds, its older %d "
+                    "%.4f; tuning on the newer ones", self.manifest.name, newer.size, agree_new, older.size, agree_old)
         self.window.keep_latest(newer.size)
         return self._tune(newer, exit_ms), newer
 
