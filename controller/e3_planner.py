@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from controller.tuner import TunerSettings, evaluate, tune_held_out
+from controller.tuner import TunerSettings, evaluate, is_held_out, tune_held_out
 from early_exit.exit_rule import NEVER_EXIT
 from early_exit.manifest import Manifest
 
@@ -195,7 +195,7 @@ def _evaluate(manifest: Manifest, exits: tuple[int, ...], batch_size: int, confi
     per_sample = _group_compute(manifest, bounds, batch_size) / batch_size + _hops(len(bounds), settings.hop_ms)
     exit_cost = np.cumsum(per_sample)  # compute spent on a sample answered at each exit, then at the final layer
     rows = list(exits)
-    held_out = np.arange(len(final)) % 2 == 1
+    held_out = is_held_out(np.arange(len(final)))
     thresholds = tune_held_out(settings.tuner, confidence[rows], prediction[rows], final, exit_cost, held_out)
     if thresholds is None:
         thresholds = np.full(len(rows), NEVER_EXIT)

@@ -26,7 +26,7 @@ from controller.baseline import FusedBaseline
 from controller.e3_resizer import ResizerSettings
 from controller.guard import AccuracyGuard
 from controller.latency import LatencyModel, MeasuredExits, measured_exits
-from controller.tuner import TunerSettings, back_off, evaluate, tune_held_out
+from controller.tuner import TunerSettings, back_off, evaluate, is_held_out, tune_held_out
 from controller.window import FeedbackWindow, WindowView
 from early_exit.exit_config import ExitConfig
 from early_exit.exit_rule import NEVER_EXIT, TIGHTEST_OPEN, any_exit
@@ -226,7 +226,7 @@ class ModelController:
                    f"v{self.current.version}), measured saving {measured.saving_ms():.2f} ms (mean "
                    f"{measured.mean_saving_ms():.2f} ms; {measured.count} samples, busy {view.busy:.0%})")
         if proposal is None:
-            old = np.asarray([self.current.thresholds[r] for r in view.ramps])
+            old = self._in_use(view)
             if thresholds is None or np.abs(thresholds - old).max(initial=0.0) < self.settings.min_change:
                 # The first tuning on a new set kept its thresholds: from now on, judge the set as it is.
                 self.judge_from = min(self.judge_from, self.current.version)
@@ -277,7 +277,7 @@ class ModelController:
         if newer.size == view.size:
             return thresholds, view
         older = view.subset(np.arange(view.size - newer.size))
-        judged = np.asarray([self.current.thresholds[r] for r in view.ramps]) if thresholds is None else thresholds
+        judged = self._in_use(view) if thresholds is None else thresholds
         agree_old, agree_new = self._agreement(judged, older, exit_ms), self._agreement(judged, newer, exit_ms)
         pooled = (agree_old * older.size + agree_new * newer.size) / view.size
         error = np.sqrt(pooled * (1.0 - pooled) * (1.0 / older.size + 1.0 / newer.size))
@@ -306,9 +306,9 @@ class ModelController:
         until the window's answers meet the budget, and every exit closes only when no back-off does, so small or noisy
         windows never close exits that work.
         """
-        choose = view.sequence % 2 == 0
+        choose = ~is_held_out(view.sequence)
         held_out = view.subset(np.flatnonzero(~choose))
-        current = np.asarray([self.current.thresholds[r] for r in view.ramps])
+        current = self._in_use(view)
         correct = view.prediction == view.final
         now = evaluate(current, view.confidence, correct, exit_ms)
         failing = self.guard.breached(round(now.accuracy * view.size), view.size)
@@ -354,6 +354,10 @@ class ModelController:
         if any_exit(view.confidence, tightened):
             return _snapped(tightened, view.confidence)
         return np.full(len(current), NEVER_EXIT) if close else None
+
+    def _in_use(self, view: WindowView) -> np.ndarray:
+        """The thresholds in use, in the order of ``view``'s ramps."""
+        return np.asarray([self.current.thresholds[r] for r in view.ramps])
 
     @staticmethod
     def _agreement(thresholds: np.ndarray, samples: WindowView, exit_ms: np.ndarray) -> float:

@@ -284,6 +284,13 @@ def back_off(thresholds: np.ndarray, confidence: np.ndarray, correct: np.ndarray
     return np.full(len(thresholds), NEVER_EXIT)
 
 
+def is_held_out(positions: np.ndarray) -> np.ndarray:
+    """The samples ``tune_held_out`` judges on, by their positions in the stream (or split): every odd one. Fixed per
+    position, so a sample that stays in a sliding window never changes sides, and interleaved, so both sides cover
+    the same period of traffic."""
+    return np.asarray(positions) % 2 == 1
+
+
 def tune_held_out(
     settings: TunerSettings,
     confidence: np.ndarray,
@@ -301,7 +308,7 @@ def tune_held_out(
 
     Why: thresholds chosen on a set of samples are judged optimistically on that same set, where the climb stopped
     exactly at the guard's edge; the held-out samples say what they will serve. The controller splits its window this
-    way every round, and the E3 planner its validation split. Why the back-off: halving the budget cannot undo the
+    way every round, ``prepare`` and the E3 planner their validation splits (``is_held_out``). Why the back-off: halving the budget cannot undo the
     climb's free moves, which lower every threshold to just above the first sample it gets wrong on the chosen half;
     measured on the test suite's ResNet-20 with 9 ramps and no exits open (2,000-sample window), the choices at every
     halving exited ~43 % of the held-out half with 7 disagreements (6 admitted), so the halvings ended in no exits

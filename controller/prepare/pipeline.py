@@ -27,7 +27,7 @@ from controller.prepare.cutpoints import CutPoint, find_cut_points, localize_sym
 from controller.prepare.profiling import profile_model
 from controller.prepare.ramp_training import collect_reduced, train_ramps
 from controller.prepare.triton_config import render_config
-from controller.tuner import ThresholdTuner, TunerSettings, evaluate, tune_held_out
+from controller.tuner import ThresholdTuner, TunerSettings, evaluate, is_held_out, tune_held_out
 from early_exit.exit_rule import NEVER_EXIT
 from early_exit.manifest import MANIFEST_FILE, BlockSpec, Manifest, RampSpec, TensorSpec, sha256_of
 from early_exit.model_config import InstanceKind, vanilla_twin
@@ -249,7 +249,7 @@ def choose_initial_ramps(
         best_saving, chosen = step[0], step[1]
     if not chosen:
         return {}
-    held_out = np.arange(len(final)) % 2 == 1
+    held_out = is_held_out(np.arange(len(final)))
     certified = tune_held_out(TunerSettings(guard=guard), confidence[chosen], prediction[chosen], final,
                               latency.exit_latencies([ids[r] for r in chosen]), held_out)
     if certified is None:
