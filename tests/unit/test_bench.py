@@ -4,13 +4,25 @@ it serves its systems from, and the configuration each system is served with."""
 from pathlib import Path
 
 import numpy as np
+import pytest
 import redis
 
 from controller.config_store import read_config
 from controller.latency import LatencyModel
 from controller.tuner import Evaluation, evaluate
 from early_exit.keys import RedisKeys
-from workload.bench import bench_repository, best_thresholds, budget_bound, entry, fixed_entry, serve_as
+from workload.bench import (
+    Run,
+    bench_repository,
+    best_thresholds,
+    budget_bound,
+    entry,
+    fixed_entry,
+    paired_difference,
+    round_savings,
+    serve_as,
+)
+from workload.client import Answer
 
 LATENCY = LatencyModel(block_ms=np.ones(4), ramp_ms=np.full(3, 0.05), ramp_after_block=np.array([0, 1, 2]))
 
@@ -102,3 +114,31 @@ def test_each_fixed_system_is_served_its_own_thresholds_on_the_shared_twin(clien
     serve_as(client, "m", "vanilla", fixed)
     assert read_config(client, twin).thresholds == {0: 0.9}  # the controller's entry and vanilla leave it alone
     assert read_config(client, RedisKeys("m")) is None and read_config(client, RedisKeys("m_vanilla")) is None
+
+
+def _run(system: str, latency_ms: np.ndarray, labels: np.ndarray) -> Run:
+    """A run whose answers arrive out of request order, as a concurrent client records them."""
+    order = np.random.default_rng(1).permutation(len(latency_ms))
+    return Run(system, "poisson", [Answer(int(i), 0.0, latency_ms[i] / 1000.0, int(labels[i])) for i in order])
+
+
+def test_paired_difference_compares_the_same_requests_segment_by_segment() -> None:
+    original = np.zeros(400, dtype=int)
+    segment = np.repeat(np.arange(4), 100)
+    vanilla_ms = np.array([10.0, 20.0, 40.0, 10.0])[segment]  # the machine's speed changes between segments
+    a_ms, b_ms = vanilla_ms * 0.6, vanilla_ms * np.array([0.7, 0.7, 0.7, 0.5])[segment]
+    a_labels = np.where(np.arange(400) < 4, 1, 0)  # a disagrees on 4 requests, b on none
+    paired = paired_difference(_run("a", a_ms, a_labels), _run("b", b_ms, original), _run("vanilla", vanilla_ms,
+                                                                                          original), original, 4)
+    np.testing.assert_allclose(paired.saving, [0.1, 0.1, 0.1, -0.1])
+    assert paired.agreement == pytest.approx(-0.01)
+    assert paired.agreement_se == pytest.approx(np.std((a_labels != 0).astype(float), ddof=1) / 20)
+    assert "a ahead in 3" in paired.describe("a", "b")
+
+
+def test_round_savings_give_the_range_over_segments() -> None:
+    original = np.zeros(300, dtype=int)
+    vanilla_ms = np.full(300, 10.0)
+    run_ms = np.repeat([9.0, 5.0, 11.0], 100)
+    low, high = round_savings(_run("a", run_ms, original), _run("vanilla", vanilla_ms, original), 300, 3)
+    assert (low, high) == (pytest.approx(-0.1), pytest.approx(0.5))
