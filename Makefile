@@ -122,7 +122,7 @@ test: setup $(CHECKOV_VENV)/.setup-done  ## unit and integration tests (real tri
 	$(PY) -m pytest -q tests
 
 bench: reference-models  ## side-by-side benchmark of every reference model (bench_results/<model>/report.md, plots)
-	$(PY) -m workload.bench --model $(NLP_MODEL) --dataset sst2 --data-dir $(SST2_DIR) --requests 2000 --warmup 1000
+	$(PY) -m workload.bench --model $(NLP_MODEL) --dataset sst2 --data-dir $(SST2_DIR) --requests 2000
 	$(PY) -m workload.bench --model $(MODEL) --dataset $(DATASET) --data-dir $(DATA_DIR) --requests 4000
 	$(if $(wildcard $(DEEP_CHECKPOINT)),$(PY) -m workload.bench --model $(DEEP_MODEL) --dataset $(DATASET) \
 	  --data-dir $(DATA_DIR) --requests 4000)

@@ -160,9 +160,11 @@ def serve_as(client: redis.Redis, model: str, system: str, fixed: dict[str, dict
         _set_config(client, entry(model, system), fixed[system])
 
 
-def workload_inputs(dataset: str, data_dir: Path | None, count: int) -> tuple[Inputs, Inputs, Inputs, str]:
-    """Measured inputs, warm-up inputs (others of the same distribution), drifting inputs and the drift's
-    description, as served tensors."""
+def workload_inputs(dataset: str, data_dir: Path | None, count: int,
+                    warm_count: int | None = None) -> tuple[Inputs, Inputs, Inputs, str]:
+    """Measured inputs, warm-up inputs (others of the same distribution: ``warm_count`` of them, or as many as
+    measured, as far as the data set goes), drifting inputs and the drift's description, as served tensors."""
+    warm_count = max(count, warm_count or 0)
     if dataset == "sst2":
         from model_zoo.datasets import load_sst2
         from model_zoo.minilm_sst2 import tokenize
@@ -170,9 +172,9 @@ def workload_inputs(dataset: str, data_dir: Path | None, count: int) -> tuple[In
         dev = load_sst2("dev", data_dir) if data_dir else load_sst2("dev")
         train = load_sst2("train", data_dir) if data_dir else load_sst2("train")
         # dev first, then the end of train (the backbone trained on a subset; prepare used the start)
-        pool = dev.sentences + train.sentences[-2 * count :]
+        pool = dev.sentences + train.sentences[-(count + warm_count) :]
         pool = [pool[i] for i in np.random.default_rng(0).permutation(len(pool))]
-        measured, warm = pool[:count], pool[count : 2 * count]
+        measured, warm = pool[:count], pool[count : count + warm_count]
         drifting = sorted(measured, key=len)  # short, easy sentences first; long ones later
         rename = {"input_ids": "INPUT_IDS", "attention_mask": "ATTENTION_MASK"}
 
@@ -183,7 +185,7 @@ def workload_inputs(dataset: str, data_dir: Path | None, count: int) -> tuple[In
     test = load_image_set(dataset, "test", data_dir)
     order = np.random.default_rng(0).permutation(len(test))
     count = min(count, len(test) // 2)
-    images, warm = test.images[order[:count]], test.images[order[count : 2 * count]]
+    images, warm = test.images[order[:count]], test.images[order[count : count + warm_count]]
     drifting = add_noise(images, 0.5, 60.0)
     return {"IMAGE": images}, {"IMAGE": warm}, {"IMAGE": drifting}, \
         "Gaussian pixel noise growing from 0 to sigma 60 over the second half"
@@ -651,9 +653,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
     parser.add_argument("--requests", type=int, default=4000, help="requests per measured run")
-    parser.add_argument("--warmup", type=int, default=1000,
-                        help="feedback samples the controller gets before measuring: requests divided by the "
-                        "--feedback-share, cycling through the warm-up inputs")
+    parser.add_argument("--warmup", type=int, default=ControllerSettings.window,
+                        help="feedback samples the controller gets before measuring (default: its window, so the "
+                        "measured trace meets its steady state): requests divided by the --feedback-share, on inputs "
+                        "of their own as far as the data set has them, then cycling through them")
     parser.add_argument("--load", type=float, default=0.25,
                         help="vanilla's utilisation at one request at a time: the arrival rate is load divided by "
                         "its server time per request")
@@ -670,10 +673,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out / args.model
     out.mkdir(parents=True, exist_ok=True)
-    inputs, warm, drift_inputs, drift_description = workload_inputs(args.dataset, args.data_dir, args.requests)
-    count = len(next(iter(inputs.values())))
     traced = 1.0 if args.feedback_share is None else min(float(args.feedback_share), 1.0)
-    warm = {name: np.resize(array, (round(args.warmup / traced), *array.shape[1:])) for name, array in warm.items()}
+    warm_requests = round(args.warmup / traced)
+    inputs, warm, drift_inputs, drift_description = workload_inputs(args.dataset, args.data_dir, args.requests,
+                                                                    warm_requests)
+    count = len(next(iter(inputs.values())))
+    warm = {name: np.resize(array, (warm_requests, *array.shape[1:])) for name, array in warm.items()}
     log_dir = out / "logs"
     served = EarlyExitModel(args.repository / args.model / "1")
     manifest = served.manifest

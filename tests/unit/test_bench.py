@@ -21,6 +21,7 @@ from workload.bench import (
     paired_difference,
     round_savings,
     serve_as,
+    workload_inputs,
 )
 from workload.client import Answer
 
@@ -142,3 +143,14 @@ def test_round_savings_give_the_range_over_segments() -> None:
     run_ms = np.repeat([9.0, 5.0, 11.0], 100)
     low, high = round_savings(_run("a", run_ms, original), _run("vanilla", vanilla_ms, original), 300, 3)
     assert (low, high) == (pytest.approx(-0.1), pytest.approx(0.5))
+
+
+def test_warm_up_inputs_are_their_own_and_as_many_as_asked() -> None:
+    measured, warm, _, _ = workload_inputs("sst2", None, 40, 300)
+    assert len(measured["INPUT_IDS"]) == 40 and len(warm["INPUT_IDS"]) == 300
+
+    def rows(inputs: dict[str, np.ndarray]) -> set[bytes]:
+        return {row.tobytes() for row in inputs["INPUT_IDS"]}
+
+    assert len(rows(warm)) > 290  # distinct sentences (a few may tokenize alike)
+    assert not rows(measured) & rows(warm)
