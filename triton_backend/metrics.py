@@ -47,6 +47,12 @@ class BackendMetrics:
                 "Traced batches answered at a ramp whose deeper blocks ran inline (the off-path runner was full)",
                 counter,
             ),
+            "held": family(
+                "apparate_answers_held_total",
+                "Requests answered at a ramp whose response waited for the end of their batch, a full one (requests "
+                "were queueing behind it)",
+                counter,
+            ),
             "control": family(
                 "apparate_batches_control_total",
                 "Traced batches served on the fused graph while exits were on (the baseline of measured savings)",
@@ -65,7 +71,7 @@ class BackendMetrics:
         self._exit_metrics = [self._families["exits"].Metric(labels={**labels, "exit": str(i)}) for i in range(num_exits)]
         #: Counters incremented on the request path, flushed to Triton's by the background thread.
         self._counters = {key: self._families[key].Metric(labels=labels)
-                          for key in ("published", "dropped", "stopped", "deferred", "inline", "control")}
+                          for key in ("published", "dropped", "stopped", "deferred", "inline", "held", "control")}
         self._version_metric = self._families["version"].Metric(labels=labels)
         self._rejections_metric = self._families["rejections"].Metric(labels=labels)
         self._plan_metric = self._families["plan"].Metric(labels=labels)
@@ -95,6 +101,9 @@ class BackendMetrics:
 
     def batch_finished_inline(self) -> None:
         self._count("inline")
+
+    def answers_held(self, count: int) -> None:
+        self._count("held", count)
 
     def batch_controlled(self) -> None:
         self._count("control")

@@ -57,17 +57,18 @@ class BatchAnswers:
         self.held: list[Any | None] = [None] * len(requests)
 
     def answer(self, samples: np.ndarray, exit_index: int, probs: np.ndarray, label: np.ndarray,
-               confidence: np.ndarray, hold: bool = False) -> None:
+               confidence: np.ndarray, hold: bool = False) -> int:
         """Record the answers of ``samples`` (``probs``, ``label`` and ``confidence`` are their rows, in the same
         order) and send every request whose samples are now all decided; with ``hold``, keep their responses for
-        :meth:`take_held` instead (the caller returns them from ``execute`` right after)."""
+        :meth:`take_held` instead (the caller returns them from ``execute``). Returns how many requests that was."""
         self.probs[samples] = probs
         self.label[samples] = label
         self.confidence[samples] = confidence
         self.exit[samples] = exit_index
         self.undecided[samples] = False
         self.pending -= np.bincount(self.owner[samples], minlength=len(self.requests))
-        for index in np.flatnonzero((self.pending == 0) & ~self.sent):
+        complete = np.flatnonzero((self.pending == 0) & ~self.sent)
+        for index in complete:
             index = int(index)
             if hold:
                 self._hold(index)
@@ -75,6 +76,13 @@ class BatchAnswers:
                 self._deliver(index, lambda index=index: self._response(index))
             lo, hi = self.bounds[index], self.bounds[index + 1]
             self.answer_ms[lo:hi] = 1000.0 * (time.perf_counter() - self.started)
+        return len(complete)
+
+    def stamp_held(self) -> None:
+        """Set the answer time of every held response's samples to now: they leave with ``execute``'s return value,
+        not when they were decided."""
+        held = np.array([response is not None for response in self.held])
+        self.answer_ms[held[self.owner]] = 1000.0 * (time.perf_counter() - self.started)
 
     def take_held(self) -> list[Any | None]:
         """The held responses, one slot per request (``None`` for requests answered otherwise): ``execute``'s return

@@ -91,6 +91,58 @@ def test_easy_requests_are_answered_first_and_every_request_exactly_once(
     assert ordered_pairs / total_pairs >= 0.9, f"(ms after the burst, exit) per burst: {timelines}"
 
 
+def test_a_full_batch_holds_its_early_answers_to_its_end(
+    stack: Stack, repository: Path, test_images: np.ndarray
+) -> None:
+    """Single requests queued behind a busy instance fill a batch (``max_batch_size`` samples): its early answers
+    leave with the rest at its end instead of one round trip each while the queue waits, they are counted as held,
+    and its feedback record says they were answered then."""
+    model = EarlyExitModel(repository / MODEL / "1")
+    burst = test_images[:32]
+    confidence = _early_ramp(model, burst).confidence
+    threshold = float(np.median(confidence))
+    exiting = int((confidence >= np.float32(threshold)).sum())
+    # Blockers (one request of 32 samples each: a full batch, but nothing to answer early) whose samples all reach
+    # the final layer, so the burst's record is the only one that mixes exits.
+    others = test_images[32:2000]
+    hard = others[_early_ramp(model, others).confidence < np.float32(threshold)][:32]
+    version = _apply(stack, {EARLY_RAMP: threshold})
+    client = grpcclient.InferenceServerClient(stack.grpc_url)
+    blocker = grpcclient.InferInput("IMAGE", [32, *burst.shape[1:]], "UINT8")
+    blocker.set_data_from_numpy(hard)
+    stream = redis.Redis.from_url(stack.redis_url)
+    last_id = (stream.xrevrange(RedisKeys(MODEL).feedback, count=1) or [(b"0-0", {})])[0][0]
+    name = "apparate_answers_held_total"
+    held = 0
+    for _ in range(5):  # until the burst runs as one batch
+        before = metric(stack.metrics_url, name, model=MODEL)
+        for _ in range(3):
+            client.async_infer(MODEL, [blocker], lambda result, error: None)
+        time.sleep(0.005)
+        answers = replay(stack.grpc_url, MODEL, {"IMAGE": burst}, np.zeros(len(burst)))
+        assert all(a.error is None for a in answers)
+        assert sum(a.exit == EARLY_RAMP for a in answers) == exiting
+        time.sleep(1.0)  # counters reach Triton's metrics every 0.5 s
+        held = metric(stack.metrics_url, name, model=MODEL) - before
+        if held:
+            break
+    assert held == exiting
+
+    def mixed() -> list[FeedbackRecord]:
+        entries = stream.xrange(RedisKeys(MODEL).feedback, min=f"({last_id.decode()}")
+        records = (FeedbackRecord.decode(fields) for _, fields in entries)
+        return [r for r in records if r.config_version == version and len(set(r.exit.tolist())) > 1]
+
+    _wait_for(lambda: any(r.batch_size == len(burst) for r in mixed()), 10, interval=0.1)
+    for record in mixed():
+        answered = record.timing.answer_ms
+        exited = record.exit == EARLY_RAMP
+        if record.batch_size == len(burst):  # held: every answer left at the end
+            assert np.ptp(answered) == 0
+        else:  # a batch below full sent its early answers as they were decided
+            assert answered[exited].max() < answered[~exited].min()
+
+
 def test_no_exit_answers_equal_the_vanilla_model(stack: Stack, test_images: np.ndarray) -> None:
     _apply(stack, {EARLY_RAMP: NEVER_EXIT})
     images = test_images[:64]
