@@ -10,6 +10,7 @@ load were several times the ramp heads' own time.
 from __future__ import annotations
 
 from collections import defaultdict, deque
+from collections.abc import Callable
 
 import numpy as np
 
@@ -39,5 +40,16 @@ class FusedBaseline:
     def ms(self, batch_sizes: np.ndarray) -> np.ndarray:
         """The fused graph's mean batch time for each of ``batch_sizes``; NaN where too few batches of that size were
         measured."""
-        means = {size: float(np.mean(times)) for size, times in self._times.items() if len(times) >= self.min_batches}
-        return np.array([means.get(int(size), np.nan) for size in batch_sizes], dtype=float)
+        return self._per_size(batch_sizes, np.mean)
+
+    def variance_of_mean(self, batch_sizes: np.ndarray) -> np.ndarray:
+        """The squared standard error of ``ms`` for each of ``batch_sizes`` (NaN where ``ms`` is). Batch times on a
+        shared CPU are far from constant (on this project's 2-core machine a batch of one runs ~7 or ~17 ms, depending
+        on whether an idle core must wake up first), and a few dozen control batches leave their mean uncertain by
+        more than what exits save on a model like the ResNet-56 reference."""
+        return self._per_size(batch_sizes, lambda times: np.var(times, ddof=1) / len(times))
+
+    def _per_size(self, batch_sizes: np.ndarray, statistic: Callable[[np.ndarray], float]) -> np.ndarray:
+        values = {size: float(statistic(np.asarray(times))) for size, times in self._times.items()
+                  if len(times) >= self.min_batches}
+        return np.array([values.get(int(size), np.nan) for size in batch_sizes], dtype=float)

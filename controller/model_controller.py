@@ -4,8 +4,8 @@ latency. ``controller.service`` feeds it records and publishes what it proposes.
 Each round (``min_fresh`` new samples) re-tunes thresholds from the ones in use: they are chosen on one half of the
 window (interleaved, so both halves cover the same period) and published only if the other half confirms the
 budget. Every ``adjust_every`` rounds the *measured* saving of the active ramp set is checked (the smaller of the
-mean request's and the median request's, ``MeasuredExits.saving_ms``): a set that does not save latency at the
-current load is switched off (the model then runs its fused vanilla graph) and probed again later with exponential
+mean request's and the median request's, ``MeasuredExits.saving_ms``): a set that measurably does not save latency
+at the current load (its saving below zero by more than the guard's ``z`` standard errors) is switched off (the model then runs its fused vanilla graph) and probed again later with exponential
 back-off; a ramp-set change proposed by the adjuster is an experiment, kept only if its measured saving beats the set
 it replaced, else rolled back.
 """
@@ -224,7 +224,8 @@ class ModelController:
             proposal = self._judge_ramp_set(view, thresholds, latency, measured)
         summary = (f"window {view.size}, served agreement {served:.4f} ({count} answers under "
                    f"v{self.current.version}), measured saving {measured.saving_ms():.2f} ms (mean "
-                   f"{measured.mean_saving_ms():.2f} ms; {measured.count} samples, busy {view.busy:.0%})")
+                   f"{measured.mean_saving_ms():.2f} ms, standard error {measured.se_ms:.2f} ms; {measured.count} "
+                   f"samples, busy {view.busy:.0%})")
         if proposal is None:
             old = self._in_use(view)
             if thresholds is None or np.abs(thresholds - old).max(initial=0.0) < self.settings.min_change:
@@ -386,21 +387,24 @@ class ModelController:
             # certifies less: on MiniLM nothing opened below ~2,000 samples that a full window opened.)
             closed = all(t >= NEVER_EXIT for t in tuned.values()) and view.size >= self.settings.window
             return self._switch_off(tuned, "no exit is affordable within the accuracy budget") if closed else None
+        z = self.guard.z
         if self.trial is not None:
             trial, self.trial = self.trial, None
-            if saving > trial.baseline_ms:
-                LOGGER.info("%s: ramps %s kept: measured saving %.2f ms beats %.2f ms", self.manifest.name,
-                            view.ramps, saving, trial.baseline_ms)
+            # A probe (exits back on) has to beat no exits, as the switch-off judged them: on evidence; another set
+            # has to beat the one it replaced.
+            kept = measured.may_pay(z) if not trial.previous else saving > trial.baseline_ms
+            LOGGER.info("%s: ramps %s %s: measured saving %.2f ms (standard error %.2f ms) against %.2f ms",
+                        self.manifest.name, view.ramps, "kept" if kept else f"rolled back to {sorted(trial.previous)}",
+                        saving, measured.se_ms, trial.baseline_ms)
+            if kept:
                 self.probe_after = self.settings.probe_after
                 return None
-            LOGGER.info("%s: ramps %s rolled back to %s: measured saving %.2f ms, not above %.2f ms",
-                        self.manifest.name, view.ramps, sorted(trial.previous), saving, trial.baseline_ms)
             if not trial.previous:
                 return self._switch_off(tuned, "the probe did not pay either", measured)
             return dict(trial.previous)
-        if saving <= 0:
-            return self._switch_off(tuned, f"early exits do not pay at the current load ({saving:.2f} ms measured)",
-                                    measured)
+        if not measured.may_pay(z):
+            return self._switch_off(tuned, f"early exits do not pay at the current load ({saving:.2f} ms measured, "
+                                           f"standard error {measured.se_ms:.2f} ms)", measured)
         active = self.adjuster.propose(view.ramps, np.asarray([tuned[r] for r in view.ramps]), view.confidence,
                                        latency)
         if active is None:
@@ -439,14 +443,15 @@ class ModelController:
         does, while they predict no saving. With no measurement (the exits never opened) or too little feedback since
         (little traffic), the probe goes ahead. Only the mean part is priced (``MeasuredExits.mean_saving_ms``): the
         median request's saving depends on the share of inputs that exit, which only a probe can measure again
-        (traffic may have changed while the exits were off); the probe is judged on both.
+        (traffic may have changed while the exits were off); the probe is judged on both. As when they were switched
+        off, the prediction must show a loss beyond its standard error (``MeasuredExits.may_pay``).
         """
         view = self.window.view()
         if self.parked_cost is None or self.window.ramps != () or view.size < self.settings.min_fresh:
             return True
-        predicted = self.parked_cost.mean_saving_ms(view.busy)
-        if predicted > 0:
+        if self.parked_cost.may_pay(self.guard.z, view.busy, mean_only=True):
             return True
+        predicted = self.parked_cost.mean_saving_ms(view.busy)
         LOGGER.info("%s: not probing ramps %s for %.0f s: at %.0f%% busy their measured work predicts %.2f ms "
                     "(%.0f%% when switched off)", self.manifest.name, sorted(self.parked), self._postpone_probe(),
                     100 * view.busy, predicted, 100 * self.parked_cost.busy)

@@ -70,3 +70,26 @@ def test_the_median_request_is_judged_against_its_own_batch_not_the_baselines_no
     assert measured.overhead_ms == pytest.approx(1.0)  # (4 x 1 - 2 + 0 + 2 + 4 - 2 + 4) / 10 = 1.0 ms
     assert measured.median_in_batch_ms == pytest.approx(-1.0)
     assert measured.in_batch_ms == pytest.approx((4 * 6.0 - 6 * 1.0) / 10)
+
+
+
+@pytest.mark.parametrize("fused_ms, may_pay", [((7.0, 12.0, 7.0, 12.0), True), ((9.5, 9.5, 9.5, 9.5), False)])
+def test_a_loss_within_the_baselines_noise_is_no_evidence_that_exits_do_not_pay(
+        fused_ms: tuple[float, ...], may_pay: bool) -> None:
+    """Batches of one with a ramp, answered at their end in 9 or 11 ms: 0.5 ms slower than the fused graph's mean
+    of 9.5 ms, and at 57 % busy that work delays the queue by 0.67 ms more: a loss of 1.17 ms by the point estimate
+    either way. Measured on fused batches of 7 and 12 ms that mean is uncertain by 1.44 ms (its standard error),
+    more than the loss; on batches of exactly 9.5 ms it is not."""
+    window = FeedbackWindow(capacity=100)
+    for batch_ms in (9.0, 11.0, 9.0, 11.0):
+        window.add(_record((0,), 1, batch_ms))
+    baseline = FusedBaseline(min_batches=2)
+    for batch_ms in fused_ms:
+        baseline.add(_record((), 1, batch_ms))
+    assert baseline.variance_of_mean(np.array([1]))[0] == pytest.approx(np.var(fused_ms, ddof=1) / 4)
+    assert np.isnan(baseline.variance_of_mean(np.array([2])))[0]  # no fused batch of 2: no estimate
+    measured = measured_exits(window.view(), baseline=baseline)
+    assert measured.in_batch_ms == pytest.approx(-0.5) and measured.saving_ms() < 0
+    assert measured.se_ms == pytest.approx(np.sqrt(np.var(fused_ms, ddof=1) / 4))  # the samples' savings are equal
+    assert not measured.may_pay(z=0.0)
+    assert measured.may_pay(z=1.0) == may_pay

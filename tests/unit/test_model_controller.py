@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from controller.guard import AccuracyGuard
+from controller.latency import measured_exits
 from controller.model_controller import ControllerSettings, ModelController, _snapped
 from controller.tuner import TunerSettings
 from early_exit.exit_config import ExitConfig
@@ -501,3 +502,20 @@ def test_a_window_whose_newer_half_agrees_less_is_cut_to_that_half() -> None:
     config = _feed(controller, _stream(2000, list(range(1003, 2000, 83))[:12]))
     assert config is None and controller.current.thresholds[0] == NEVER_EXIT
     assert len(controller.window) == 1000
+
+
+@pytest.mark.parametrize("z, switched_off", [(0.0, True), (1.0, False)])
+def test_exits_are_switched_off_only_on_evidence_that_they_do_not_pay(z: float, switched_off: bool) -> None:
+    """Control batches of 6.8 or 16.8 ms (the fused graph's mean 11.8 ms, uncertain by 1.7 ms over ten batches) and
+    12 ms batches with the ramp: a 0.4 ms loss by the point estimate, well within that uncertainty. The point
+    estimate (``z`` 0) switches the exits off; the guard's one standard error keeps them on."""
+    controller = _controller(adjust_every=1, z=z)
+    controller.current = ExitConfig("m", 1, {0: 0.9})
+    controller.judge_from = 1
+    for record in _control_records(1, 40, 6.8) + _control_records(1, 40, 16.8) + \
+            _records(1, 400, ramp_right=True, exit_value=0, answer_ms=12.0):
+        controller.observe(record)
+    measured = measured_exits(controller.window.view(), 1, controller.baseline)
+    assert measured.saving_ms() == pytest.approx(-0.4, abs=0.01) and measured.se_ms == pytest.approx(5 / 3)
+    config = controller.step()
+    assert (config is not None and config.thresholds == {}) == switched_off
