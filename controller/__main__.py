@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         "--z", type=float, default=AccuracyGuard.z,
         help="normal quantile of the lower confidence bound on window accuracy that must stay >= 1 - budget "
         "(1.0: one-sided 84%%; 1.645: 95%%; 0: point estimate, as in the paper); the thresholds must also hold on "
-        "the half of the window they were not chosen on",
+        "the half of the window they were not chosen on. Exits are switched off for not paying only when their "
+        "measured loss exceeds this many standard errors",
     )
     parser.add_argument("--adjust-every", type=int, default=ControllerSettings.adjust_every,
                         help="judge the ramp set on measured latency every N tuning rounds (0: never)")
