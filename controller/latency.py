@@ -65,6 +65,7 @@ class MeasuredExits:
     busy: float
     count: int
     se_ms: float = 0.0  # standard error of the in-batch saving: the samples' spread and the fused baseline's
+    batch_size: float = 1.0  # mean size of the batches the samples were served in (per sample)
 
     def saving_ms(self, busy: float | None = None) -> float:
         """Saving per sample at utilisation ``busy`` (default: the measured one): the smaller of the mean and the
@@ -133,4 +134,4 @@ def measured_exits(view: WindowView, since_version: int = 0, baseline: FusedBase
     baseline_variance = float(np.sum((counts / count) ** 2 * baseline.variance_of_mean(sizes))) if sizes.size else 0.0
     sample_variance = float(saved.var(ddof=1)) / count if count > 1 else 0.0
     return MeasuredExits(float(saved.mean()), float(np.median(saved)), float(overhead.mean()), view.busy, count,
-                         float(np.sqrt(baseline_variance + sample_variance)))
+                         float(np.sqrt(baseline_variance + sample_variance)), float(size.mean()))

@@ -5,9 +5,9 @@ Each round (``min_fresh`` new samples) re-tunes thresholds from the ones in use:
 window (interleaved, so both halves cover the same period) and published only if the other half confirms the
 budget. Every ``adjust_every`` rounds the *measured* saving of the active ramp set is checked (the smaller of the
 mean request's and the median request's, ``MeasuredExits.saving_ms``): a set that measurably does not save latency
-at the current load (its saving below zero by more than the guard's ``z`` standard errors) is switched off (the model then runs its fused vanilla graph) and probed again later with exponential
-back-off; a ramp-set change proposed by the adjuster is an experiment, kept only if its measured saving beats the set
-it replaced, else rolled back.
+at the current load (its saving below zero by more than the guard's ``z`` standard errors) is switched off (the
+model then runs its fused vanilla graph) and probed again later with exponential back-off; a ramp-set change proposed
+by the adjuster is an experiment, kept only if its measured saving beats the set it replaced, else rolled back.
 """
 
 from __future__ import annotations
@@ -444,10 +444,15 @@ class ModelController:
         (little traffic), the probe goes ahead. Only the mean part is priced (``MeasuredExits.mean_saving_ms``): the
         median request's saving depends on the share of inputs that exit, which only a probe can measure again
         (traffic may have changed while the exits were off); the probe is judged on both. As when they were switched
-        off, the prediction must show a loss beyond its standard error (``MeasuredExits.may_pay``).
+        off, the prediction must show a loss beyond its standard error (``MeasuredExits.may_pay``). And it holds only
+        for batches of about the size it was measured on (at least half of it): a full batch holds its early answers
+        to its end (the backend), so exits switched off in a saturated spell measured no in-batch saving that
+        batches of one or two would not have; once the batches are that much smaller, the probe goes ahead.
         """
         view = self.window.view()
         if self.parked_cost is None or self.window.ramps != () or view.size < self.settings.min_fresh:
+            return True
+        if view.batch_size.mean() < self.parked_cost.batch_size / 2:
             return True
         if self.parked_cost.may_pay(self.guard.z, view.busy, mean_only=True):
             return True

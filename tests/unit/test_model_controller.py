@@ -393,11 +393,11 @@ def test_a_shortfall_is_corrected_by_the_least_tightening_not_by_closing_exits()
     assert budget_rate / 2 < tightened.mean() < exiting.mean(), f"threshold {config.thresholds[0]}"
 
 
-def _off_records(version: int, n: int, idle_ms: float) -> list[FeedbackRecord]:
-    """What a backend with every exit off reports: 12 ms batches of 8, ``idle_ms`` between them."""
-    timing = BatchTiming(12.0, 0.0, idle_ms, np.full(8, 12.0))
-    return [FeedbackRecord("m", version, (), np.zeros((0, 8), np.float32), np.zeros((0, 8), int), np.zeros(8, int),
-                           np.full(8, 2), timing) for _ in range(n // 8)]
+def _off_records(version: int, n: int, idle_ms: float, size: int = 8) -> list[FeedbackRecord]:
+    """What a backend with every exit off reports: 12 ms batches of ``size``, ``idle_ms`` between them."""
+    timing = BatchTiming(12.0, 0.0, idle_ms, np.full(size, 12.0))
+    return [FeedbackRecord("m", version, (), np.zeros((0, size), np.float32), np.zeros((0, size), int),
+                           np.zeros(size, int), np.full(size, 2), timing) for _ in range(n // size)]
 
 
 def _control_records(version: int, n: int, batch_ms: float) -> list[FeedbackRecord]:
@@ -438,6 +438,16 @@ def test_exits_that_did_not_pay_are_probed_again_only_when_the_load_lets_them_pa
     assert controller.off_until == 31.0 + 60.0
     now[0] = 92.0
     probe = _feed(controller, _off_records(off.version, 400, idle_ms=48.0))  # 20 % busy
+    assert probe is not None and probe.active_ramps == (0,)
+
+
+def test_exits_switched_off_on_large_batches_are_probed_again_once_batches_are_small() -> None:
+    """Switched off measuring a loss on batches of 8 at 50 % busy. At 67 % busy that loss would grow, but the
+    batches are now of one: in-batch savings measured on batches eight times larger (a full one holds its early
+    answers to its end) say nothing about these, and the probe goes ahead."""
+    controller, now, off = _switched_off(answer_ms=10.5)
+    now[0] = 31.0
+    probe = _feed(controller, _off_records(off.version, 400, idle_ms=6.0, size=1))  # 67 % busy
     assert probe is not None and probe.active_ramps == (0,)
 
 
