@@ -446,8 +446,8 @@ class ModelController:
         (traffic may have changed while the exits were off); the probe is judged on both. As when they were switched
         off, the prediction must show a loss beyond its standard error (``MeasuredExits.may_pay``). And it holds only
         for batches of about the size it was measured on (at least half of it): a full batch holds its early answers
-        to its end (the backend), so exits switched off in a saturated spell measured no in-batch saving that
-        batches of one or two would not have; once the batches are that much smaller, the probe goes ahead.
+        to its end (the backend), so an in-batch loss measured in a saturated spell says nothing about batches of one
+        or two; once the batches are that much smaller, the probe goes ahead.
         """
         view = self.window.view()
         if self.parked_cost is None or self.window.ramps != () or view.size < self.settings.min_fresh:

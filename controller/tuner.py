@@ -308,11 +308,12 @@ def tune_held_out(
 
     Why: thresholds chosen on a set of samples are judged optimistically on that same set, where the climb stopped
     exactly at the guard's edge; the held-out samples say what they will serve. The controller splits its window this
-    way every round, ``prepare`` and the E3 planner their validation splits (``is_held_out``). Why the back-off: halving the budget cannot undo the
-    climb's free moves, which lower every threshold to just above the first sample it gets wrong on the chosen half;
-    measured on the test suite's ResNet-20 with 9 ramps and no exits open (2,000-sample window), the choices at every
-    halving exited ~43 % of the held-out half with 7 disagreements (6 admitted), so the halvings ended in no exits
-    round after round, and exits opened only when the window happened to split luckily. Only from no exits: where
+    way every round, ``prepare`` and the E3 planner their validation splits (``is_held_out``). Why the back-off:
+    halving the budget cannot undo the climb's free moves, which lower every threshold to just above the first sample
+    it gets wrong on the chosen half; measured on the test suite's ResNet-20 with 9 ramps and no exits open
+    (2,000-sample window), the choices at every halving exited ~43 % of the held-out half with 7 disagreements (6
+    admitted), so the halvings ended in no exits round after round, and exits opened only when the window happened to
+    split luckily. Only from no exits: where
     thresholds in use exit, the caller keeps them (or backs them off on a breach) rather than take a certified but
     much tighter back-off.
     """

@@ -70,10 +70,10 @@ class BatchAnswers:
         complete = np.flatnonzero((self.pending == 0) & ~self.sent)
         for index in complete:
             index = int(index)
-            if hold:
+            if hold:  # stamped when it leaves (``stamp_held``)
                 self._hold(index)
-            else:
-                self._deliver(index, lambda index=index: self._response(index))
+                continue
+            self._deliver(index, lambda index=index: self._response(index))
             lo, hi = self.bounds[index], self.bounds[index + 1]
             self.answer_ms[lo:hi] = 1000.0 * (time.perf_counter() - self.started)
         return len(complete)
