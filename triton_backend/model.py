@@ -15,14 +15,6 @@ exits: the deeper blocks would only have produced feedback, and on a CPU they co
 batch. Its last answers then leave with ``execute``'s return value instead of a blocking send, and the instance is
 free for the next batch at once.
 
-With every exit off the record of a batch holds no ramp, only what the batch cost: the controller needs those
-records for the load and the fused graph's batch times, not one per batch. So while no ramp is active, batches are
-traced at ``exits_off_feedback_share`` (default 0.25, and never above ``feedback_share``); the busy and idle time of
-the others goes with the next record, so the load stays measured in full. Every record cost the ramps-off entry a
-share of its latency under open load: measured on ResNet-20 (Poisson at 53 requests/s, the same server and trace,
-interleaved segments), ramps off with a record per batch -4.0 % and -9.3 % median against its vanilla twin, without
-records +1.3 % and -1.5 %, and a copy of the vanilla entry -0.2 % and +0.5 % (the gap is not the entry's position).
-
 A traced batch whose every sample exits stops there too: its answers leave with ``execute``'s return value and the
 rest of its pass goes to the ``TailRunner``, which computes it while the instance has no batch to serve and then
 publishes the record. Only when the runner has fallen behind does the pass finish inline, as it used to.
@@ -101,7 +93,6 @@ class TritonPythonModel:
         # Parameters are checked before any metric family exists: a refused (re)load must not create and then drop
         # families that the instance still serving shares by name.
         self.feedback_share = _share(self.name, parameters, "feedback_share", 1.0)
-        self.exits_off_share = min(_share(self.name, parameters, "exits_off_feedback_share", 0.25), self.feedback_share)
         self.control_share = _share(self.name, parameters, "control_share", 0.05, allow_zero=True)
         self.max_batch_size = int(model_config.get("max_batch_size", 0))
         self.metrics = BackendMetrics(pb_utils, self.name, manifest.final_exit + 1)
@@ -138,9 +129,8 @@ class TritonPythonModel:
                 on_dropped=self.metrics.feedback_dropped,
             )
             self.tails = TailRunner(self.name, on_failed=lambda error: self.metrics.feedback_dropped(1))
-        LOGGER.info("%s: loaded %d blocks, %d candidate ramps on %s; %.0f %% of batches traced to the end (%.0f %% "
-                    "while every exit is off); Redis %s", self.name, len(manifest.blocks), len(manifest.ramps), device,
-                    100 * self.feedback_share, 100 * self.exits_off_share, where)
+        LOGGER.info("%s: loaded %d blocks, %d candidate ramps on %s; %.0f %% of batches traced to the end; Redis %s",
+                    self.name, len(manifest.blocks), len(manifest.ramps), device, 100 * self.feedback_share, where)
 
     def execute(self, requests: list[Any]) -> list[Any | None]:
         if self.tails is None:
@@ -160,8 +150,7 @@ class TritonPythonModel:
         sizes = [array.shape[0] for array in inputs[self.input_names[0]]]
         batch = BatchAnswers(requests, sizes, manifest.classes, manifest.final_exit, started)
         tensors = {name: torch.from_numpy(np.concatenate(arrays)) for name, arrays in inputs.items()}
-        share = self.feedback_share if config.active_ramps else self.exits_off_share
-        traced = self.publisher is not None and (share >= 1.0 or self.rng.random() < share)
+        traced = self.publisher is not None and (self.feedback_share >= 1.0 or self.rng.random() < self.feedback_share)
         if traced and config.active_ramps and self.rng.random() < self.control_share:
             config = replace(config, thresholds={})
             self.metrics.batch_controlled()
@@ -309,8 +298,8 @@ class TritonPythonModel:
 
 
 def _share(model: str, parameters: dict[str, str], name: str, default: float, allow_zero: bool = False) -> float:
-    """Share parameter ``name`` (``feedback_share``, ``exits_off_feedback_share``, ``control_share``): a number in
-    (0, 1], or [0, 1] with ``allow_zero``."""
+    """Share parameter ``name`` (``feedback_share``, ``control_share``): a number in (0, 1], or [0, 1] with
+    ``allow_zero``."""
     text = parameters.get(name, "") or str(default)
     try:
         share = float(text)

@@ -279,38 +279,6 @@ def test_untraced_batches_stop_where_their_last_sample_exits_and_report_nothing(
         stack.reload(MODEL, {"feedback_share": "1"})
 
 
-def test_batches_served_with_every_exit_off_are_traced_at_their_own_share(stack: Stack, test_images: np.ndarray) -> None:
-    """``exits_off_feedback_share`` holds while no ramp is active, and only then: near 0, batches served with every
-    exit off publish no record, and once a ramp is active again every batch does (``feedback_share`` 1)."""
-    images = test_images[:32]
-    client = grpcclient.InferenceServerClient(stack.grpc_url)
-
-    def published() -> int:
-        return metric(stack.metrics_url, "apparate_feedback_published_total", model=MODEL)
-
-    def serve(thresholds: dict[int, float]) -> tuple[int, int]:
-        """Records published and batches run before ``images`` are served under ``thresholds``."""
-        _apply(stack, thresholds)
-        time.sleep(0.5)  # records of earlier batches are out (the publisher ships every 250 ms)
-        counts = published(), _executions(client)
-        answers = replay(stack.grpc_url, MODEL, {"IMAGE": images}, poisson_arrivals(len(images), 100.0))
-        assert all(a.error is None for a in answers)
-        return counts
-
-    try:
-        with pytest.raises(InferenceServerException, match="exits_off_feedback_share must be in"):
-            stack.reload(MODEL, {"exits_off_feedback_share": "0"})
-        assert client.is_model_ready(MODEL)
-        stack.reload(MODEL, {"exits_off_feedback_share": "0.000001"})
-        records, _ = serve({})
-        time.sleep(1.0)
-        assert published() == records
-        records, executions = serve({EARLY_RAMP: NEVER_EXIT})  # a ramp active: a record per batch
-        _wait_for(lambda: 0 < _executions(client) - executions == published() - records, 5)  # both read again
-    finally:
-        stack.reload(MODEL, {"exits_off_feedback_share": "0.25"})  # the default (a reload keeps the last override)
-
-
 def test_control_batches_are_served_on_the_fused_graph_and_reported_without_ramps(
     stack: Stack, repository: Path, test_images: np.ndarray
 ) -> None:
