@@ -313,9 +313,8 @@ def tune_held_out(
     it gets wrong on the chosen half; measured on the test suite's ResNet-20 with 9 ramps and no exits open
     (2,000-sample window), the choices at every halving exited ~43 % of the held-out half with 7 disagreements (6
     admitted), so the halvings ended in no exits round after round, and exits opened only when the window happened to
-    split luckily. Only from no exits: where
-    thresholds in use exit, the caller keeps them (or backs them off on a breach) rather than take a certified but
-    much tighter back-off.
+    split luckily. Only from no exits: where thresholds in use exit, the caller keeps them (or backs them off on a
+    breach) rather than take a certified but much tighter back-off.
     """
     held_out = np.asarray(held_out, dtype=bool)
     picked = ~held_out
